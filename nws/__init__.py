@@ -1,0 +1,24 @@
+"""Neural Weight Search: task-incremental learning by searching frozen, layer-wise kernel pools.
+
+A task's network is stored as indices into pretrained pools (plus its BatchNorm and biases)::
+
+    model = nws.convert(my_model, pool_size=512)   # every Conv2d/Linear searches a pool
+    ...train with loss = ce + beta * nws.commitment_loss(model)...
+    codes = nws.encode(model)                      # {layer: LongTensor of pool indices}
+"""
+
+from nws.codes import decode, encode
+from nws.convert import commitment_loss, convert, freeze_pools, materialize, nws_layers, update_pools
+from nws.errors import NWSError
+from nws.layers import NWSConv2d, NWSLayer, NWSLinear
+from nws.packing import entropy_bits, pack_codes, unpack_codes
+from nws.pool import KernelPool
+from nws.search import brute_force_nearest, nearest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelPool", "NWSConv2d", "NWSLayer", "NWSLinear", "NWSError", "brute_force_nearest", "commitment_loss",
+    "convert", "decode", "encode", "entropy_bits", "freeze_pools", "materialize", "nearest", "nws_layers",
+    "pack_codes", "unpack_codes", "update_pools",
+]

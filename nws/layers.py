@@ -1,0 +1,130 @@
+"""NWS layers: ``Conv2d`` and ``Linear`` whose forward uses the nearest pool entries of their weights.
+
+The layer keeps the *temporary* weight (``weight``, trained by SGD) and a :class:`KernelPool`. Forward
+rearranges the weight into grouped kernels ``o (g i) h w -> (o i) (g h w)``, replaces each by its nearest
+pool entry and runs the ordinary op with those *searched* weights; the gradient reaches the temporary
+weight unchanged (straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nws.pool import KernelPool
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns the searched weight exactly; passes its gradient unchanged to the temporary weight."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, searched: Tensor) -> Tensor:  # noqa: ARG004
+        return searched.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class NWSLayer(nn.Module):
+    """What NWS conv and linear layers share: grouping, search with a cache, straight-through weight."""
+
+    weight: nn.Parameter
+    pool: KernelPool
+    group_size: int
+
+    def _init_nws(self, pool_size: int, group_size: int, decay: float, eps: float, seed: int) -> None:
+        in_per_group = self.weight.shape[1]
+        # A group size that does not divide the layer's input channels falls back to the largest that does.
+        self.group_size = math.gcd(group_size, in_per_group)
+        kernel = math.prod(self.weight.shape[2:])
+        self.pool = KernelPool(pool_size, self.group_size * kernel, decay=decay, eps=eps, seed=seed)
+        self._cache: tuple | None = None
+
+    @property
+    def num_kernels(self) -> int:
+        """Number of grouped kernels, i.e. of indices this layer stores per task."""
+        return self.weight.numel() // self.pool.dim
+
+    def kernels(self, weight: Tensor | None = None) -> Tensor:
+        """Grouped kernels ``(N, d)`` of ``weight`` (default: the temporary weight)."""
+        w = self.weight if weight is None else weight
+        out, cin = w.shape[:2]
+        g = self.group_size
+        w = w.reshape(out, g, cin // g, -1).transpose(1, 2)
+        return w.reshape(-1, self.pool.dim)
+
+    def weight_from_kernels(self, vectors: Tensor) -> Tensor:
+        """Inverse of :meth:`kernels`: a weight of this layer's shape from ``(N, d)`` vectors."""
+        out, cin = self.weight.shape[:2]
+        g = self.group_size
+        w = vectors.reshape(out, cin // g, g, -1).transpose(1, 2)
+        return w.reshape(self.weight.shape)
+
+    def _key(self) -> tuple:
+        w, c = self.weight, self.pool.codebook
+        return (w.data_ptr(), w._version, c.data_ptr(), c._version, w.device, w.dtype)
+
+    @torch.no_grad()
+    def search(self) -> Tensor:
+        """Indices ``(N,)`` of the nearest pool entry of each grouped kernel (cached until weight or pool change)."""
+        return self._searched()[0]
+
+    @torch.no_grad()
+    def searched_weight(self) -> Tensor:
+        """The weight built from the nearest pool entries (no gradient)."""
+        return self._searched()[1]
+
+    def _searched(self) -> tuple[Tensor, Tensor]:
+        key = self._key()
+        if self._cache is None or self._cache[0] != key:
+            indices = self.pool.search(self.kernels().detach())
+            weight = self.weight_from_kernels(self.pool.codebook[indices]).to(self.weight.dtype)
+            self._cache = (key, indices, weight)
+        return self._cache[1], self._cache[2]
+
+    def nws_weight(self) -> Tensor:
+        """Searched weight carrying the straight-through gradient; records EMA statistics when pretraining."""
+        indices, searched = self._searched()
+        if self.training and self.pool.trainable and torch.is_grad_enabled():
+            self.pool.accumulate(self.kernels().detach(), indices)
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return searched
+        return _StraightThrough.apply(self.weight, searched)
+
+    @torch.no_grad()
+    def set_indices(self, indices: Tensor) -> None:
+        """Set the temporary weight to the pool entries at ``indices`` (so the search returns them)."""
+        indices = indices.to(self.pool.codebook.device, torch.long)
+        if indices.shape != (self.num_kernels,):
+            raise ValueError(f"expected {self.num_kernels} indices, got shape {tuple(indices.shape)}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.pool.num_entries):
+            raise ValueError(f"indices out of range for a pool of {self.pool.num_entries} entries")
+        self.weight.copy_(self.weight_from_kernels(self.pool.codebook[indices]))
+
+
+class NWSConv2d(nn.Conv2d, NWSLayer):
+    """``nn.Conv2d`` searched in a pool; stride, padding, dilation, bias and groups as usual."""
+
+    def __init__(self, *args, pool_size: int = 512, group_size: int = 1, decay: float = 0.99,
+                 eps: float = 1e-5, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_nws(pool_size, group_size, decay, eps, seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.nws_weight(), self.bias)
+
+
+class NWSLinear(nn.Linear, NWSLayer):
+    """``nn.Linear`` searched in a pool; its ``(out, in)`` weight is treated as a 1x1 conv."""
+
+    def __init__(self, *args, pool_size: int = 512, group_size: int = 1, decay: float = 0.99,
+                 eps: float = 1e-5, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_nws(pool_size, group_size, decay, eps, seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.nws_weight(), self.bias)

@@ -1,0 +1,144 @@
+"""Compact storage of a task's codes, near the entropy limit.
+
+:func:`pack_codes` entropy-codes each layer's indices: the layer's index histogram (Rice-coded, so the
+table overhead is paid and counted) and an rANS stream under that histogram (``constriction``), which
+together cost within a fraction of a percent of the layer's empirical entropy. Lossless.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+import constriction
+import numpy as np
+import torch
+from torch import Tensor
+
+from nws.errors import NWSError
+
+MAGIC = b"NWSC"
+VERSION = 1
+
+
+class CodesError(NWSError):
+    """Packed codes that cannot be read (truncated, corrupt, or of an unknown version)."""
+
+
+def entropy_bits(indices: Tensor | np.ndarray, num_entries: int | None = None) -> float:
+    """``N * H``: the empirical-entropy bound, in bits, for storing ``indices`` with a known histogram."""
+    counts = np.bincount(np.asarray(indices, dtype=np.int64), minlength=num_entries or 0)
+    counts = counts[counts > 0].astype(np.float64)
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+
+# Rice coding of the histograms: a count c costs (c >> k) ones, a zero, then k low bits.
+
+def _rice_bits(values: np.ndarray, k: int) -> np.ndarray:
+    q = values >> k
+    lengths = q + 1 + k
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    bits = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    ones = np.repeat(starts, q) + (np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q))
+    bits[ones] = 1
+    for b in range(k):
+        bits[starts + q + 1 + b] = (values >> (k - 1 - b)) & 1
+    return bits
+
+
+def _best_rice_k(values: np.ndarray) -> int:
+    costs = [int(((values >> k) + 1 + k).sum()) for k in range(32)]
+    return int(np.argmin(costs))
+
+
+def _rice_decode(bits: np.ndarray, count: int, k: int) -> np.ndarray:
+    zeros = np.flatnonzero(bits == 0)
+    out = np.empty(count, dtype=np.int64)
+    pos = 0
+    for i in range(count):
+        j = np.searchsorted(zeros, pos)
+        if j >= len(zeros):
+            raise CodesError("packed codes are truncated (histogram)")
+        end = int(zeros[j])
+        low = bits[end + 1 : end + 1 + k]
+        if len(low) < k:
+            raise CodesError("packed codes are truncated (histogram)")
+        out[i] = ((end - pos) << k) | int(low @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64))) if k else end - pos
+        pos = end + 1 + k
+    return out
+
+
+def _model(counts: np.ndarray):
+    return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+
+
+def pack_codes(codes: Mapping[str, Tensor], pool_sizes: Mapping[str, int] | int) -> bytes:
+    """Entropy-code ``codes`` (as :func:`encode` returns them) into bytes; :func:`unpack_codes` inverts it."""
+    layers = []
+    for name, indices in codes.items():
+        k = pool_sizes if isinstance(pool_sizes, int) else pool_sizes[name]
+        idx = np.asarray(indices.detach().cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= k):
+            raise ValueError(f"{name}: indices out of range for a pool of {k} entries")
+        layers.append((name, k, idx, np.bincount(idx, minlength=k)))
+    header, tables = [], []
+    for name, k, idx, counts in layers:
+        rice = _best_rice_k(counts)
+        bits = _rice_bits(counts, rice)
+        header.append({"name": name, "entries": k, "count": int(idx.size), "rice": rice, "table_bits": len(bits)})
+        tables.append(bits)
+    coder = constriction.stream.stack.AnsCoder()
+    for _, _, idx, counts in reversed(layers):
+        if idx.size:
+            coder.encode_reverse(idx.astype(np.int32), _model(counts))
+    stream = coder.get_compressed().astype("<u4").tobytes()
+    table = np.packbits(np.concatenate(tables)) if tables else np.zeros(0, np.uint8)
+    head = json.dumps({"layers": header}, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<BIII", VERSION, len(head), len(table), len(stream)) + head + table.tobytes() + stream
+
+
+def unpack_codes(data: bytes) -> dict[str, Tensor]:
+    """Inverse of :func:`pack_codes`. Raises :class:`CodesError` on anything but a valid stream."""
+    fixed = len(MAGIC) + struct.calcsize("<BIII")
+    if len(data) < fixed or data[: len(MAGIC)] != MAGIC:
+        raise CodesError("not a packed-codes stream (bad magic or too short)")
+    version, n_head, n_table, n_stream = struct.unpack_from("<BIII", data, len(MAGIC))
+    if version != VERSION:
+        raise CodesError(f"packed codes of format version {version}; this nws reads version {VERSION}")
+    if len(data) != fixed + n_head + n_table + n_stream or n_stream % 4:
+        raise CodesError("packed codes are truncated or have trailing bytes")
+    try:
+        header = json.loads(data[fixed : fixed + n_head])["layers"]
+        specs = [(str(h["name"]), int(h["entries"]), int(h["count"]), int(h["rice"]), int(h["table_bits"]))
+                 for h in header]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CodesError(f"packed codes have a corrupt header ({err})") from None
+    if any(k < 1 or n < 0 or not 0 <= r < 32 or t < 0 for _, k, n, r, t in specs):
+        raise CodesError("packed codes have a corrupt header (bad sizes)")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8, n_table, fixed + n_head))
+    words = np.frombuffer(data, "<u4", n_stream // 4, fixed + n_head + n_table).astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words) if words.size else None
+    out, pos = {}, 0
+    for name, k, n, rice, table_bits in specs:
+        if pos + table_bits > len(bits):
+            raise CodesError("packed codes are truncated (histogram)")
+        counts = _rice_decode(bits[pos : pos + table_bits], k, rice)
+        pos += table_bits
+        if counts.sum() != n:
+            raise CodesError(f"{name}: histogram does not match the number of indices")
+        if n == 0:
+            out[name] = torch.zeros(0, dtype=torch.long)
+            continue
+        if coder is None:
+            raise CodesError("packed codes are truncated (no index stream)")
+        try:
+            idx = coder.decode(_model(counts), n)
+        except Exception as err:  # constriction raises its own error types on a corrupt stream
+            raise CodesError(f"{name}: corrupt index stream ({err})") from None
+        if np.bincount(idx, minlength=k)[:k].tolist() != counts.tolist() or idx.max() >= k:
+            raise CodesError(f"{name}: corrupt index stream (decoded histogram differs)")
+        out[name] = torch.from_numpy(idx.astype(np.int64))
+    if coder is not None and not coder.is_empty():
+        raise CodesError("packed codes have trailing data in the index stream")
+    return out

@@ -1,0 +1,121 @@
+"""Behaviour of the model registry and the plain-torch builders."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nws.models import create_model, list_models, register_model
+
+NUM_CLASSES = 7
+INPUTS = {"convnet": (1, 8, 8)}
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_builders() -> None:
+    assert {"resnet18", "resnet34", "vgg16_bn", "mobilenet_v2", "convnet"} <= set(list_models())
+    assert list_models() == sorted(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_classifier(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES).eval()
+    x = torch.randn(2, *INPUTS.get(name, (3, 32, 32)))
+    with torch.no_grad():
+        assert model(x).shape == (2, NUM_CLASSES)
+    head = model.get_submodule(model.classifier_name)
+    assert type(head) is nn.Linear and head.out_features == NUM_CLASSES
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_in_channels(name: str) -> None:
+    model = create_model(name, num_classes=3, in_channels=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 2, 32, 32)).shape == (1, 3)
+
+
+def test_unknown_name_raises() -> None:
+    with pytest.raises(ValueError, match="resnet18"):
+        create_model("no_such_net")
+
+
+def test_register_model_adds_name() -> None:
+    @register_model
+    def _tiny_test_net(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+        return nn.Linear(in_channels, num_classes)
+
+    assert "_tiny_test_net" in list_models()
+    assert create_model("_tiny_test_net", num_classes=4).out_features == 4
+
+
+def test_resnet_parameter_counts_match_torchvision() -> None:
+    r18 = create_model("resnet18")
+    assert _numel(r18) == 11_689_512
+    assert sum(m.weight.numel() for m in r18.modules() if isinstance(m, nn.Conv2d)) == 11_166_912
+    assert _numel(create_model("resnet34")) == 21_797_672
+
+
+def test_resnet18_state_dict_layout_is_torchvision() -> None:
+    sd = create_model("resnet18").state_dict()
+    assert len(sd) == 122
+    for key in ("conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
+                "layer4.1.bn2.num_batches_tracked", "layer4.0.downsample.1.bias", "fc.weight", "fc.bias"):
+        assert key in sd
+    assert "layer1.0.downsample.0.weight" not in sd
+    assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert all(m.bias is None for m in create_model("resnet18").modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize(
+    ("stem", "maxpool", "spatial"), [("imagenet", True, 1), ("imagenet", False, 2), ("cifar", True, 4)]
+)
+def test_resnet_stems(stem: str, maxpool: bool, spatial: int) -> None:
+    model = create_model("resnet18", num_classes=10, stem=stem, maxpool=maxpool).eval()
+    with torch.no_grad():
+        feats = model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32)))))))))
+    assert feats.shape[-1] == spatial
+    assert model.conv1.kernel_size == ((7, 7) if stem == "imagenet" else (3, 3))
+    has_pool = any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert has_pool == (stem == "imagenet" and maxpool)
+
+
+def test_resnet_rejects_unknown_stem() -> None:
+    with pytest.raises(ValueError):
+        create_model("resnet18", stem="tiny")
+
+
+def test_mobilenet_v2_depthwise_and_count() -> None:
+    model = create_model("mobilenet_v2")
+    assert _numel(model) == 3_504_872
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == 17
+    assert isinstance(model.dropout, nn.Dropout)
+
+
+def test_mobilenet_v2_stem_stride_and_width() -> None:
+    small = create_model("mobilenet_v2", num_classes=5, stem_stride=1, width_mult=0.5).eval()
+    assert small.features[0][0].stride == (1, 1)
+    assert small.features[0][0].out_channels == 16
+    with torch.no_grad():
+        assert small.features(torch.randn(1, 3, 32, 32)).shape[-1] == 2
+
+
+def test_vgg16_bn_features() -> None:
+    model = create_model("vgg16_bn", num_classes=10)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13
+    assert isinstance(model.features[0], nn.Conv2d) and isinstance(model.features[1], nn.BatchNorm2d)
+    assert model.classifier.in_features == 512
+
+
+def test_convnet_widths() -> None:
+    model = create_model("convnet", num_classes=10, widths=(8, 16))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1
+    assert convs[0].in_channels == 1 and all(c.bias is None for c in convs)

@@ -1,0 +1,139 @@
+"""``nws.nearest`` is exact: it always equals ``brute_force_nearest``, ties going to the lowest index."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nws import brute_force_nearest, nearest
+
+DIMS = [1, 9, 18, 49]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _dyadic(shape: tuple[int, ...], g: torch.Generator, span: int = 16, denom: int = 8) -> torch.Tensor:
+    """Small dyadic values: sums, differences, squares and midpoints of them are exact in fp32."""
+    return torch.randint(-span, span + 1, shape, generator=g).float() / denom
+
+
+@pytest.fixture
+def one_thread():
+    """Many small products: one thread avoids the synchronisation cost that dominates on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check(x: torch.Tensor, codebook: torch.Tensor, **kwargs) -> torch.Tensor:
+    got = nearest(x, codebook, **kwargs)
+    assert got.dtype == torch.long and got.shape == (x.shape[0],)
+    assert torch.equal(got, brute_force_nearest(x, codebook))
+    return got
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 2), (300, 17), (2000, 512)])
+def test_random_data(n: int, k: int, d: int) -> None:
+    g = _gen(n * 1000 + k * 10 + d)
+    _check(torch.randn(n, d, generator=g), torch.randn(k, d, generator=g))
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_duplicated_entries_tie_to_lowest_index(d: int) -> None:
+    g = _gen(d)
+    codebook = torch.randn(40, d, generator=g)
+    codebook[[7, 21, 33]] = codebook[3].clone()
+    codebook[[30, 39]] = codebook[12].clone()
+    x = torch.cat([codebook[[3, 7, 21, 33, 12, 30, 39]], codebook + 1e-3 * torch.randn(40, d, generator=g)])
+    got = _check(x, codebook)
+    assert got[:7].tolist() == [3, 3, 3, 3, 12, 12, 12]
+    assert set(got.tolist()).isdisjoint({7, 21, 33, 30, 39})
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_rows_equal_to_entries(d: int) -> None:
+    g = _gen(100 + d)
+    codebook = torch.randn(64, d, generator=g)
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(_check(codebook[perm], codebook), perm)
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_exact_midpoint_ties_to_lowest_index(d: int) -> None:
+    g = _gen(200 + d)
+    a, b = _dyadic((d,), g), _dyadic((d,), g)
+    while torch.equal(a, b):
+        b = _dyadic((d,), g)
+    far = torch.full((d,), 100.0)
+    x = ((a + b) / 2)[None]
+    assert _check(x, torch.stack([far, a, far, b])).tolist() == [1]
+    assert _check(x, torch.stack([far, b, far, a])).tolist() == [1]
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_random_midpoints_of_dyadic_entries(d: int) -> None:
+    g = _gen(300 + d)
+    codebook = _dyadic((50, d), g, span=3, denom=2)
+    i, j = torch.randint(50, (2, 400), generator=g)
+    _check((codebook[i] + codebook[j]) / 2, codebook)
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_huge_and_tiny_norms(d: int) -> None:
+    g = _gen(400 + d)
+    codebook = torch.randn(60, d, generator=g)
+    codebook[:20] *= 1e5
+    codebook[20:40] *= 1e-5
+    x = torch.cat([
+        torch.randn(200, d, generator=g),
+        torch.randn(100, d, generator=g) * 1e-5,
+        torch.randn(100, d, generator=g) * 1e5,
+        codebook + codebook.abs() * 1e-3 * torch.randn(60, d, generator=g),
+        codebook,
+    ])
+    got = _check(x, codebook)
+    assert torch.equal(got[-60:], torch.arange(60))
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_no_rows(d: int) -> None:
+    got = _check(torch.empty(0, d), torch.randn(8, d, generator=_gen(d)))
+    assert got.shape == (0,)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 64, 1000])
+@pytest.mark.parametrize("d", DIMS)
+def test_small_chunks(chunk_elements: int, d: int, one_thread: None) -> None:
+    g = _gen(500 + d)
+    codebook = _dyadic((32, d), g, span=2, denom=2)
+    codebook[20:] = codebook[:12]
+    i, j = torch.randint(32, (2, 150), generator=g)
+    x = torch.cat([torch.randn(100, d, generator=g), (codebook[i] + codebook[j]) / 2])
+    assert torch.equal(_check(x, codebook, chunk_elements=chunk_elements), nearest(x, codebook))
+
+
+@pytest.mark.xfail(strict=True, reason="nearest rounds float64 inputs to float32 before searching "
+                   "(nws/search.py:50-51), so it can disagree with brute_force_nearest on float64 data")
+def test_float64_inputs() -> None:
+    codebook = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    x = torch.tensor([[0.5 + 1e-12]], dtype=torch.float64)
+    _check(x, codebook)
+
+
+def test_random_walk_with_snaps_and_ties(one_thread: None) -> None:
+    """1,000 SGD-like steps of a weight matrix, some rows snapped onto entries or midpoints of two entries."""
+    g = _gen(2023)
+    n, k, d = 2000, 64, 9
+    codebook = _dyadic((k, d), g)
+    codebook[48:] = codebook[:16]
+    w = codebook[torch.randint(k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    for step in range(1000):
+        w -= 0.01 * torch.randn(n, d, generator=g)
+        rows = torch.randint(n, (12,), generator=g)
+        i, j = torch.randint(k, (2, 6), generator=g)
+        w[rows[:6]] = codebook[i]
+        w[rows[6:]] = (codebook[i] + codebook[j]) / 2
+        assert torch.equal(nearest(w, codebook), brute_force_nearest(w, codebook)), f"step {step}"
