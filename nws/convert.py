@@ -70,8 +70,9 @@ def nws_layers(model: nn.Module) -> Iterator[tuple[str, NWSLayer]]:
 
 
 def commitment_loss(model: nn.Module) -> Tensor:
-    """``sum_l mean((sg(q_l) - w_l)^2)``: pulls temporary weights towards their searched pool entries."""
-    terms = [F.mse_loss(layer.weight, layer.searched_weight()) for _, layer in nws_layers(model)]
+    """``sum_l mean((sg(q_l) - w_l)^2)``: pulls temporary weights towards their searched pool entries
+    (those of the layer's most recent forward, so the search is not repeated)."""
+    terms = [F.mse_loss(layer.weight, layer.forward_searched_weight()) for _, layer in nws_layers(model)]
     if not terms:
         raise ValueError("the model has no NWS layers; call nws.convert first")
     return torch.stack(terms).sum()
@@ -99,7 +100,7 @@ def materialize(model: nn.Module) -> nn.Module:
         if isinstance(layer, NWSConv2d):
             new: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                                        padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                                       bias=layer.bias is not None, device="meta")
+                                       bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
         else:
             new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.weight = nn.Parameter(layer.searched_weight().clone(), requires_grad=layer.weight.requires_grad)

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nws.pool import KernelPool
+from nws.search import BoundedSearch
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns the searched weight exactly; passes its gradient unchanged to the temporary weight."""
+    """Returns the searched weight exactly (a view, no copy); passes its gradient unchanged to the temporary
+    weight."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, searched: Tensor) -> Tensor:  # noqa: ARG004
-        return searched.clone()
+        return searched.view_as(searched)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -42,7 +44,9 @@ class NWSLayer(nn.Module):
         self.group_size = math.gcd(group_size, in_per_group)
         kernel = math.prod(self.weight.shape[2:])
         self.pool = KernelPool(pool_size, self.group_size * kernel, decay=decay, eps=eps, seed=seed)
-        self._cache: tuple | None = None
+        self._search = BoundedSearch()
+        self._qk: Tensor | None = None  # searched kernels (N, d), kept in step with the search
+        self._forward: tuple | None = None  # (weight key, searched weight) of the last forward
 
     @property
     def num_kernels(self) -> int:
@@ -64,31 +68,41 @@ class NWSLayer(nn.Module):
         w = vectors.reshape(out, cin // g, g, -1).transpose(1, 2)
         return w.reshape(self.weight.shape)
 
-    def _key(self) -> tuple:
-        w, c = self.weight, self.pool.codebook
-        return (w.data_ptr(), w._version, c.data_ptr(), c._version, w.device, w.dtype)
-
     @torch.no_grad()
     def search(self) -> Tensor:
-        """Indices ``(N,)`` of the nearest pool entry of each grouped kernel (cached until weight or pool change)."""
-        return self._searched()[0]
+        """Indices ``(N,)`` (int64) of the nearest pool entry of each grouped kernel."""
+        return self._searched()[0].long()
 
     @torch.no_grad()
     def searched_weight(self) -> Tensor:
-        """The weight built from the nearest pool entries (no gradient)."""
-        return self._searched()[1]
+        """The weight built from the nearest pool entries (a new tensor, no gradient)."""
+        return self._searched()[1].clone()
 
     def _searched(self) -> tuple[Tensor, Tensor]:
-        key = self._key()
-        if self._cache is None or self._cache[0] != key:
-            indices = self.pool.search(self.kernels().detach())
-            weight = self.weight_from_kernels(self.pool.codebook[indices]).to(self.weight.dtype)
-            self._cache = (key, indices, weight)
-        return self._cache[1], self._cache[2]
+        """Current indices and searched weight; only kernels that may have changed entry are searched again."""
+        search, book = self._search, self.pool.codebook
+        current = self._qk if self._qk is not None and self._qk.shape == (self.num_kernels, book.shape[1]) else None
+        indices = search(self.kernels().detach(), book, frozen=not self.pool.trainable, current=current)
+        if search.last_rows is None or self._qk is None:
+            self._qk = book[indices]
+        elif len(search.last_rows):
+            rows = search.last_rows
+            self._qk[rows] = book[indices[rows]]
+        return indices, self.weight_from_kernels(self._qk).to(self.weight.dtype)
+
+    def forward_searched_weight(self) -> Tensor:
+        """The searched weight of the most recent forward (searched again if the weight changed since)."""
+        w = self.weight
+        if self._forward is not None and self._forward[0] == (w.data_ptr(), w._version, w.shape):
+            return self._forward[1]
+        with torch.no_grad():
+            return self._searched()[1]
 
     def nws_weight(self) -> Tensor:
         """Searched weight carrying the straight-through gradient; records EMA statistics when pretraining."""
         indices, searched = self._searched()
+        w = self.weight
+        self._forward = ((w.data_ptr(), w._version, w.shape), searched)
         if self.training and self.pool.trainable and torch.is_grad_enabled():
             self.pool.accumulate(self.kernels().detach(), indices)
         if not torch.is_grad_enabled() or not self.weight.requires_grad:

@@ -17,7 +17,6 @@ from nws.config import RunConfig
 from nws.convert import convert, freeze_pools
 from nws.data import Benchmark, Task, load_benchmark
 from nws.engine import evaluate, fit
-from nws.layers import NWSLayer
 from nws.models import create_model
 from nws.report import markdown_table
 from nws.store import ModelSpec, TaskStore, nbytes
@@ -42,8 +41,6 @@ def resize_classifier(model: nn.Module, name: str, num_classes: int, seed: int =
         bias[:keep] = layer.bias[:keep]
         layer.bias = nn.Parameter(bias.to(layer.bias))
     layer.out_features = num_classes
-    if isinstance(layer, NWSLayer):
-        layer._cache = None
 
 
 def float32_bytes(model: nn.Module) -> int:

@@ -89,8 +89,8 @@ def pack_codes(codes: Mapping[str, Tensor], pool_sizes: Mapping[str, int] | int)
         header.append({"name": name, "entries": k, "count": int(idx.size), "rice": rice, "table_bits": len(bits)})
         tables.append(bits)
     coder = constriction.stream.stack.AnsCoder()
-    for _, _, idx, counts in reversed(layers):
-        if idx.size:
+    for _, k, idx, counts in reversed(layers):
+        if idx.size and k > 1:
             coder.encode_reverse(idx.astype(np.int32), _model(counts))
     stream = coder.get_compressed().astype("<u4").tobytes()
     table = np.packbits(np.concatenate(tables)) if tables else np.zeros(0, np.uint8)
@@ -110,15 +110,17 @@ def unpack_codes(data: bytes) -> dict[str, Tensor]:
         raise CodesError("packed codes are truncated or have trailing bytes")
     try:
         header = json.loads(data[fixed : fixed + n_head])["layers"]
-        specs = [(str(h["name"]), int(h["entries"]), int(h["count"]), int(h["rice"]), int(h["table_bits"]))
-                 for h in header]
-    except (ValueError, KeyError, TypeError) as err:
+        specs = [(h["name"], h["entries"], h["count"], h["rice"], h["table_bits"]) for h in header]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CodesError(f"packed codes have a corrupt header ({err})") from None
-    if any(k < 1 or n < 0 or not 0 <= r < 32 or t < 0 for _, k, n, r, t in specs):
-        raise CodesError("packed codes have a corrupt header (bad sizes)")
+    for name, k, n, rice, table_bits in specs:
+        if not (isinstance(name, str) and all(type(v) is int for v in (k, n, rice, table_bits))
+                and 1 <= k <= table_bits and 0 <= n < 1 << 31 and 0 <= rice < 32
+                and 0 <= table_bits <= 8 * n_table):
+            raise CodesError("packed codes have a corrupt header (bad layer entry)")
     bits = np.unpackbits(np.frombuffer(data, np.uint8, n_table, fixed + n_head))
     words = np.frombuffer(data, "<u4", n_stream // 4, fixed + n_head + n_table).astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder(words) if words.size else None
+    coder = constriction.stream.stack.AnsCoder(words)
     out, pos = {}, 0
     for name, k, n, rice, table_bits in specs:
         if pos + table_bits > len(bits):
@@ -127,11 +129,9 @@ def unpack_codes(data: bytes) -> dict[str, Tensor]:
         pos += table_bits
         if counts.sum() != n:
             raise CodesError(f"{name}: histogram does not match the number of indices")
-        if n == 0:
-            out[name] = torch.zeros(0, dtype=torch.long)
+        if n == 0 or k == 1:
+            out[name] = torch.zeros(n, dtype=torch.long)
             continue
-        if coder is None:
-            raise CodesError("packed codes are truncated (no index stream)")
         try:
             idx = coder.decode(_model(counts), n)
         except Exception as err:  # constriction raises its own error types on a corrupt stream
@@ -139,6 +139,6 @@ def unpack_codes(data: bytes) -> dict[str, Tensor]:
         if np.bincount(idx, minlength=k)[:k].tolist() != counts.tolist() or idx.max() >= k:
             raise CodesError(f"{name}: corrupt index stream (decoded histogram differs)")
         out[name] = torch.from_numpy(idx.astype(np.int64))
-    if coder is not None and not coder.is_empty():
+    if not coder.is_empty():
         raise CodesError("packed codes have trailing data in the index stream")
     return out

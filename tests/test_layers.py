@@ -337,8 +337,6 @@ def test_decode_encode_roundtrip(name: str) -> None:
         assert torch.equal(plain(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="materialize drops padding_mode (nws/convert.py:100-102 builds the "
-                   "nn.Conv2d without it), so a reflect/circular-padded layer becomes zero-padded")
 def test_materialize_keeps_padding_mode() -> None:
     model = nws.convert(_plain_model(), pool_size=8).eval()
     plain = nws.materialize(model)
@@ -407,16 +405,12 @@ def _check_refreshed(layer: NWSConv2d, before: torch.Tensor) -> None:
     assert torch.equal(layer(x), F.conv2d(x, expected, layer.bias, padding=1))
 
 
-FUSED = "fused optimizers update parameters without bumping their version counter, so the search cache " \
-        "key (nws/layers.py:67-69, data_ptr + _version) does not change and the searched weight is stale"
-
-
 @pytest.mark.parametrize("make_opt", [
     lambda p: torch.optim.SGD(p, lr=0.5),
     lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, foreach=True),
     lambda p: torch.optim.Adam(p, lr=0.1),
-    pytest.param(lambda p: torch.optim.SGD(p, lr=0.5, fused=True), marks=pytest.mark.xfail(strict=True, reason=FUSED)),
-    pytest.param(lambda p: torch.optim.Adam(p, lr=0.1, fused=True), marks=pytest.mark.xfail(strict=True, reason=FUSED)),
+    lambda p: torch.optim.SGD(p, lr=0.5, fused=True),
+    lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
 ], ids=["sgd", "sgd-foreach", "adam", "sgd-fused", "adam-fused"])
 def test_cache_follows_optimizer_step(make_opt) -> None:
     layer = _cache_layer()
@@ -433,8 +427,6 @@ def test_cache_follows_in_place_edit() -> None:
     _check_refreshed(layer, before)
 
 
-@pytest.mark.xfail(strict=True, reason="an edit through .data does not bump the version counter, so the search "
-                   "cache (nws/layers.py:67-69) keeps the old searched weight")
 def test_cache_follows_edit_through_data() -> None:
     layer = _cache_layer()
     before = layer.searched_weight().clone()

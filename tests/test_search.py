@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nws import brute_force_nearest, nearest
+from nws.search import BoundedSearch
 
 DIMS = [1, 9, 18, 49]
 
@@ -115,8 +116,6 @@ def test_small_chunks(chunk_elements: int, d: int, one_thread: None) -> None:
     assert torch.equal(_check(x, codebook, chunk_elements=chunk_elements), nearest(x, codebook))
 
 
-@pytest.mark.xfail(strict=True, reason="nearest rounds float64 inputs to float32 before searching "
-                   "(nws/search.py:50-51), so it can disagree with brute_force_nearest on float64 data")
 def test_float64_inputs() -> None:
     codebook = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
     x = torch.tensor([[0.5 + 1e-12]], dtype=torch.float64)
@@ -137,3 +136,39 @@ def test_random_walk_with_snaps_and_ties(one_thread: None) -> None:
         w[rows[:6]] = codebook[i]
         w[rows[6:]] = (codebook[i] + codebook[j]) / 2
         assert torch.equal(nearest(w, codebook), brute_force_nearest(w, codebook)), f"step {step}"
+
+
+def test_bounded_search_random_walk(one_thread: None) -> None:
+    """The incremental search of a frozen pool equals brute force on every one of 1,000 moving steps,
+    with ties (duplicated entries, exact midpoints), still steps and rows that jump far."""
+    g = _gen(7)
+    n, k, d = 2000, 64, 9
+    codebook = _dyadic((k, d), g)
+    codebook[48:] = codebook[:16]
+    w = codebook[torch.randint(k, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
+    search = BoundedSearch(chunk_elements=4096)
+    searched = []
+    for step in range(1000):
+        if step % 10:
+            w -= 0.002 * torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) < 0.5)
+        rows = torch.randint(n, (9,), generator=g)
+        i, j = torch.randint(k, (2, 3), generator=g)
+        w[rows[:3]] = codebook[i]
+        w[rows[3:6]] = (codebook[i] + codebook[j]) / 2
+        w[rows[6:]] = 2 * torch.randn(3, d, generator=g)
+        got = search(w, codebook)
+        assert torch.equal(got, brute_force_nearest(w, codebook)), f"step {step}"
+        searched.append(search.last_searched)
+    # Kernels at a duplicated entry (a quarter of the pool) tie with its copy and are always searched again.
+    assert searched[0] == n and sum(searched[1:]) < 0.75 * n * len(searched[1:])
+
+
+def test_bounded_search_redoes_everything_when_the_pool_moves() -> None:
+    g = _gen(8)
+    codebook, x = torch.randn(32, 9, generator=g), torch.randn(500, 9, generator=g)
+    search = BoundedSearch()
+    search(x, codebook)
+    codebook[3] = x[0]
+    assert torch.equal(search(x, codebook, frozen=False), brute_force_nearest(x, codebook))
+    assert search.last_searched == 500
+    assert search(x, codebook, frozen=False) is not None and search.last_searched == 0
