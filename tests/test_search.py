@@ -175,4 +175,4 @@ def test_bounded_search_redoes_everything_when_the_pool_moves() -> None:
     assert search.last_searched == 500  # a pool that may move is searched in full every time
     search(x, codebook)
     search(x, codebook)
-    assert search.last_searched == 0  # frozen and nothing moved: every assignment is proved
+    assert search.last_searched < 25  # frozen and nothing moved: all but near-ties are proved at once
