@@ -13,12 +13,15 @@ from nws.errors import NWSError
 from nws.layers import NWSConv2d, NWSLayer, NWSLinear
 from nws.packing import entropy_bits, pack_codes, unpack_codes
 from nws.pool import KernelPool
+from nws.pool_sources import import_reference, kmeans, pools_from_model
 from nws.search import brute_force_nearest, nearest
+from nws.sparsity import kernel_sparsity, sparsity_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KernelPool", "NWSConv2d", "NWSLayer", "NWSLinear", "NWSError", "brute_force_nearest", "commitment_loss",
-    "convert", "decode", "encode", "entropy_bits", "freeze_pools", "materialize", "nearest", "nws_layers",
-    "pack_codes", "unpack_codes", "update_pools",
+    "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference", "kernel_sparsity", "kmeans",
+    "materialize", "nearest", "nws_layers", "pack_codes", "pools_from_model", "sparsity_loss", "unpack_codes",
+    "update_pools",
 ]

@@ -18,9 +18,13 @@ class ModelConfig:
     pool_size: int = 512
     group_size: int = 1
     exclude: list[str] = field(default_factory=list)
+    # Where the pools come from: EMA pretraining from entries sampled from the layer's kernels (`kernels`) or
+    # from N(0, 1) (`normal`, the reference); or `kmeans`: train the plain network on the source task, then
+    # k-means of each layer's kernels (nws.pool_sources).
     init: str = "kernels"
     decay: float = 0.99
     eps: float = 1e-5
+    zero_entry: bool = False  # entry 0 of every pool is all zero: a searched network is also sparse
 
 
 @dataclass
@@ -36,6 +40,7 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.8])
     gamma: float = 0.1
     beta: float = 0.5
+    sparsity: float = 0.0  # weight of the group-lasso pull of kernels towards zero (nws.sparsity_loss)
 
 
 @dataclass
@@ -45,6 +50,12 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None
     num_workers: int = 0
+    # Pool-pretraining source: null = the benchmark's default (digits: its source split; split_cifar100 and
+    # cub2sketches: imagenet), or imagenet (folders at source_root), cifar100 (all 100 classes), none.
+    source: str | None = None
+    source_root: str | None = None
+    num_tasks: int | None = None  # learn only the first N tasks (null: all)
+    image_size: int | None = None  # input side for image-folder data (null: 224)
 
 
 @dataclass
@@ -55,6 +66,27 @@ class TrainerConfig:
     devices: int | str = 1
     precision: str = "32-true"
     logger: str = "csv"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    sync_batchnorm: bool = False
+    checkpoint: bool = True  # write <out>/checkpoints/<stage>/last.ckpt after every epoch
+    progress_bar: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the baselines (``method`` other than ``nws``); the papers' values by default.
+
+    PackNet prunes ``prune_ratio`` of each layer's free weights after a task, then retrains the kept ones
+    for ``retrain_epochs`` at a tenth of the task's learning rate. Piggyback's mask scores start at
+    ``mask_init``, mask a weight out at or below ``mask_threshold`` and learn with Adam at ``mask_lr``.
+    """
+
+    prune_ratio: float = 0.75
+    retrain_epochs: int = 7
+    mask_init: float = 1e-2
+    mask_threshold: float = 5e-3
+    mask_lr: float = 1e-4
 
 
 @dataclass
@@ -63,8 +95,13 @@ class RunConfig:
 
     seed: int = 1993
     out: str = "runs/demo"
+    # A pool-pretraining run directory (e.g. from configs/pretrain_pools_imagenet_resnet18.yaml): its pools and
+    # network are used instead of pretraining here.
+    pretrained: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
     task: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    method: str = "nws"
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -38,14 +38,16 @@ def _searchable(module: nn.Module, **nws) -> NWSLayer:
 
 
 def convert(model: nn.Module, pool_size: int = 512, group_size: int = 1, exclude: Exclude = (),
-            decay: float = 0.99, eps: float = 1e-5, seed: int = 0, init: str = "normal") -> nn.Module:
+            decay: float = 0.99, eps: float = 1e-5, seed: int = 0, init: str = "normal",
+            zero_entry: bool = False) -> nn.Module:
     """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by its NWS counterpart, in place.
 
     The current weights become the temporary weights. ``exclude`` takes module-name patterns
     (``fnmatch``, e.g. ``["fc", "layer1.*"]``) or a ``(name, module) -> bool`` predicate. Layer ``i`` (in
     module order) gets a pool seeded with ``seed + i``. ``init="normal"`` draws pool entries from a standard
     normal (the reference); ``init="kernels"`` samples them from the layer's own kernels, which starts the
-    EMA pretraining with every entry in use. Returns ``model``.
+    EMA pretraining with every entry in use. ``zero_entry`` makes entry 0 of every pool all zero, fixed
+    (sparsification: a kernel searched to it is pruned). Returns ``model``.
     """
     if init not in ("normal", "kernels"):
         raise ValueError(f"init must be 'normal' or 'kernels', got {init!r}")
@@ -53,6 +55,8 @@ def convert(model: nn.Module, pool_size: int = 512, group_size: int = 1, exclude
                if type(m) in (nn.Conv2d, nn.Linear) and not _excluded(exclude, name, m)]
     for i, (name, module) in enumerate(targets):
         new = _searchable(module, pool_size=pool_size, group_size=group_size, decay=decay, eps=eps, seed=seed + i)
+        if zero_entry:
+            new.pool.add_zero_entry()
         if init == "kernels":
             new.pool.init_from(new.kernels(), seed=seed + i)
         if name:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows per chunk are chosen so a chunk's distance matrix holds about this many floats (16 MB in fp32).
-CHUNK_ELEMENTS = 1 << 22
+# Rows per chunk are chosen so a chunk's distance matrix holds about this many floats (4 MB in fp32).
+CHUNK_ELEMENTS = 1 << 20
 # Relative safety factor on every bound (far above the fp32 rounding of a distance, ~1e-6).
 SLACK = 1e-4
 # Nearest other entries kept per pool entry: where a kernel may have moved to, the bounds look here first.
@@ -187,6 +187,24 @@ class BoundedSearch:
         self._set_anchor(rows[done], x[done], torch.minimum(second[done], outside[done]) * (1 - SLACK))
         return (~ok).nonzero().squeeze(1)
 
+    def _update(self, part: slice, x: Tensor, codebook: Tensor, current: Tensor | None, offset: int) -> Tensor:
+        """Check the kernels in ``part``; search again those whose bounds fail. Returns their row numbers."""
+        xs = x[part]
+        entries = codebook[self.indices[part]] if current is None else current[part].to(x.dtype)
+        dist = torch.linalg.vector_norm(xs - entries, dim=1)
+        moved = torch.linalg.vector_norm(xs - self.anchor[part], dim=1)
+        # Written so that a NaN anywhere counts as a failed proof.
+        stale = ((dist + moved) * (1 + SLACK) < self.lower[part]).logical_not_().nonzero().squeeze(1)
+        if len(stale):
+            rows, sub = stale + offset, xs[stale]
+            rest = self._by_neighbours(rows, sub, codebook, dist[stale])
+            if len(rest):
+                idx, low = nearest(sub[rest], codebook, self.chunk_elements, with_bound=True)
+                self.indices[rows[rest]] = idx.int()
+                self._set_anchor(rows[rest], sub[rest], low)
+            return rows
+        return stale
+
     @torch.no_grad()
     def __call__(self, x: Tensor, codebook: Tensor, frozen: bool = True, current: Tensor | None = None) -> Tensor:
         """Nearest-entry indices (int32) of ``x`` ``(N, d)``; ``frozen`` says the pool will not move.
@@ -202,17 +220,11 @@ class BoundedSearch:
             if not (frozen and same_pool and self.anchor is not None and self.anchor.shape == x.shape
                     and self.lower.dtype == x.dtype):
                 return self._full(x, codebook, frozen)
-            entries = codebook[self.indices] if current is None else current.to(x.dtype)
-            dist = torch.linalg.vector_norm(x - entries, dim=1)
-            moved = torch.linalg.vector_norm(x - self.anchor, dim=1)
-            # Written so that a NaN anywhere counts as a failed proof.
-            rows = ((dist + moved) * (1 + SLACK) < self.lower).logical_not_().nonzero().squeeze(1)
-            self.last_searched, self.last_rows = len(rows), rows
-            if len(rows):
-                sub, dist = x[rows], dist[rows]
-                rest = self._by_neighbours(rows, sub, codebook, dist)
-                if len(rest):
-                    idx, low = nearest(sub[rest], codebook, self.chunk_elements, with_bound=True)
-                    self.indices[rows[rest]] = idx.int()
-                    self._set_anchor(rows[rest], sub[rest], low)
+            # Row blocks keep the working memory near `chunk_elements` floats whatever the layer size.
+            block = max(1, self.chunk_elements // (2 * max(x.shape[1], self.nbr.shape[1])))
+            changed = []
+            for start in range(0, len(x), block):
+                changed.append(self._update(slice(start, start + block), x, codebook, current, start))
+            self.last_rows = torch.cat(changed)
+            self.last_searched = len(self.last_rows)
             return self.indices

@@ -1,0 +1,235 @@
+"""Long fuzz run of the task store's readers: seeded mutations of a real run's files.
+
+Each case takes one file of a real run (a task, the pools, the source network or the manifest), damages it
+with one or more seeded mutations (bit flips, byte overwrites, truncation, extension, deleted or duplicated
+chunks, splices with another file, metadata replaced by random JSON), and reads it with the store's own
+reader, past the manifest's size/sha256 check (which would catch nearly all of them first). A reader must
+return or raise ``StoreError``; any other exception is a crash, printed and saved under ``--crashes``.
+
+    python fuzz/fuzz_store.py --cases 10000 --seed 0            # builds a tiny run first (about 10 s)
+    python fuzz/fuzz_store.py --cases 10000 --run runs/demo     # or fuzzes an existing run's files
+
+Exit status 1 if any case crashed. ``docs/reliability.md`` records a run's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, manifest_bytes, model_from_source,
+                       model_from_task, parse_manifest, read_pools)
+
+INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]
+
+
+def tiny_run(out: Path) -> Path:
+    """A real run with tiny settings: trained pools, source network and five tasks."""
+    import dataclasses
+
+    from nws.config import RunConfig, TrainConfig, TrainerConfig
+    from nws.learner import NWSLearner
+
+    quiet = {f.name: False for f in dataclasses.fields(TrainerConfig) if f.name in ("checkpoint", "progress_bar")}
+    config = RunConfig(out=str(out), pretrain=TrainConfig(epochs=1, lr=0.05), task=TrainConfig(epochs=1),
+                       trainer=TrainerConfig(logger="none", **quiet))
+    config.model.pool_size = 32
+    NWSLearner(config, progress=False).run()
+    return out
+
+
+TOP = 25
+
+
+def reason(message: str, name: str) -> str:
+    """A StoreError message without its file name, numbers, quoted values and most of its details."""
+    text = message.replace(name, "FILE")
+    text = re.sub(r"\((.*)\)", lambda m: "(" + " ".join(m.group(1).split()[:4]) + " ...)", text)
+    text = re.sub(r"'[^']*'|\[[^\]]*\]", "_", text)
+    return re.sub(r"\d+", "N", text)[:110]
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, -1, 1, 2, 10**12, -(2**63), 2**64, rng.randrange(-1000, 1000)])
+    if kind == 3:
+        return rng.choice([0.0, -0.0, 1e308, float("inf"), float("nan"), rng.uniform(-10, 10)])
+    if kind in (4, 5):
+        return rng.choice(["", "convnet", "nws-task", "x" * rng.randrange(40), "\u00e9\u0000", "1"])
+    if kind == 6:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(["name", "index", "classes", "shape", "kwargs", "k"]): random_json(rng, depth + 1)
+            for _ in range(rng.randrange(4))}
+
+
+def header_of(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def with_header(header: dict, body: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def replace_json_value(rng: random.Random, node: Any) -> Any:
+    """``node`` with one value somewhere inside replaced by random JSON (or a key deleted)."""
+    if isinstance(node, dict) and node and rng.random() < 0.7:
+        key = rng.choice(list(node))
+        if rng.random() < 0.15:
+            return {k: v for k, v in node.items() if k != key}
+        return {**node, key: replace_json_value(rng, node[key])}
+    if isinstance(node, list) and node and rng.random() < 0.7:
+        i = rng.randrange(len(node))
+        return node[:i] + [replace_json_value(rng, node[i])] + node[i + 1 :]
+    return random_json(rng)
+
+
+def mutate_bytes(rng: random.Random, data: bytes, other: bytes, header_size: int) -> tuple[bytes, str]:
+    """``data`` damaged by one seeded byte-level mutation (``other``: another file, for splices)."""
+    out = bytearray(data)
+    op = rng.choice(["flip", "flip", "byte", "byte", "truncate", "extend", "delete", "duplicate", "splice"])
+
+    def pos() -> int:  # half the positions fall in the header and the codes (the parsed part), half anywhere
+        return rng.randrange(min(len(out), header_size + 4096) if rng.random() < 0.5 else len(out))
+
+    if not out:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(64))), "random"
+    if op == "flip":
+        for _ in range(rng.choice([1, 1, 2, 8])):
+            p = pos()
+            out[p] ^= 1 << rng.randrange(8)
+    elif op == "byte":
+        for _ in range(rng.choice([1, 2, 4])):
+            out[pos()] = rng.choice(INTERESTING) if rng.random() < 0.5 else rng.randrange(256)
+    elif op == "truncate":
+        del out[pos():]
+    elif op == "extend":
+        out += bytes(rng.randrange(256) for _ in range(rng.choice([1, 8, 100])))
+    elif op == "delete":
+        p = pos()
+        del out[p : p + rng.choice([1, 4, 64])]
+    elif op == "duplicate":
+        p = pos()
+        out[p:p] = out[p : p + rng.choice([1, 4, 64])]
+    else:
+        p = pos()
+        out[p:] = other[p:]
+    return bytes(out), op
+
+
+def mutate(rng: random.Random, name: str, data: bytes, other: bytes) -> tuple[bytes, str]:
+    """One damaged version of file ``name``, and what was done to it."""
+    if name == MANIFEST:
+        if rng.random() < 0.4:  # content change under a valid checksum: the entry checks must catch it
+            manifest = replace_json_value(rng, json.loads(data))
+            if isinstance(manifest, dict):
+                return manifest_bytes(manifest), "json"
+        return mutate_bytes(rng, data, other, len(data))
+    header, body = header_of(data)
+    if rng.random() < 0.3:
+        meta = dict(header["__metadata__"])
+        key = rng.choice(list(meta))
+        if key in ("format", "version"):
+            meta[key] = rng.choice(["", "2", "0", "-1", "nws-task", "nws-pools", "nws-source", "1 ", "\u0661"])
+        else:
+            meta[key] = json.dumps(replace_json_value(rng, json.loads(meta[key])))
+        return with_header({**header, "__metadata__": meta}, body), "meta"
+    if rng.random() < 0.15:  # tensor entries: dtype, shape, offsets
+        key = rng.choice([k for k in header if k != "__metadata__"])
+        return with_header({**header, key: replace_json_value(rng, header[key])}, body), "tensor-entry"
+    return mutate_bytes(rng, data, other, 8 + struct.unpack("<Q", data[:8])[0])
+
+
+def reader(store: TaskStore, name: str):
+    """The store's reader of file ``name``, taking the file's bytes."""
+    books, fingerprint = store.pools()
+    spec = store.spec()
+    if name == MANIFEST:
+        return parse_manifest
+    if name == POOLS:
+        return lambda data: read_pools(data, name)
+    if name == SOURCE:
+        return lambda data: model_from_source(data, books, spec, name)
+    return lambda data: model_from_task(data, books, fingerprint, spec, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", type=Path, default=None, help="fuzz this run's files (default: a tiny new run)")
+    parser.add_argument("--crashes", type=Path, default=Path("fuzz/crashes"), help="where crashing inputs go")
+    args = parser.parse_args(argv)
+
+    tmp = tempfile.TemporaryDirectory()
+    start = time.perf_counter()
+    run = args.run or tiny_run(Path(tmp.name) / "run")
+    store = TaskStore(run)
+    store.check()
+    names = [MANIFEST, POOLS, SOURCE, *(t["file"] for t in store.tasks())]
+    files = {name: store.read(name) if name != MANIFEST else (run / MANIFEST).read_bytes() for name in names}
+    readers = {name: reader(store, name) for name in names}
+    for name, data in files.items():  # every pristine file reads
+        readers[name](data)
+    print(f"fuzzing {len(names)} files of {run} ({', '.join(names)}); built in {time.perf_counter() - start:.1f} s")
+
+    rng = random.Random(args.seed)
+    outcomes: Counter[tuple[str, str]] = Counter()
+    reasons: Counter[str] = Counter()
+    crashes, slowest = [], (0.0, "")
+    start = time.perf_counter()
+    for case in range(args.cases):
+        name = rng.choice(names)
+        other = files[rng.choice(names)]
+        data, op = mutate(rng, name, files[name], other)
+        t0 = time.perf_counter()
+        try:
+            readers[name](data)
+            outcome = "read"
+        except StoreError as err:
+            outcome = "StoreError"
+            reasons[reason(str(err), name)] += 1
+        except Exception as err:  # noqa: BLE001 - a crash is what this script looks for
+            outcome = f"CRASH {type(err).__name__}"
+            args.crashes.mkdir(parents=True, exist_ok=True)
+            path = args.crashes / f"case{case}-{name}"
+            path.write_bytes(data)
+            crashes.append(f"case {case} ({name}, {op}): {type(err).__name__}: {err} -> {path}")
+            traceback.print_exc()
+        elapsed = time.perf_counter() - t0
+        slowest = max(slowest, (elapsed, f"case {case} ({name}, {op})"))
+        outcomes[("task" if name.startswith("task_") else name, outcome)] += 1
+    total = time.perf_counter() - start
+
+    print(f"{args.cases} cases, seed {args.seed}, {total:.1f} s ({1000 * total / args.cases:.2f} ms a case; "
+          f"slowest {1000 * slowest[0]:.0f} ms, {slowest[1]})")
+    for (target, outcome), count in sorted(outcomes.items()):
+        print(f"  {target:20s} {outcome:12s} {count:6d}")
+    print(f"the {sum(reasons.values())} StoreErrors, by the check that caught them (most common {TOP}):")
+    for text, count in reasons.most_common(TOP):
+        print(f"  {count:6d}  {text}")
+    print(f"crashes: {len(crashes)}")
+    for line in crashes[:20]:
+        print(f"  {line}")
+    return 1 if crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Image transforms on Pillow images and torch tensors (no torchvision): the reference's augmentations.
+
+Random choices draw from torch's global generator, which the DataLoader seeds separately in every worker,
+so workers never repeat each other's crops. Geometric transforms take a Pillow image (decoded in the
+worker) or a ``(C, H, W)`` tensor where noted; :class:`ToTensor` turns a Pillow image into a float tensor
+in ``[0, 1]``; :class:`Normalize` and :class:`Cutout` act on tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _randint(high: int) -> int:
+    """A uniform integer in ``[0, high)``."""
+    return int(torch.randint(high, ()).item())
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+    def __repr__(self) -> str:
+        return f"Compose({', '.join(type(t).__name__ for t in self.transforms)})"
+
+
+class Resize:
+    """Bilinear resize of a Pillow image: an int sets the shorter side (aspect kept), a pair ``(h, w)`` the
+    exact size."""
+
+    def __init__(self, size: int | tuple[int, int]):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if isinstance(self.size, int):
+            if w <= h:
+                new = (self.size, max(1, round(h * self.size / w)))
+            else:
+                new = (max(1, round(w * self.size / h)), self.size)
+        else:
+            new = (self.size[1], self.size[0])
+        return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+
+
+class CenterCrop:
+    """The central ``size x size`` region of a Pillow image (zero-padded if the image is smaller)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        left, top = int(round((w - self.size) / 2.0)), int(round((h - self.size) / 2.0))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+class RandomResizedCrop:
+    """A random region of ``scale`` of the area and aspect ratio in ``ratio`` (log-uniform), resized to
+    ``size x size``; after 10 failed draws, the central crop of the nearest valid ratio (as in the
+    Inception-style augmentation the reference uses)."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(left, top, w, h)`` of the crop for an image of ``width x height``."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * _uniform(*self.scale)
+            aspect = math.exp(_uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return _randint(width - w + 1), _randint(height - h + 1), w, h
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        left, top, w, h = self.box(*img.size)
+        return img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+
+
+class RandomHorizontalFlip:
+    """Mirror left-right with probability ``p``; takes a Pillow image or a ``(..., H, W)`` tensor."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, x):
+        if torch.rand(()).item() >= self.p:
+            return x
+        if isinstance(x, Image.Image):
+            return x.transpose(Image.FLIP_LEFT_RIGHT)
+        return x.flip(-1)
+
+
+class RandomCrop:
+    """A random ``size x size`` crop of a ``(C, H, W)`` tensor zero-padded by ``padding`` on every side."""
+
+    def __init__(self, size: int, padding: int = 0):
+        self.size, self.padding = size, padding
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.padding:
+            x = torch.nn.functional.pad(x, (self.padding,) * 4)
+        h, w = x.shape[-2:]
+        top, left = _randint(h - self.size + 1), _randint(w - self.size + 1)
+        return x[..., top:top + self.size, left:left + self.size]
+
+
+class ToTensor:
+    """A Pillow image (converted to RGB) as a float ``(3, H, W)`` tensor in ``[0, 1]``."""
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ToFloat:
+    """A ``uint8`` ``(C, H, W)`` tensor as float in ``[0, 1]``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.float().div_(255.0)
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel of a ``(C, H, W)`` float tensor."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Cutout:
+    """Zero a ``length x length`` square (clipped at the borders) centred on a uniformly random pixel of a
+    ``(C, H, W)`` tensor (DeVries & Taylor; the reference applies it after normalisation)."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        cy, cx = _randint(h), _randint(w)
+        half = self.length // 2
+        x = x.clone()
+        x[..., max(0, cy - half):min(h, cy + half), max(0, cx - half):min(w, cx + half)] = 0.0
+        return x
+
+
+def folder_transforms(image_size: int, cropped: bool, train: bool) -> Compose:
+    """The reference's transforms for image-folder data (fine-grained sets, ImageNet), at ``image_size``.
+
+    Pre-cropped sets (CUB, Cars): resize to ``image_size`` square; others: resize the shorter side to
+    ``image_size * 256 / 224``, then a random-resized crop (train) or the centre crop (test). Train adds a
+    horizontal flip and, after ImageNet normalisation, cutout 16.
+    """
+    resize = round(image_size * 256 / 224)
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if cropped:
+        geometry: list[Callable] = [Resize((image_size, image_size))]
+    elif train:
+        geometry = [Resize(resize), RandomResizedCrop(image_size)]
+    else:
+        geometry = [Resize(resize), CenterCrop(image_size)]
+    if not train:
+        return Compose([*geometry, ToTensor(), norm])
+    return Compose([*geometry, RandomHorizontalFlip(), ToTensor(), norm, Cutout(16)])
+
+
+def imagenet_transforms(image_size: int, train: bool) -> Compose:
+    """Pool pretraining on ImageNet folders: random-resized crop and flip (train); resize and centre crop
+    (val); ImageNet normalisation."""
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        return Compose([RandomResizedCrop(image_size), RandomHorizontalFlip(), ToTensor(), norm])
+    return Compose([Resize(round(image_size * 256 / 224)), CenterCrop(image_size), ToTensor(), norm])
+
+
+def cifar_transforms(mean: Sequence[float], std: Sequence[float], train: bool) -> Compose:
+    """CIFAR on ``uint8 (3, 32, 32)`` tensors: random crop 32 with padding 4 and a flip (train), then
+    normalisation with the given (per-task) mean and std."""
+    norm = Normalize(mean, std)
+    if train:
+        return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToFloat(), norm])
+    return Compose([ToFloat(), norm])

@@ -1,0 +1,157 @@
+"""``nws launch``: one run per seed as submitit jobs (SLURM, or local processes), then ``nws report``.
+
+Each job runs ``nws run --config CONFIG --seed S --out OUT/seed_S [overrides]`` in a fresh Python process,
+so Lightning's DDP launcher (which re-runs the command once per extra GPU) and its SLURM environment (one
+task per GPU, as submitit starts them) work as for a run started by hand. Every run writes its own run
+directory with the usual ``results.json``; ``nws report OUT/seed_*`` aggregates them (mean and std over the
+seeds).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nws.errors import NWSError
+
+# --slurm keys: our name -> (submitit parameter, type).
+SLURM_KEYS = {
+    "partition": ("slurm_partition", str), "gpus": ("gpus_per_node", int), "nodes": ("nodes", int),
+    "hours": ("timeout_min", float), "cpus": ("cpus_per_task", int), "mem": ("mem_gb", int),
+    "account": ("slurm_account", str), "qos": ("slurm_qos", str), "constraint": ("slurm_constraint", str),
+}
+
+
+class LaunchError(NWSError):
+    """A launch that cannot be submitted as asked, or a job that failed."""
+
+
+@dataclass
+class SlurmSpec:
+    """The resources of each SLURM job (per seed)."""
+
+    gpus: int = 1
+    nodes: int = 1
+    params: dict | None = None
+
+
+def parse_slurm(text: str) -> SlurmSpec:
+    """``partition=gpu,gpus=8,hours=48,...`` as submitit parameters (one task per GPU, as Lightning expects)."""
+    params: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SLURM_KEYS:
+            raise LaunchError(f"--slurm: bad item {item!r}; use key=value with keys {', '.join(SLURM_KEYS)}")
+        name, kind = SLURM_KEYS[key]
+        try:
+            params[name] = kind(value)
+        except ValueError:
+            raise LaunchError(f"--slurm: {key} must be a {kind.__name__}, got {value!r}") from None
+    if "timeout_min" in params:
+        params["timeout_min"] = max(1, round(params["timeout_min"] * 60))
+    gpus, nodes = params.get("gpus_per_node", 1), params.get("nodes", 1)
+    if gpus < 0 or nodes < 1:
+        raise LaunchError("--slurm: gpus must be at least 0 and nodes at least 1")
+    params["tasks_per_node"] = max(gpus, 1)
+    if gpus == 0:
+        params.pop("gpus_per_node", None)
+    return SlurmSpec(gpus=gpus, nodes=nodes, params=params)
+
+
+def run_job(argv: list[str]) -> str:
+    """The job of one seed: ``nws run ARGV`` in a child Python process; returns its run directory."""
+    out = argv[argv.index("--out") + 1]
+    proc = subprocess.run([sys.executable, "-m", "nws.cli", "run", *argv], env=os.environ.copy())
+    if proc.returncode != 0:
+        raise LaunchError(f"nws run for {out} exited with code {proc.returncode} (see this job's log)")
+    return out
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed_{seed}"
+
+
+def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None = None,
+           slurm: str | None = None, parallel: bool = False, wait: bool = True) -> list[Path]:
+    """Submit one ``nws run`` per seed; returns the run directories (finished, when ``wait``).
+
+    Without ``slurm``, jobs run as local processes (submitit's ``LocalExecutor``), one after another, or all
+    at once with ``parallel``. With ``slurm``, they are submitted together as a SLURM job array, and
+    ``trainer.devices``/``trainer.num_nodes`` are set from its ``gpus``/``nodes``.
+    """
+    import submitit
+
+    from nws.cli import parse_run_config
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise LaunchError("--seeds needs one or more distinct seeds")
+    base = parse_run_config(["--config", config, *overrides])
+    out = Path(out if out is not None else base.out)
+    extra: list[str] = []
+    spec = parse_slurm(slurm) if slurm is not None else None
+    if spec is not None and spec.gpus > 0:
+        extra = ["--trainer.accelerator", "gpu", "--trainer.devices", str(spec.gpus),
+                 "--trainer.num_nodes", str(spec.nodes)]
+    argvs = {}
+    for seed in seeds:
+        run_dir = seed_dir(out, seed)
+        if (run_dir / "manifest.json").exists():
+            raise LaunchError(f"{run_dir} already holds a run; choose another --out")
+        argv = ["--config", str(config), *overrides, *extra, "--seed", str(seed), "--out", str(run_dir)]
+        parse_run_config(argv)  # every job's settings are checked before anything is submitted
+        argvs[seed] = argv
+    folder = out / "launch"
+    if spec is not None:
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        except RuntimeError:
+            raise LaunchError("--slurm: no SLURM here (srun not found); submit from a SLURM login node, or drop "
+                              "--slurm to run the seeds as local processes") from None
+        executor.update_parameters(name=f"nws-{out.name}", **{k: v for k, v in spec.params.items()})
+        with executor.batch():
+            jobs = {seed: executor.submit(run_job, argv) for seed, argv in argvs.items()}
+    else:
+        if not wait:
+            raise LaunchError("--no-wait needs --slurm: local jobs end with this command")
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=60 * 24 * 365, **_local_gpus())
+        jobs = {}
+        for seed, argv in argvs.items():
+            jobs[seed] = executor.submit(run_job, argv)
+            print(f"seed {seed}: job {jobs[seed].job_id} -> {seed_dir(out, seed)}", flush=True)
+            if not parallel:
+                _wait(seed, jobs[seed], folder)
+    if spec is not None:
+        for seed, job in jobs.items():
+            print(f"seed {seed}: SLURM job {job.job_id} -> {seed_dir(out, seed)}", flush=True)
+    if not wait:
+        return [seed_dir(out, s) for s in seeds]
+    for seed, job in jobs.items():
+        _wait(seed, job, folder)
+    return [seed_dir(out, s) for s in seeds]
+
+
+def _local_gpus() -> dict:
+    """Let local jobs see this machine's GPUs (submitit's local executor hides those it is not given)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if not count:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [int(v) for v in visible.split(",")] if visible and all(v.strip().isdigit() for v in visible.split(",")) \
+        else list(range(count))
+    return {"gpus_per_node": len(ids), "visible_gpus": ids}
+
+
+def _wait(seed: int, job, folder: Path) -> None:
+    try:
+        job.result()
+    except Exception as err:  # submitit wraps the job's own exception in a FailedJobState/UncompletedJobError
+        last = [line for line in str(err).splitlines() if line.strip()]
+        raise LaunchError(f"seed {seed} (job {job.job_id}) failed: {last[-1] if last else type(err).__name__}; "
+                          f"logs in {folder}") from None

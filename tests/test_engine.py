@@ -1,0 +1,283 @@
+"""The Lightning engine: pool EMA under DDP (2 gloo processes), mixed precision without NaN, checkpoints
+and resuming a task from its last epoch, precision and logger checks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from nws.cli import main
+from nws.config import TrainConfig, TrainerConfig
+from nws.convert import commitment_loss, convert, nws_layers, update_pools
+from nws.engine import NWSModule, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm
+from nws.errors import NWSError
+from nws.models import create_model
+from nws.pool import KernelPool, all_reduce_step_statistics
+from nws.search import brute_force_nearest
+from nws.store import TaskStore
+
+CPU = dict(accelerator="cpu", logger="none", progress_bar=False)
+
+
+class TinyNet(nn.Module):
+    """Convs and a classifier without BatchNorm, so a DDP step equals a single-process step on the global
+    batch up to float rounding (per-rank BatchNorm statistics would differ)."""
+
+    classifier_name = "fc"
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return convert(TinyNet(), pool_size=16, init="kernels", seed=3)
+
+
+def tiny_data(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(3, (n,), generator=g))
+
+
+DDP_CFG = TrainConfig(epochs=2, batch_size=16, lr=0.1)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    model = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(devices=2, strategy="ddp", checkpoint=False, **CPU),
+                pretrain=True, log_dir=Path(out), name="ddp", seed=7)
+    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    # The reduction itself, on statistics that differ per rank: every rank ends with their mean.
+    pools = [KernelPool(4, 2), KernelPool(3, 5)]
+    for i, p in enumerate(pools):
+        p.step_count.fill_(float(rank + i))
+        p.step_sum.fill_(10.0 * rank - i)
+    all_reduce_step_statistics(pools)
+    torch.save([(p.step_count, p.step_sum) for p in pools], Path(out) / f"stats{rank}.pt")
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_ddp_pools_identical_on_ranks_and_equal_to_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical pools (and weights) on both
+    # One process on the same global batch (16 = 2 ranks x 8), the same data order.
+    single = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(checkpoint=False, **CPU), pretrain=True,
+                 log_dir=tmp_path, name="one", seed=7).state_dict()
+    start = tiny_model().state_dict()
+    for key, value in ranks[0].items():
+        if ".pool." in key:
+            assert not torch.equal(value, start[key]), key  # the pools did move
+        if key.endswith("cluster_size"):
+            assert torch.equal(value, single[key]), key  # counts exactly: a sum over ranks would double them
+        else:
+            torch.testing.assert_close(value, single[key], rtol=0, atol=1e-6)
+    for r in (0, 1):
+        stats = torch.load(tmp_path / f"stats{r}.pt", weights_only=True)
+        assert torch.equal(stats[0][0], torch.full((4,), 0.5)) and torch.equal(stats[0][1], torch.full((4, 2), 5.0))
+        assert torch.equal(stats[1][0], torch.full((3,), 1.5)) and torch.equal(stats[1][1], torch.full((3, 5), 4.0))
+
+
+def _big_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("convnet", num_classes=4, in_channels=3, widths=(16, 32))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(300.0 / m.weight.abs().mean())  # |w| ~ 300: a kernel's squared norm ~ 1e6
+    return convert(model, pool_size=32, init="kernels", seed=1)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_precision_pretraining_stays_finite(dtype):
+    model = _big_model()
+    kernels = next(layer for _, layer in nws_layers(model)).kernels().detach()
+    # The overflow the reference hits: squared distances in half precision are infinite at these weights.
+    assert torch.isinf((kernels.half() ** 2).sum(1)).any()
+    module = NWSModule(model, TrainConfig(lr=1e-4, beta=0.5), pretrain=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(4, (8,), generator=g)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = module.training_step((x, y), step)
+            commit = commitment_loss(model)
+        assert torch.isfinite(loss) and torch.isfinite(commit)
+        assert loss.dtype == torch.float32
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_pools(model)
+        for name, layer in nws_layers(model):
+            pool = layer.pool
+            assert pool.codebook.dtype == pool.cluster_size.dtype == pool.embed_sum.dtype == torch.float32, name
+            assert torch.isfinite(pool.codebook).all() and torch.isfinite(pool.embed_sum).all(), name
+            assert torch.equal(layer.search(), brute_force_nearest(layer.kernels().detach(), pool.codebook)), name
+
+
+def test_mixed_precision_through_lightning(tmp_path):
+    model = _big_model()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(4, (32,), generator=g))
+    out = fit(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-4),
+              TrainerConfig(precision="bf16-mixed", checkpoint=False, **CPU), pretrain=True, log_dir=tmp_path,
+              name="amp")
+    for _, layer in nws_layers(out):
+        assert layer.pool.codebook.dtype == torch.float32 and torch.isfinite(layer.pool.codebook).all()
+        assert layer.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true", "fp8"])
+def test_half_precision_weights_are_refused(precision):
+    with pytest.raises(NWSError, match="pools stay fp32"):
+        check_precision(precision)
+
+
+def test_missing_logger_package_is_one_line(tmp_path):
+    for kind in ("tensorboard", "wandb"):
+        try:
+            __import__(kind)
+        except ImportError:
+            with pytest.raises(NWSError, match=f"pip install {kind}"):
+                make_logger(TrainerConfig(logger=kind), tmp_path, "x")
+    with pytest.raises(NWSError, match="trainer.logger must be one of"):
+        make_logger(TrainerConfig(logger="mlflow"), tmp_path, "x")
+
+
+class _Crash(L.Callback):
+    """Stops training at the start of epoch ``at`` (after epoch ``at - 1`` was checkpointed)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def crash_at(monkeypatch):
+    """``crash_at(n)``: the next fits stop at the start of epoch ``n`` (``None``: they run to the end)."""
+    original = L.Trainer.__init__
+
+    def arm(at: int | None) -> None:
+        def init(self, *args, **kwargs):
+            if at is not None:
+                kwargs["callbacks"] = [*kwargs.get("callbacks", []), _Crash(at)]
+            original(self, *args, **kwargs)
+
+        monkeypatch.setattr(L.Trainer, "__init__", init)
+    return arm
+
+
+def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path, crash_at):
+    model = lambda: convert(create_model("convnet", num_classes=3, in_channels=1, widths=(8, 16)),  # noqa: E731
+                            pool_size=16, init="kernels")
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(48, 1, 8, 8, generator=g), torch.randint(3, (48,), generator=g))
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, milestones=[0.5])  # lr decays at epoch 1
+    trainer_cfg = TrainerConfig(**CPU)
+    torch.manual_seed(0)
+    full = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="a",
+               checkpoint_dir=tmp_path / "a", seed=5)
+    crash_at(1)
+    torch.manual_seed(0)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b", checkpoint_dir=tmp_path / "b",
+            seed=5)
+    crash_at(None)
+    checkpoint = last_checkpoint(tmp_path / "b")
+    assert checkpoint is not None and torch.load(checkpoint, weights_only=True)["epoch"] == 0
+    torch.manual_seed(1)  # a different start: everything comes from the checkpoint
+    resumed = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b",
+                  checkpoint_dir=tmp_path / "b", resume_from=checkpoint, seed=5)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights, pools, EMA, BatchNorm
+    with pytest.raises(NWSError, match="does not exist"):
+        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c", resume_from=tmp_path / "none")
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage")
+    with pytest.raises(NWSError, match="unreadable"):
+        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c",
+            resume_from=tmp_path / "bad.ckpt")
+
+
+SMALL = ["--pretrain.epochs", "1", "--task.epochs", "2", "--model.pool_size", "16", "--trainer.logger", "none",
+         "--trainer.progress_bar", "false", "--data.num_tasks", "2"]
+
+
+def test_resumed_run_continues_the_interrupted_task_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    assert main(["demo", "--out", str(tmp_path / "full"), *SMALL]) == 0
+    original = L.Trainer.__init__
+    fits = []
+
+    def init(self, *args, **kwargs):  # the third fit (task 1) stops after its first epoch
+        fits.append(1)
+        if len(fits) == 3:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), _Crash(1)]
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", init)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["demo", "--out", str(tmp_path / "cut"), *SMALL])
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoints" / "task_001" / "last.ckpt").is_file()
+    assert main(["demo", "--out", str(tmp_path / "cut"), "--resume", *SMALL]) == 0
+    assert "continuing from" in capsys.readouterr().out
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    full, cut = TaskStore(tmp_path / "full"), TaskStore(tmp_path / "cut")
+    for i in range(2):
+        assert (tmp_path / "full" / f"task_{i:03d}.safetensors").read_bytes() == \
+            (tmp_path / "cut" / f"task_{i:03d}.safetensors").read_bytes()
+    assert [t["acc_from_storage"] for t in full.tasks()] == [t["acc_from_storage"] for t in cut.tasks()]
+
+
+def test_revert_sync_batchnorm():
+    model = create_model("convnet", num_classes=2, in_channels=1, widths=(4,))
+    model.features[1].running_mean.fill_(3.0)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    plain = revert_sync_batchnorm(synced)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
+    assert torch.equal(plain.features[1].running_mean, torch.full((4,), 3.0))
+    assert plain(torch.randn(2, 1, 8, 8)).shape == (2, 2)
+
+
+def test_ddp_run_of_the_whole_learner(tmp_path):
+    """``nws run`` on 2 CPU processes (Lightning's DDP launcher re-runs the command): rank 0 writes the run,
+    rank 1 follows; the run is complete and readable."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "nws.cli", "run", "--config", "configs/digits_convnet.yaml",
+                           "--out", str(tmp_path / "ddp"), *SMALL, "--task.epochs", "1", "--trainer.accelerator", "cpu",
+                           "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("[task_001] learning") == 1  # only rank 0 reports
+    store = TaskStore(tmp_path / "ddp")
+    assert [t["index"] for t in store.tasks()] == [0, 1]
+    assert all(t["acc_from_storage"] == t["acc_after_training"] for t in store.tasks())

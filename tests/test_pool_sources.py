@@ -1,0 +1,293 @@
+"""Pools without pretraining: k-means, ordinary checkpoints, the reference implementation's layout, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import nws
+from nws.cli import main
+from nws.convert import nws_layers
+from nws.models import create_model
+from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
+                              read_checkpoint, reference_module_name)
+from nws.search import brute_force_nearest
+from nws.store import TaskStore
+
+
+def blobs(n_per: int = 200, k: int = 6, d: int = 9, spread: float = 0.05, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=gen) * 3
+    x = centres.repeat_interleave(n_per, 0) + spread * torch.randn(k * n_per, d, generator=gen)
+    return x[torch.randperm(len(x), generator=gen)], centres
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+
+
+def test_kmeans_is_deterministic_and_independent_of_chunking():
+    x, _ = blobs()
+    a = kmeans(x, 16, iters=10, seed=3)
+    assert torch.equal(a, kmeans(x, 16, iters=10, seed=3))
+    assert torch.equal(a, kmeans(x, 16, iters=10, seed=3, chunk_elements=2048))
+    assert not torch.equal(a, kmeans(x, 16, iters=10, seed=4))
+
+
+def test_kmeans_recovers_separated_clusters():
+    x, centres = blobs()
+    found = kmeans(x, len(centres), iters=20, seed=0)
+    dist = torch.cdist(found, centres)
+    assert sorted(dist.argmin(1).tolist()) == list(range(len(centres)))  # one centre per cluster
+    assert dist.min(1).values.max() < 0.02  # each at its cluster's mean (noise 0.05 / sqrt(200))
+
+
+def test_kmeans_is_a_fixed_point_of_lloyd():
+    x, _ = blobs(spread=0.5)
+    c = kmeans(x, 12, iters=100, seed=0)
+    assign = brute_force_nearest(x, c)
+    means = torch.stack([x[assign == j].double().mean(0) for j in range(12)]).float()
+    torch.testing.assert_close(c, means, rtol=0, atol=1e-6)
+
+
+def test_kmeans_with_fewer_distinct_vectors_than_entries():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(50, 1)
+    c = kmeans(x, 8, seed=0)
+    assert c.shape == (8, 2) and torch.isfinite(c).all()
+    assert len(torch.unique(c, dim=0)) == 8  # extra entries differ
+    assert {tuple(r) for r in c[brute_force_nearest(x, c)].tolist()} == {(1.0, 0.0), (0.0, 1.0)}  # exact fit
+
+
+def test_kmeans_fixed_rows_stay():
+    x, _ = blobs()
+    c = kmeans(x, 10, seed=0, fixed=torch.zeros(1, 9))
+    assert torch.equal(c[0], torch.zeros(9))
+    with pytest.raises(ValueError):
+        kmeans(x, 1, fixed=torch.zeros(1, 9))
+    with pytest.raises(ValueError):
+        kmeans(torch.zeros(0, 3), 4)
+
+
+def small_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("convnet", num_classes=4, widths=(8, 16))
+
+
+def test_pools_from_model_quantises_each_layer():
+    model = small_convnet()
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")
+               and isinstance(m, (nn.Conv2d, nn.Linear))}
+    model, report = nws.pools_from_model(model, pool_size=32, seed=1)
+    layers = dict(nws_layers(model))
+    assert [r.name for r in report] == list(layers) == list(weights)
+    for r in report:
+        layer = layers[r.name]
+        assert torch.equal(layer.weight, weights[r.name])  # temporary weights stay the source weights
+        assert not layer.pool.trainable
+        expected = (layer.weight - layer.searched_weight()).pow(2).mean().item()
+        assert r.mse == pytest.approx(expected, rel=1e-6)
+    first = report[0]
+    assert first.kernels == 8 and first.mse == 0.0  # fewer kernels than entries: each kernel is an entry
+    again, _ = pools_from_model(small_convnet(), 32, seed=1)
+    for (_, a), (_, b) in zip(nws_layers(again), nws_layers(model)):
+        assert torch.equal(a.pool.codebook, b.pool.codebook)
+
+
+# ----------------------------------------------------------------------------- the reference's checkpoints
+
+
+def reference_name(ours: str) -> str:
+    """Inverse of :func:`reference_module_name`, for building reference-layout checkpoints."""
+    if ours in ("conv1", "bn1", "fc"):
+        return {"conv1": "conv1.0", "bn1": "conv1.1", "fc": "last_layer"}[ours]
+    stage, block, *sub = ours.split(".")
+    sub = ".".join(sub)
+    part = {"conv1": "residual_function.0", "bn1": "residual_function.1", "conv2": "residual_function.3",
+            "bn2": "residual_function.4", "downsample.0": "shortcut.0", "downsample.1": "shortcut.1"}[sub]
+    return f"conv{int(stage[5:]) + 1}_x.NwsRes{block}.{part}"
+
+
+def reference_checkpoint(k: int = 8, classes: int = 10, seed: int = 0) -> tuple[dict, dict, nn.Module]:
+    """A checkpoint in the reference layout: ({model, optimizer, scheduler, epochs}, its (d, K) pools, and
+    the plain network whose weights it holds)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = create_model("resnet18", num_classes=classes, stem="imagenet", maxpool=False)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(generator=gen)
+            m.running_var.uniform_(0.5, 2, generator=gen)
+            m.weight.data.normal_(generator=gen)
+    state, pools = {}, {}
+    for key, value in net.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        ref = reference_name(module)
+        if module == "fc" and leaf == "weight":
+            value = value[:, :, None, None]
+        state[f"module.{ref}.{leaf}"] = value
+        if leaf == "weight" and isinstance(net.get_submodule(module), (nn.Conv2d, nn.Linear)):
+            d = value[0, 0].numel()
+            embed = torch.randn(d, k, generator=gen)
+            pools[module] = embed
+            q = f"module.{ref}.qtz."
+            state.update({q + "embed": embed, q + "cluster_size": torch.rand(k, generator=gen),
+                          q + "embed_avg": torch.randn(d, k, generator=gen), q + "acum_embed_sum": torch.zeros(d, k),
+                          q + "acum_embed_onehot_sum": torch.zeros(k)})
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [100])
+    return {"model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epochs": 160}, pools, net
+
+
+def test_reference_names_follow_the_layout():
+    assert reference_module_name("conv1.0") == "conv1"
+    assert reference_module_name("conv2_x.NwsRes1.residual_function.3") == "layer1.1.conv2"
+    assert reference_module_name("conv4_x.NwsRes0.shortcut.0") == "layer3.0.downsample.0"
+    assert reference_module_name("last_layer") == "fc"
+    assert reference_module_name("conv6_x.NwsRes0.residual_function.0") is None
+
+
+@pytest.fixture(scope="module")
+def reference_file(tmp_path_factory):
+    ckpt, pools, net = reference_checkpoint()
+    path = tmp_path_factory.mktemp("ref") / "pretrain.pth"
+    torch.save(ckpt, path)
+    return path, pools, net
+
+
+def test_import_reference_reproduces_pools_exactly(reference_file):
+    path, pools, net = reference_file
+    model, settings = import_reference(path)
+    assert settings == {"pool_size": 8, "group_size": 1, "num_classes": 10, "in_channels": 3}
+    layers = dict(nws_layers(model))
+    assert set(layers) == set(pools) and len(layers) == 21
+    for name, layer in layers.items():
+        assert torch.equal(layer.pool.codebook, pools[name].t())  # the (d, K) buffers transposed
+        assert not layer.pool.trainable
+    plain = net.state_dict()
+    for key, value in model.state_dict().items():  # temporary weights, BatchNorm and classifier carried over
+        if ".pool." not in key:
+            assert torch.equal(value, plain[key]), key
+    assert isinstance(model.maxpool, nn.Identity) and model.conv1.stride == (2, 2)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_import_reference_refuses_code_and_wrong_layouts(tmp_path, reference_file):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(CheckpointError, match="weights only"):
+        import_reference(evil)
+    torch.save({"model": {"module.features.0.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not part of the reference"):
+        import_reference(tmp_path / "other.pth")
+    ckpt, _, _ = reference_checkpoint()
+    ckpt["model"]["module.conv1.0.qtz.embed"] = torch.zeros(49, 9)
+    with pytest.raises(CheckpointError, match="pool sizes"):
+        import_reference(ckpt)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        import_reference(tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------------------- ordinary state dicts
+
+
+def test_model_from_state_dict_strips_prefixes_and_checks_keys():
+    net = create_model("convnet", num_classes=3)
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    from nws.pool_sources import state_dict_of
+
+    model = model_from_state_dict("convnet", state_dict_of({"state_dict": state}, "x"))
+    assert model.fc.out_features == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        model_from_state_dict("convnet", {**net.state_dict(), "extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        model_from_state_dict("nonet", net.state_dict())
+
+
+def test_new_head_drops_a_foreign_classifier():
+    net = create_model("convnet", num_classes=3)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    state.update({"fc.0.weight": torch.zeros(64, 128), "fc.3.weight": torch.zeros(3, 64)})  # a two-layer head
+    with pytest.raises(CheckpointError, match="no fc.weight"):
+        model_from_state_dict("convnet", state)
+    model = model_from_state_dict("convnet", state, new_head=True, num_classes=5)
+    assert model.fc.out_features == 5
+    assert torch.equal(model.features[0].weight, net.features[0].weight)
+
+
+def test_from_checkpoint_cli_round_trip(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = create_model("convnet", num_classes=10, widths=(8, 16))
+    save_file(net.state_dict(), tmp_path / "net.safetensors")
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    out = tmp_path / "pools"
+    argv = ["pools", "from-checkpoint", str(tmp_path / "net.pth"), "--arch", "convnet", "--kwargs",
+            "{widths: [8, 16]}", "--pool-size", "16", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "features.0" in printed and "--pretrained" in printed
+    store = TaskStore(out)
+    spec = store.spec()
+    assert (spec.name, spec.pool_size, spec.kwargs) == ("convnet", 16, {"in_channels": 1, "widths": [8, 16]})
+    source = store.load_source()
+    expected, _ = pools_from_model(copy.deepcopy(net), 16)
+    for (name, a), (_, b) in zip(nws_layers(source), nws_layers(expected)):
+        assert torch.equal(a.pool.codebook, b.pool.codebook), name
+        assert torch.equal(a.weight, b.weight), name
+    report = json.loads((out / "manifest.json").read_text())["source"]["quantisation"]
+    assert [r["name"] for r in report] == [n for n, _ in nws_layers(source)]
+    # a run starts its first task from the directory
+    run = tmp_path / "run"
+    assert main(["demo", "--out", str(run), "--pretrained", str(out), "--model.pool_size", "16", "--model.kwargs",
+                 "{widths: [8, 16]}", "--data.num_tasks", "1", "--task.epochs", "1", "--trainer.logger", "none",
+                 "--trainer.progress_bar", "false", "--trainer.checkpoint", "false"]) == 0
+    assert (run / "pools.safetensors").read_bytes() == (out / "pools.safetensors").read_bytes()
+    assert len(json.loads((run / "results.json").read_text())["tasks"]) == 1
+    # .safetensors files read the same; an existing output directory is never overwritten
+    from_st = read_checkpoint(tmp_path / "net.safetensors")
+    assert from_st.keys() == net.state_dict().keys()
+    assert all(torch.equal(from_st[k], v) for k, v in net.state_dict().items())
+    before = (out / "pools.safetensors").read_bytes()
+    assert main([*argv[:2], str(tmp_path / "net.safetensors"), *argv[3:]]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "pools.safetensors").read_bytes() == before
+
+
+def test_import_reference_cli(tmp_path, reference_file, capsys):
+    path, pools, _ = reference_file
+    assert main(["pools", "import-reference", str(path), "--out", str(tmp_path / "ref")]) == 0
+    assert "last_layer" not in capsys.readouterr().out
+    store = TaskStore(tmp_path / "ref")
+    books, _ = store.pools()
+    assert all(torch.equal(books[n], pools[n].t()) for n in pools)
+    assert store.spec().kwargs == {"in_channels": 3, "stem": "imagenet", "maxpool": False}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["from-checkpoint", "{missing}", "--arch", "convnet", "--out", "{out}"], "does not exist"),
+    (["from-checkpoint", "{garbage}", "--arch", "convnet", "--out", "{out}"], "cannot be loaded"),
+    (["from-checkpoint", "{net}", "--arch", "resnet18", "--out", "{out}"], "does not match"),
+    (["from-checkpoint", "{net}", "--arch", "convnet", "--kwargs", "[1]", "--out", "{out}"], "mapping"),
+    (["from-checkpoint", "{net}", "--arch", "convnet", "--pool-size", "0", "--out", "{out}"], "pool-size"),
+    (["from-checkpoint", "{net}", "--out", "{out}"], "--arch"),
+    (["import-reference", "{net}", "--out", "{out}"], "reference"),
+    (["bogus"], "invalid choice"),
+])
+def test_pools_cli_bad_inputs_are_one_line(tmp_path, capsys, args, needle):
+    torch.save(create_model("convnet", num_classes=2).state_dict(), tmp_path / "net.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    paths = {"missing": tmp_path / "nope.pth", "garbage": tmp_path / "garbage.pth", "net": tmp_path / "net.pth",
+             "out": tmp_path / "out"}
+    assert main(["pools", *[a.format(**paths) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nws: error:") and needle in err, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,164 @@
+"""Reports: metrics, seed aggregation, tables and plot files, pool usage of an NWS run, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nws.baselines.compare import compare
+from nws.cli import main
+from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig
+from nws.data.digits import digits_benchmark
+from nws.learner import NWSLearner
+from nws.report import (aggregate, comparison_table, continual_metrics, extrapolate, find_runs, markdown_table,
+                        pool_usage, write_report)
+from nws.store import TaskStore
+
+
+def fake_results(method: str, seed: int, final: list[float], after: list[float], task_bytes: int,
+                 shared: int = 0, names: tuple[str, ...] = ("task 0", "task 1"), **config) -> dict:
+    tasks = [{"name": names[i], "classes": ["a", "b"], "acc_after_training": a, "acc_from_storage": a,
+              "acc_final": f, "bytes": {"weights": task_bytes, "batchnorm": 0, "other": 0}, "float32_model": 400}
+             for i, (f, a) in enumerate(zip(final, after))]
+    return {"method": method, "seed": seed, "config": {"seed": seed, "out": f"x/{seed}", "method": method, **config},
+            **continual_metrics(tasks), "tasks": tasks,
+            "memory": {"shared": shared, "tasks_total": task_bytes * len(tasks), "float32_model": 400},
+            "memory_after_task": [shared + task_bytes * (i + 1) for i in range(len(tasks))]}
+
+
+def write_run(path, results):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def test_continual_metrics_exact():
+    tasks = [{"acc_after_training": 1.0, "acc_final": 0.5, "acc_from_storage": 1.0},
+             {"acc_after_training": 0.75, "acc_final": 1.0, "acc_from_storage": 0.75},
+             {"acc_after_training": 0.5, "acc_final": 0.5, "acc_from_storage": 0.5}]
+    m = continual_metrics(tasks)
+    assert m["backward_transfer"] == (-0.5 + 0.25) / 2
+    assert m["forgetting"] == 0.5 / 2
+    assert m["average_accuracy"] == (0.5 + 1.0 + 0.5) / 3
+    assert continual_metrics(tasks[:1])["backward_transfer"] == 0.0
+
+
+def test_extrapolation_is_linear_in_tasks():
+    assert extrapolate([100, 150, 200]) == 200 + 50 * 97
+    assert extrapolate([300]) == 300 * 100
+    assert extrapolate([1000, 1000, 1000]) == 1000
+
+
+def test_seed_aggregation_mean_and_std(tmp_path):
+    finals = [[0.5, 1.0], [0.75, 0.5], [1.0, 0.75]]
+    for seed, (final, size) in enumerate(zip(finals, [1000, 2000, 3000])):
+        write_run(tmp_path / f"packnet_{seed}", fake_results("packnet", seed, final, [1.0, 1.0], size,
+                                                             baseline={"prune_ratio": 0.75}))
+    write_run(tmp_path / "packnet_half", fake_results("packnet", 0, [1.0, 1.0], [1.0, 1.0], 10,
+                                                      baseline={"prune_ratio": 0.5}))
+    write_run(tmp_path / "nws", fake_results("nws", 0, [0.5, 0.5], [0.5, 0.5], 10, shared=100))
+    groups = aggregate(find_runs([tmp_path]))
+    assert [g.method for g in groups] == ["nws", "packnet", "packnet"]
+    g = next(g for g in groups if len(g.runs) == 3)
+    assert g.label == "packnet (packnet_0)" and sorted(g.seeds) == [0, 1, 2]
+    assert g.acc_final[0] == (0.75, 0.25)  # mean and sample standard deviation of 0.5, 0.75, 1.0
+    assert g.acc_final[1] == (0.75, 0.25)
+    averages = [(0.5 + 1.0) / 2, (0.75 + 0.5) / 2, (1.0 + 0.75) / 2]
+    assert g.average_accuracy[0] == pytest.approx(np.mean(averages), abs=1e-15)
+    assert g.average_accuracy[1] == pytest.approx(np.std(averages, ddof=1), abs=1e-15)
+    assert g.memory == (4000.0, 2000.0)  # totals 2000, 4000, 6000
+    assert g.memory_after_task == [2000.0, 4000.0]
+    single = next(g for g in groups if g.method == "nws")
+    assert single.acc_final[0] == (0.5, 0.0) and single.memory == (120.0, 0.0)
+    table = comparison_table(groups)
+    assert "75.00 ± 25.00" in table and "| nws | 1 | 50.00 | 50.00 |" in table
+
+
+def test_report_rejects_missing_and_malformed_runs(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{\"tasks\": 3}")
+    assert main(["report", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a results file" in err
+
+
+@pytest.fixture(scope="module")
+def nws_run(tmp_path_factory):
+    b = digits_benchmark(seed=0)
+    benchmark = dataclasses.replace(b, tasks=b.tasks[:2])
+    out = tmp_path_factory.mktemp("nws") / "run"
+    config = RunConfig(seed=0, out=str(out), model=ModelConfig(kwargs={"widths": [8, 16]}, pool_size=16),
+                       pretrain=TrainConfig(epochs=1), task=TrainConfig(epochs=1),
+                       trainer=TrainerConfig(logger="none", progress_bar=False, checkpoint=False))
+    NWSLearner(config, benchmark, progress=False).run()
+    return out, benchmark
+
+
+def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
+    out, _ = nws_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "nws"
+    assert all(t["acc_final"] == t["acc_from_storage"] for t in results["tasks"])
+    sizes = [sum(t["bytes"].values()) for t in results["tasks"]]
+    pools = results["memory"]["pools"]
+    assert results["memory_after_task"] == [pools + sizes[0], pools + sizes[0] + sizes[1]]
+    assert "| acc. final |" in markdown_table(results)
+
+
+def test_pool_usage_counts_distinct_indices(nws_run):
+    out, _ = nws_run
+    usage = pool_usage(out)
+    store = TaskStore(out)
+    assert usage["layers"] == list(store.pools()[0])
+    util = np.asarray(usage["utilisation"])
+    assert util.shape == (len(usage["layers"]), 2)
+    sizes = np.asarray(usage["pool_sizes"])
+    counts = util * sizes[:, None]
+    assert np.allclose(counts, np.round(counts)) and (counts >= 1).all() and (util <= 1).all()
+    assert usage["task_fraction"] == pytest.approx((counts.sum(0) / sizes.sum()).tolist())
+    assert max(usage["task_fraction"]) <= usage["all_tasks_fraction"] <= 1
+
+
+def test_write_report_files(nws_run, tmp_path):
+    out, _ = nws_run
+    names = tuple(t["name"] for t in json.loads((out / "results.json").read_text())["tasks"])
+    write_run(tmp_path / "individual", fake_results("individual", 0, [1.0, 0.5], [1.0, 0.5], 400, names=names))
+    summary = write_report([out, tmp_path / "individual"], tmp_path / "report")
+    report = tmp_path / "report"
+    for stem in ("accuracy_per_task", "memory_vs_tasks", "accuracy_vs_memory", "nws_pool_usage"):
+        for ext in ("png", "svg"):
+            assert (report / f"{stem}.{ext}").stat().st_size > 1000, (stem, ext)
+    text = (report / "report.md").read_text()
+    assert "| nws | 1 |" in text and "| individual | 1 |" in text and "![memory_vs_tasks]" in text
+    stored = json.loads((report / "summary.json").read_text())
+    assert stored == json.loads(json.dumps(summary))
+    individual = next(g for g in stored["groups"] if g["method"] == "individual")
+    assert individual["memory_at_100_tasks"] == 400 * 100
+    assert math.isclose(individual["average_accuracy"]["mean"], 0.75)
+
+
+def test_compare_runs_every_method_and_reports(tmp_path, monkeypatch):
+    b = digits_benchmark(seed=0)
+    small = dataclasses.replace(b, tasks=b.tasks[:2])
+    monkeypatch.setattr("nws.baselines.compare.benchmark_from_config", lambda data, seed: small)
+    config = RunConfig(seed=0, model=ModelConfig(kwargs={"widths": [8]}, pool_size=8),
+                       pretrain=TrainConfig(epochs=1), task=TrainConfig(epochs=1),
+                       trainer=TrainerConfig(logger="none", progress_bar=False, checkpoint=False))
+    config.baseline.retrain_epochs = 1
+    result = compare(config, tmp_path / "cmp", progress=False)
+    assert set(result["runs"]) == {"nws", "finetune", "individual", "packnet", "piggyback"}
+    text = (tmp_path / "cmp" / "report" / "report.md").read_text()
+    for method in result["runs"]:
+        assert f"| {method} | 1 |" in text
+    assert (tmp_path / "cmp" / "report" / "nws_pool_usage.png").is_file()
+    shas = {json.loads((tmp_path / "cmp" / m / "manifest.json").read_text())["files"]["source.safetensors"]["sha256"]
+            for m in ("finetune", "individual", "packnet", "piggyback")}
+    assert len(shas) == 1  # one plain backbone, trained once, shared
+    with pytest.raises(Exception, match="already holds a run"):
+        compare(config, tmp_path / "cmp", progress=False)

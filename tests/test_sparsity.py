@@ -1,0 +1,110 @@
+"""Sparsification: an all-zero pool entry, a group-lasso pull towards it, kernel sparsity; search stays exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nws
+from nws.cli import main
+from nws.convert import nws_layers
+from nws.models import create_model
+from nws.pool import KernelPool
+from nws.search import brute_force_nearest
+from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
+
+
+def small(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("convnet", num_classes=3, widths=(8, 16))
+
+
+@pytest.mark.parametrize("init", ["normal", "kernels"])
+def test_convert_adds_a_zero_entry_that_ema_keeps(init):
+    model = nws.convert(small(), pool_size=16, init=init, zero_entry=True)
+    x = torch.randn(8, 1, 8, 8)
+    for _ in range(3):
+        model(x).sum().backward()
+        nws.update_pools(model)
+    for _, layer in nws_layers(model):
+        book = layer.pool.codebook
+        assert layer.pool.zero_entry and torch.equal(book[0], torch.zeros(book.shape[1]))
+        assert not (book[1:] == 0).all(1).any()  # only entry 0 is zero
+    assert has_zero_entry(model)
+    assert not has_zero_entry(nws.convert(small(), pool_size=16))
+    with pytest.raises(ValueError):
+        KernelPool(1, 4, zero_entry=True)
+
+
+def test_kmeans_pools_with_zero_entry():
+    model, _ = nws.pools_from_model(small(), pool_size=16, zero_entry=True)
+    for _, layer in nws_layers(model):
+        assert torch.equal(layer.pool.codebook[0], torch.zeros(layer.pool.dim)) and layer.pool.zero_entry
+
+
+def test_kernel_sparsity_counts_kernels_at_the_zero_entry():
+    model = nws.convert(small(), pool_size=16, init="kernels", zero_entry=True)
+    layer = model.features[4]
+    with torch.no_grad():
+        layer.weight[:5] = 0.0  # 5 output channels of 8 input channels: 40 of 128 kernels
+    report = kernel_sparsity(model)
+    indices = layer.search()
+    assert (indices[:40] == 0).all()  # zero kernels search to the zero entry (ties go to the lowest index)
+    assert report["layers"]["features.4"] == (indices == 0).sum().item() / 128
+    counted = sum(int((l.search() == 0).sum()) * l.pool.dim for _, l in nws_layers(model))
+    total = sum(l.num_kernels * l.pool.dim for _, l in nws_layers(model))
+    assert report["total"] == counted / total
+    assert kernel_sparsity(nws.convert(small(), pool_size=16, init="kernels"))["total"] == 0.0
+
+
+def test_sparsity_loss_is_group_lasso_with_finite_gradient_at_zero():
+    model = nws.convert(small(), pool_size=16, zero_entry=True)
+    with torch.no_grad():
+        model.features[0].weight.zero_()
+    loss = sparsity_loss(model)
+    expected = torch.cat([torch.linalg.vector_norm(l.kernels(), dim=1) for _, l in nws_layers(model)]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(l.weight.grad).all() for _, l in nws_layers(model))
+    assert torch.equal(model.features[0].weight.grad, torch.zeros_like(model.features[0].weight))
+    with pytest.raises(ValueError):
+        sparsity_loss(small())
+
+
+def test_training_with_the_pull_makes_a_sparse_network_and_search_stays_exact():
+    torch.manual_seed(0)
+    model = nws.convert(small(), pool_size=32, init="kernels", zero_entry=True)
+    nws.freeze_pools(model)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    before = kernel_sparsity(model)["total"]
+    for _ in range(20):
+        loss = F.cross_entropy(model(x), y) + 0.5 * nws.commitment_loss(model) + 1.0 * sparsity_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = kernel_sparsity(model)
+    assert after["total"] > max(before, 0.1)
+    for name, layer in nws_layers(model):
+        assert torch.equal(layer.search(), brute_force_nearest(layer.kernels().detach(), layer.pool.codebook)), name
+        searched = layer.searched_weight()
+        pruned = layer.kernels(searched).abs().sum(1) == 0
+        assert pruned.float().mean().item() == pytest.approx(after["layers"][name])
+
+
+def test_demo_reports_sparsity(tmp_path):
+    out = tmp_path / "run"
+    argv = ["demo", "--out", str(out), "--pretrain.epochs", "1", "--task.epochs", "1", "--model.pool_size", "16",
+            "--model.kwargs", "{widths: [8, 16]}", "--model.zero_entry", "true", "--task.sparsity", "0.5",
+            "--data.num_tasks", "1",
+            "--trainer.logger", "none", "--trainer.progress_bar", "false", "--trainer.checkpoint", "false"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["tasks"]) == 1
+    for t in results["tasks"]:
+        assert 0 <= t["sparsity"]["total"] <= 1 and set(t["sparsity"]["layers"]) == {"features.0", "features.4", "fc"}
+    assert "kernel sparsity" in (out / "results.md").read_text()

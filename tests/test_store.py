@@ -1,0 +1,336 @@
+"""The task store: formats, atomic writes, and every bad file failing with StoreError (never another error)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_store, reseal
+
+from nws.cli import main
+from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes,
+                       parse_manifest, task_file)
+
+SEED = 1234
+CUTS = 8  # truncations per file
+FLIPS = 12  # bit flips per file
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "run").root
+
+
+@pytest.fixture()
+def run(pristine, tmp_path) -> Path:
+    """A fresh copy of the store, free to damage."""
+    return Path(shutil.copytree(pristine, tmp_path / "run"))
+
+
+def store_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+# ----------------------------------------------------------------------------------- good stores
+
+
+def test_roundtrip_rebuilds_the_stored_model(run):
+    store = load_everything(run)
+    x = torch.randn(4, 1, 8, 8)
+    again = TaskStore(run)
+    for t in store.tasks():
+        assert torch.equal(store.model(t["index"])(x), again.model(t["index"])(x))
+    assert store.model(0) is store.model(0)  # cached
+    assert [t["index"] for t in store.tasks()] == [0, 1, 2, 3, 4]
+    assert store.spec() == SPEC
+
+
+def test_equal_content_gives_equal_bytes(run, tmp_path):
+    """File bytes depend on content alone (safetensors' header order is not stable between processes)."""
+    other = make_store(tmp_path / "again").root
+    for name in store_files(run):
+        if name != MANIFEST:
+            assert (run / name).read_bytes() == (other / name).read_bytes(), name
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(run):
+    import hashlib
+
+    manifest = json.loads((run / MANIFEST).read_bytes())
+    on_disk = set(store_files(run)) - {MANIFEST}
+    assert set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        data = (run / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_atomic_write_leaves_no_temporary_and_keeps_permissions(tmp_path):
+    atomic_write(tmp_path / "f.bin", b"one")
+    atomic_write(tmp_path / "f.bin", b"two")
+    assert (tmp_path / "f.bin").read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    assert (tmp_path / "f.bin").stat().st_mode & 0o044  # readable as any file the user creates, not 0600
+
+
+def test_stale_temporaries_are_removed(run):
+    (run / ".task_004.safetensors.0123abcd.tmp").write_bytes(b"half")
+    (run / "keep.txt").write_bytes(b"user file")
+    removed = TaskStore(run).remove_temporaries()
+    assert [p.name for p in removed] == [".task_004.safetensors.0123abcd.tmp"]
+    assert (run / "keep.txt").exists()
+
+
+def test_create_refuses_an_existing_run(run):
+    before = (run / MANIFEST).read_bytes()
+    with pytest.raises(StoreError, match="already holds a run"):
+        TaskStore(run, create=True)
+    assert (run / MANIFEST).read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------- corruption
+
+
+def _cuts(size: int, rng: random.Random) -> list[int]:
+    return sorted({0, 1, 7, 8, size - 1, *(rng.randrange(size) for _ in range(CUTS))})
+
+
+def _flips(size: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(8 * size) for _ in range(FLIPS)]
+
+
+def _flip(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+def _same_meaning(root: Path, original: dict) -> bool:
+    return json.loads((root / MANIFEST).read_bytes()) == original
+
+
+@pytest.mark.parametrize("name", [MANIFEST, POOLS, SOURCE, *(task_file(i) for i in range(5))])
+def test_truncated_and_bit_flipped_files_raise_store_error(pristine, tmp_path, name):
+    """Every file truncated at seeded random offsets and bit-flipped at seeded random positions: loading the
+    store raises StoreError. A flip in the manifest may keep its meaning (``4e-05`` and ``4E-05``), and
+    then loads the same store."""
+    rng = random.Random(f"{SEED}:{name}")
+    good = (pristine / name).read_bytes()
+    original = json.loads((pristine / MANIFEST).read_bytes())
+    damaged = [good[:cut] for cut in _cuts(len(good), rng)] + [_flip(good, b) for b in _flips(len(good), rng)]
+    for i, data in enumerate(damaged):
+        root = Path(shutil.copytree(pristine, tmp_path / f"case{i}"))
+        (root / name).write_bytes(data)
+        try:
+            load_everything(root)
+        except StoreError as err:
+            assert "\n" not in str(err)
+            continue
+        assert name == MANIFEST and len(data) == len(good) and _same_meaning(root, original), f"case {i} loaded"
+
+
+@pytest.mark.parametrize("name", [POOLS, SOURCE, task_file(2)])
+def test_resealed_damage_is_caught_by_the_readers(pristine, tmp_path, name):
+    """The same damage with the manifest updated to match (so the size/sha256 check passes): the file's own
+    reader must still refuse it with StoreError, or (a flip in tensor data) load it; never another error."""
+    rng = random.Random(f"{SEED}:reseal:{name}")
+    good = (pristine / name).read_bytes()
+    cases = [(good[:cut], True) for cut in _cuts(len(good), rng)]
+    cases += [(_flip(good, b), False) for b in _flips(len(good), rng)]
+    for i, (data, must_fail) in enumerate(cases):
+        root = Path(shutil.copytree(pristine, tmp_path / f"case{i}"))
+        (root / name).write_bytes(data)
+        reseal(root, name)
+        try:
+            load_everything(root)
+        except StoreError:
+            continue
+        assert not must_fail, f"truncation {i} of {name} loaded"
+
+
+def test_empty_files(run):
+    for name in [MANIFEST, POOLS, task_file(0)]:
+        root = Path(shutil.copytree(run, run.parent / f"empty-{name}"))
+        (root / name).write_bytes(b"")
+        with pytest.raises(StoreError, match="corrupt|empty"):
+            load_everything(root)
+        if name != MANIFEST:
+            reseal(root, name)
+            with pytest.raises(StoreError, match="empty or truncated"):
+                load_everything(root)
+
+
+def test_missing_directory_and_missing_files(run, tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        TaskStore(tmp_path / "nowhere")
+    with pytest.raises(StoreError, match="not an nws run"):
+        TaskStore(tmp_path)
+    (run / task_file(3)).unlink()
+    store = TaskStore(run)
+    store.model(2)
+    with pytest.raises(StoreError, match="cannot read"):
+        store.model(3)
+    with pytest.raises(StoreError, match="task_003"):
+        store.check()
+    with pytest.raises(StoreError, match="no task 9"):
+        store.model(9)
+
+
+def test_newer_format_versions_are_refused(run):
+    data = edit_header((run / task_file(1)).read_bytes(), lambda h: h["__metadata__"].update(version="2"))
+    (run / task_file(1)).write_bytes(data)
+    reseal(run, task_file(1))
+    with pytest.raises(StoreError, match="format version 2, newer"):
+        TaskStore(run).model(1)
+    manifest = json.loads((run / MANIFEST).read_bytes())
+    manifest["version"] = 2
+    (run / MANIFEST).write_bytes(manifest_bytes(manifest))
+    with pytest.raises(StoreError, match="format version 2, newer"):
+        TaskStore(run)
+
+
+def test_task_encoded_against_other_pools(run, tmp_path):
+    other = make_store(tmp_path / "other", num_tasks=1, seed=7).root
+    shutil.copy(other / task_file(0), run / task_file(0))
+    reseal(run, task_file(0))
+    with pytest.raises(StoreError, match="different pools"):
+        TaskStore(run).model(0)
+
+
+def test_task_with_other_layer_shapes(run):
+    name = task_file(1)
+    data = (run / name).read_bytes()
+    wider = edit_meta(data, "spec", lambda s: {**s, "kwargs": {**s["kwargs"], "widths": [8, 32]}})
+    (run / name).write_bytes(wider)
+    reseal(run, name)
+    with pytest.raises(StoreError, match="another architecture"):
+        TaskStore(run).model(1)
+    shapes = edit_meta(data, "layers", lambda layers: {**layers, "fc": {**layers["fc"], "shape": [3, 16]}})
+    (run / name).write_bytes(shapes)
+    reseal(run, name)
+    with pytest.raises(StoreError, match="layer shapes do not match"):
+        TaskStore(run).model(1)
+
+
+def test_task_file_under_another_index(run):
+    (run / task_file(1)).write_bytes((run / task_file(2)).read_bytes())
+    reseal(run, task_file(1))
+    with pytest.raises(StoreError, match="holds task 2"):
+        TaskStore(run).model(1)
+
+
+def test_non_finite_values_in_a_file_are_refused(run):
+    from safetensors.torch import load
+
+    name = task_file(0)
+    tensors = load((run / name).read_bytes())
+    key = next(k for k in tensors if k.endswith("running_var"))
+    header_end = 8 + int.from_bytes((run / name).read_bytes()[:8], "little")
+    data = bytearray((run / name).read_bytes())
+    header = json.loads(data[8:header_end])
+    start = header_end + header[key]["data_offsets"][0]
+    data[start : start + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    (run / name).write_bytes(bytes(data))
+    reseal(run, name)
+    with pytest.raises(StoreError, match="non-finite"):
+        TaskStore(run).model(0)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), "bad file name"),
+    (lambda m: m["tasks"][0].update(file=".hidden"), "bad task entry"),
+    (lambda m: m["tasks"][0].update(acc_after_training="high"), "bad numbers"),
+    (lambda m: m["tasks"].append(dict(m["tasks"][0])), "bad task entry"),
+    (lambda m: m.update(config=[1, 2]), "bad config"),
+    (lambda m: m["files"][POOLS].update(size=-1), "bad entry"),
+    (lambda m: m.update(files=[]), "bad files"),
+])
+def test_manifest_entries_are_checked(run, edit, needle):
+    manifest = json.loads((run / MANIFEST).read_bytes())
+    edit(manifest)
+    data = manifest_bytes(manifest)
+    with pytest.raises(StoreError, match=needle):
+        parse_manifest(data)
+    tampered = json.loads(data)
+    tampered["tasks"] = []
+    with pytest.raises(StoreError, match="checksum"):
+        parse_manifest(json.dumps(tampered).encode())
+
+
+def test_read_refuses_paths_outside_the_run(run):
+    with pytest.raises(StoreError, match="not a valid file name"):
+        TaskStore(run).read("../manifest.json")
+
+
+# ----------------------------------------------------------------------------------- the CLI
+
+
+def test_eval_reports_a_corrupt_task_and_evaluates_the_others(run, capsys):
+    data = bytearray((run / task_file(2)).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (run / task_file(2)).write_bytes(bytes(data))
+    assert main(["eval", "--run", str(run)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert [line.startswith(f"task {i} ") for i, line in enumerate(lines)] == [True] * 5
+    assert "FAILED" in lines[2] and "task_002.safetensors is corrupt" in lines[2]
+    assert all("accuracy" in line for i, line in enumerate(lines) if i != 2)
+
+
+def test_eval_on_a_corrupt_manifest_is_one_line_and_exit_2(run, capsys):
+    (run / MANIFEST).write_bytes((run / MANIFEST).read_bytes()[:100])
+    assert main(["eval", "--run", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "manifest.json is corrupt" in captured.err
+
+
+# ----------------------------------------------------------------------------------- no pickle
+
+
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal", "shelve", "cloudpickle"}
+
+
+def _unsafe_calls(path: Path) -> list[str]:
+    """Code in ``path`` that could unpickle (or otherwise run code from) a file: a plain unpickler, torch or
+    NumPy loads that allow pickles, unsafe YAML loaders, Lightning checkpoints without ``weights_only``.
+    A subclass of ``pickle.Unpickler`` that restricts ``find_class`` (as ``torch.load(weights_only=True)``
+    does) is allowed."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Unpickler") for b in node.bases):
+            if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+                found.append(f"{path.name}:{node.lineno} unpickler {node.name} does not restrict find_class")
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = ast.unparse(node.func.value)
+        attr = node.func.attr
+        kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if owner in UNSAFE_MODULES and ("load" in attr or attr in ("Unpickler", "open")):
+            found.append(f"{path.name}:{node.lineno} {owner}.{attr}")
+        if owner == "torch" and attr == "load" and kwargs.get("weights_only") != "True":
+            found.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+        if owner in ("np", "numpy") and attr == "load" and kwargs.get("allow_pickle", "False") != "False":
+            found.append(f"{path.name}:{node.lineno} np.load with allow_pickle")
+        if owner == "yaml" and (attr in ("unsafe_load", "full_load", "unsafe_load_all")
+                                or attr == "load" and "Safe" not in kwargs.get("Loader", "")):
+            found.append(f"{path.name}:{node.lineno} yaml.{attr} without a safe loader")
+        if attr == "fit" and "ckpt_path" in kwargs and kwargs.get("weights_only") != "True":
+            found.append(f"{path.name}:{node.lineno} Lightning checkpoint loaded without weights_only=True")
+    return found
+
+
+def test_the_unpickling_check_finds_unsafe_code(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import pickle, torch, yaml\nclass U(pickle.Unpickler):\n    pass\n"
+                   "pickle.load(f)\ntorch.load(p)\nyaml.load(s)\ntrainer.fit(m, ckpt_path=c)\n")
+    assert len(_unsafe_calls(bad)) == 5
+
+
+def test_no_code_path_unpickles_a_file():
+    package = Path(__file__).parent.parent / "nws"
+    found = [f for path in sorted(package.rglob("*.py")) for f in _unsafe_calls(path)]
+    assert found == []
