@@ -118,6 +118,9 @@ class NWSLayer(nn.Module):
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.pool.num_entries):
             raise ValueError(f"indices out of range for a pool of {self.pool.num_entries} entries")
         self.weight.copy_(self.weight_from_kernels(self.pool.codebook[indices]))
+        if not self.pool.trainable:
+            self._search.prime(indices, self.pool.codebook)
+            self._qk = self.pool.codebook[indices]
 
 
 class NWSConv2d(nn.Conv2d, NWSLayer):

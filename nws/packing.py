@@ -2,7 +2,8 @@
 
 :func:`pack_codes` entropy-codes each layer's indices: the layer's index histogram (Rice-coded, so the
 table overhead is paid and counted) and an rANS stream under that histogram (``constriction``), which
-together cost within a fraction of a percent of the layer's empirical entropy. Lossless.
+together cost within a fraction of a percent of the layer's empirical entropy. A layer too small to repay
+its histogram is stored as fixed-width indices instead (``"rice": null`` in the header). Lossless.
 """
 
 from __future__ import annotations
@@ -33,18 +34,17 @@ def entropy_bits(indices: Tensor | np.ndarray, num_entries: int | None = None) -
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-# Rice coding of the histograms: a count c costs (c >> k) ones, a zero, then k low bits.
+# Rice coding of the histograms, unary parts first: each count c costs (c >> k) ones and a zero, then all
+# counts' k low bits follow, so both halves decode with array operations.
 
 def _rice_bits(values: np.ndarray, k: int) -> np.ndarray:
     q = values >> k
-    lengths = q + 1 + k
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    bits = np.zeros(int(lengths.sum()), dtype=np.uint8)
-    ones = np.repeat(starts, q) + (np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q))
-    bits[ones] = 1
-    for b in range(k):
-        bits[starts + q + 1 + b] = (values >> (k - 1 - b)) & 1
-    return bits
+    unary = np.zeros(int(q.sum()) + len(values), dtype=np.uint8)
+    ends = np.cumsum(q + 1) - 1
+    unary[:] = 1
+    unary[ends] = 0
+    low = ((values[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8).ravel()
+    return np.concatenate([unary, low])
 
 
 def _best_rice_k(values: np.ndarray) -> int:
@@ -53,20 +53,21 @@ def _best_rice_k(values: np.ndarray) -> int:
 
 
 def _rice_decode(bits: np.ndarray, count: int, k: int) -> np.ndarray:
-    zeros = np.flatnonzero(bits == 0)
-    out = np.empty(count, dtype=np.int64)
-    pos = 0
-    for i in range(count):
-        j = np.searchsorted(zeros, pos)
-        if j >= len(zeros):
-            raise CodesError("packed codes are truncated (histogram)")
-        end = int(zeros[j])
-        low = bits[end + 1 : end + 1 + k]
-        if len(low) < k:
-            raise CodesError("packed codes are truncated (histogram)")
-        out[i] = ((end - pos) << k) | int(low @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64))) if k else end - pos
-        pos = end + 1 + k
-    return out
+    zeros = np.flatnonzero(bits == 0)[:count]
+    if count == 0 or len(zeros) < count or len(bits) != zeros[-1] + 1 + count * k:
+        raise CodesError("packed codes are truncated or corrupt (histogram)")
+    q = np.diff(zeros, prepend=-1) - 1
+    low = bits[zeros[-1] + 1 :].reshape(count, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1))
+    return (q.astype(np.int64) << k) | low
+
+
+def _width(k: int) -> int:
+    """Bits of a fixed-width index into ``k`` entries."""
+    return (k - 1).bit_length()
+
+
+def _raw_bits(idx: np.ndarray, width: int) -> np.ndarray:
+    return ((idx[:, None] >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8).ravel()
 
 
 def _model(counts: np.ndarray):
@@ -82,14 +83,19 @@ def pack_codes(codes: Mapping[str, Tensor], pool_sizes: Mapping[str, int] | int)
         if idx.size and (idx.min() < 0 or idx.max() >= k):
             raise ValueError(f"{name}: indices out of range for a pool of {k} entries")
         layers.append((name, k, idx, np.bincount(idx, minlength=k)))
-    header, tables = [], []
+    header, tables, coded = [], [], []
     for name, k, idx, counts in layers:
         rice = _best_rice_k(counts)
         bits = _rice_bits(counts, rice)
+        # A small layer can cost less as plain fixed-width indices than as a histogram plus its entropy.
+        if idx.size * _width(k) < len(bits) + entropy_bits(idx, k):
+            rice, bits = None, _raw_bits(idx, _width(k))
+        else:
+            coded.append((k, idx, counts))
         header.append({"name": name, "entries": k, "count": int(idx.size), "rice": rice, "table_bits": len(bits)})
         tables.append(bits)
     coder = constriction.stream.stack.AnsCoder()
-    for _, k, idx, counts in reversed(layers):
+    for k, idx, counts in reversed(coded):
         if idx.size and k > 1:
             coder.encode_reverse(idx.astype(np.int32), _model(counts))
     stream = coder.get_compressed().astype("<u4").tobytes()
@@ -114,9 +120,10 @@ def unpack_codes(data: bytes) -> dict[str, Tensor]:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CodesError(f"packed codes have a corrupt header ({err})") from None
     for name, k, n, rice, table_bits in specs:
-        if not (isinstance(name, str) and all(type(v) is int for v in (k, n, rice, table_bits))
-                and 1 <= k <= table_bits and 0 <= n < 1 << 31 and 0 <= rice < 32
-                and 0 <= table_bits <= 8 * n_table):
+        if not (isinstance(name, str) and all(type(v) is int for v in (k, n, table_bits))
+                and 1 <= k < 1 << 31 and 0 <= n < 1 << 31 and 0 <= table_bits <= 8 * n_table
+                and (table_bits == n * _width(k) if rice is None else type(rice) is int and 0 <= rice < 32
+                     and k <= table_bits)):
             raise CodesError("packed codes have a corrupt header (bad layer entry)")
     bits = np.unpackbits(np.frombuffer(data, np.uint8, n_table, fixed + n_head))
     words = np.frombuffer(data, "<u4", n_stream // 4, fixed + n_head + n_table).astype(np.uint32)
@@ -125,6 +132,14 @@ def unpack_codes(data: bytes) -> dict[str, Tensor]:
     for name, k, n, rice, table_bits in specs:
         if pos + table_bits > len(bits):
             raise CodesError("packed codes are truncated (histogram)")
+        if rice is None:
+            w = _width(k)
+            raw = bits[pos : pos + table_bits].reshape(n, w).astype(np.int64) @ (1 << np.arange(w - 1, -1, -1))
+            pos += table_bits
+            if n and raw.max() >= k:
+                raise CodesError(f"{name}: index out of range")
+            out[name] = torch.from_numpy(raw.astype(np.int64))
+            continue
         counts = _rice_decode(bits[pos : pos + table_bits], k, rice)
         pos += table_bits
         if counts.sum() != n:

@@ -126,6 +126,7 @@ class BoundedSearch:
         self.codebook: Tensor | None = None
         self.last_searched = 0              # kernels searched (by neighbours or fully) in the last call
         self.last_rows: Tensor | None = None  # rows whose entry may have changed; None means all
+        self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
 
     @torch.no_grad()
     def _neighbour_table(self, codebook: Tensor) -> None:
@@ -146,6 +147,8 @@ class BoundedSearch:
         outer = near_t[:, m] if near_t.shape[1] > m else torch.full((k,), float("inf"), dtype=near_t.dtype,
                                                                      device=near_t.device)
         self.radius = (outer * (1 - SLACK)).to(codebook.dtype)
+        self.gap = (near_t[:, 0] * (1 - SLACK)).to(codebook.dtype) if k > 1 else torch.full(
+            (k,), float("inf"), dtype=codebook.dtype, device=codebook.device)
 
     def _set_anchor(self, rows: Tensor | None, x: Tensor, lower: Tensor) -> None:
         """Anchor ``rows`` (all if None) at ``x``; the half-precision rounding of the anchor comes off ``lower``."""
@@ -169,6 +172,23 @@ class BoundedSearch:
         self._set_anchor(None, x, lower)
         self._neighbour_table(codebook)
         return self.indices
+
+    def prime(self, indices: Tensor, codebook: Tensor) -> None:
+        """Start from kernels known to sit exactly on their entries (a task decoded from its indices), without
+        searching: each kernel's bound is its entry's distance to the nearest other entry. The bounds are
+        set up at the next call, so decoding itself stays a gather."""
+        self.primed = (indices.detach().clone(), codebook.detach().clone())
+
+    @torch.no_grad()
+    def _prime(self, indices: Tensor, codebook: Tensor) -> None:
+        codebook = codebook.to(_search_dtype(codebook))
+        if self.codebook is None or not torch.equal(self.codebook, codebook):
+            self._neighbour_table(codebook)
+        self.codebook = codebook.clone()
+        self.indices = indices.to(codebook.device, torch.int32).clone()
+        self.anchor_dtype = torch.float16 if codebook.dtype == torch.float32 else torch.float32
+        self._set_anchor(None, codebook[self.indices], self.gap[self.indices])
+        self.last_searched, self.last_rows = 0, None
 
     def _by_neighbours(self, rows: Tensor, x: Tensor, codebook: Tensor, dist: Tensor) -> Tensor:
         """Resolve ``rows`` among their entry's neighbours where the radius proves it; returns the rest."""
@@ -214,6 +234,11 @@ class BoundedSearch:
         """
         x = x.detach().to(_search_dtype(x))
         codebook = codebook.detach().to(x.dtype)
+        if self.primed is not None:
+            indices, book = self.primed
+            self.primed = None
+            if frozen and book.shape == codebook.shape and torch.equal(book.to(codebook), codebook):
+                self._prime(indices, codebook)
         with torch.autocast(x.device.type, enabled=False):
             same_pool = (self.codebook is not None and self.codebook.shape == codebook.shape
                          and self.codebook.device == codebook.device and torch.equal(self.codebook, codebook))
