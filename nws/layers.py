@@ -117,10 +117,11 @@ class NWSLayer(nn.Module):
             raise ValueError(f"expected {self.num_kernels} indices, got shape {tuple(indices.shape)}")
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.pool.num_entries):
             raise ValueError(f"indices out of range for a pool of {self.pool.num_entries} entries")
-        self.weight.copy_(self.weight_from_kernels(self.pool.codebook[indices]))
+        entries = self.pool.codebook[indices]
+        self.weight.copy_(self.weight_from_kernels(entries))
         if not self.pool.trainable:
             self._search.prime(indices, self.pool.codebook)
-            self._qk = self.pool.codebook[indices]
+            self._qk = entries
 
 
 class NWSConv2d(nn.Conv2d, NWSLayer):
