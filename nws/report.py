@@ -306,7 +306,7 @@ def comparison_table(groups: list[Group]) -> str:
 def pool_usage(path: str | Path) -> dict[str, Any]:
     """Per layer and task of an NWS run: the pool utilisation (distinct indices used / pool size), read from
     the task files; per task the fraction of all pool entries (over every layer) it uses, and the same for
-    all tasks together."""
+    all tasks together; per layer its number of grouped kernels (the most entries a task can use)."""
     import safetensors.torch
 
     from nws.packing import unpack_codes
@@ -317,7 +317,7 @@ def pool_usage(path: str | Path) -> dict[str, Any]:
     layers = list(books)
     sizes = np.array([books[name].shape[0] for name in layers], dtype=np.float64)
     used: list[list[set[int]]] = []
-    tasks = []
+    tasks, kernels = [], [0] * len(layers)
     for t in store.tasks():
         data = store.read(t["file"])  # verified against the manifest
         try:
@@ -325,10 +325,11 @@ def pool_usage(path: str | Path) -> dict[str, Any]:
         except Exception as err:  # safetensors and the codes reader raise their own types on bad data
             raise ReportError(f"{store.root / t['file']}: cannot read its codes ({err})") from None
         used.append([set(np.unique(codes[name].numpy()).tolist()) if name in codes else set() for name in layers])
+        kernels = [max(k, len(codes.get(name, ()))) for k, name in zip(kernels, layers)]
         tasks.append(t["name"])
     counts = np.array([[len(u) for u in per_task] for per_task in used], dtype=np.float64).T  # layers x tasks
     union = [len(set().union(*(per_task[i] for per_task in used))) for i in range(len(layers))] if used else []
-    return {"layers": layers, "tasks": tasks, "pool_sizes": sizes.astype(int).tolist(),
+    return {"layers": layers, "tasks": tasks, "pool_sizes": sizes.astype(int).tolist(), "kernels": kernels,
             "utilisation": (counts / sizes[:, None]).tolist() if used else [],
             "task_fraction": (counts.sum(0) / sizes.sum()).tolist() if used else [],
             "all_tasks_fraction": float(sum(union) / sizes.sum()) if used else 0.0,
@@ -447,8 +448,8 @@ def plot_pool_usage(usage: dict[str, Any], out: Path, stem: str = "nws_pool_usag
         left.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
                   color="white" if v < 0.6 else "black")
     left.set_xticks(range(n_tasks), usage["tasks"], rotation=30, ha="right", fontsize="small")
-    left.set_yticks(range(n_layers), [f"{n} (K={k})" for n, k in zip(usage["layers"], usage["pool_sizes"])],
-                    fontsize="small")
+    left.set_yticks(range(n_layers), [f"{n}\n(K={k}, {c} kernels)" for n, k, c in
+                                      zip(usage["layers"], usage["pool_sizes"], usage["kernels"])], fontsize="small")
     left.set_title("pool utilisation per layer and task (%)")
     fig.colorbar(image, ax=left, label="entries used / pool size (%)")
     fractions = 100 * np.asarray(usage["task_fraction"])

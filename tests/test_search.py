@@ -142,7 +142,7 @@ def test_bounded_search_random_walk(one_thread: None) -> None:
     """The incremental search of a frozen pool equals brute force on every one of 1,000 moving steps,
     with ties (duplicated entries, exact midpoints), still steps and rows that jump far."""
     g = _gen(7)
-    n, k, d = 2000, 64, 9
+    n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
     codebook[48:] = codebook[:16]
     w = codebook[torch.randint(k, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
