@@ -176,7 +176,7 @@ def cmd_data(argv: Sequence[str]) -> int:
 def cmd_launch(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="nws launch", description="One run per seed (submitit: SLURM or local processes), then nws report. "
-        "Other --group.key value arguments override the config, as for nws run.")
+        "Other --group.key value arguments override the config, as for nws run.", allow_abbrev=False)
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--out", default=None, help="directory of the runs, one seed_<S>/ each (default: the "
@@ -232,7 +232,7 @@ def cmd_pools(argv: Sequence[str]) -> int:
     parser = _OneLineParser(prog="nws pools", description="Pools without pretraining. The output directory "
                             "holds the pools and the starting network; start a run from it with "
                             "nws run ... --pretrained DIR.")
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{from-checkpoint,import-reference}")
     ck = sub.add_parser("from-checkpoint", help="k-means pools of an ordinary pretrained state dict")
     ck.add_argument("weights", help="state dict: .pt/.pth (torch.load weights_only) or .safetensors")
     ck.add_argument("--arch", required=True, help="nws.models builder (resnet18, resnet34, vgg16_bn, ...)")

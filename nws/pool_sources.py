@@ -281,8 +281,8 @@ def model_from_state_dict(arch: str, state: Mapping[str, Tensor], what: str = "c
         elif "num_classes" not in kwargs:
             weight = state.get(f"{head}.weight")
             if weight is None:
-                raise CheckpointError(f"{what} has no {head}.weight, so its class count is unknown (is it an {arch}? "
-                                      "--new-head starts a fresh classifier)")
+                raise CheckpointError(f"{what} has no {head}.weight, so its class count is unknown (is it a {arch} "
+                                      "checkpoint? --new-head starts a fresh classifier)")
             kwargs["num_classes"] = int(weight.shape[0])
         model = create_model(arch, **kwargs)
     except (TypeError, ValueError) as err:

@@ -370,7 +370,8 @@ def plot_accuracy_per_task(groups: list[Group], out: Path) -> list[Path]:
                label=g.label, color=_colour(g, i), capsize=2)
     ax.set_xticks(x, groups[0].task_names + ["average"], rotation=20, ha="right")
     lows = [100 * a[0] for g in groups for a in g.acc_final]
-    ax.set_ylim(max(0.0, math.floor(min(lows) / 10) * 10 - 10), 100.5)
+    highs = [100 * (a[0] + a[1]) for g in groups for a in g.acc_final]
+    ax.set_ylim(max(0.0, math.floor(min(lows) / 10) * 10 - 10), max(100.5, max(highs) + 0.5))
     ax.set_ylabel("accuracy after the whole sequence (%)")
     ax.set_title("Accuracy per task by method")
     fig.legend(loc="outside right upper", fontsize="small")
@@ -379,8 +380,8 @@ def plot_accuracy_per_task(groups: list[Group], out: Path) -> list[Path]:
 
 
 def _spread(values: list[float], factor: float) -> list[float]:
-    """Label positions (log scale) at ``values``, moved apart so that neighbours differ by ``factor`` at least."""
-    order = np.argsort(values)
+    """Label positions (log scale) at ``values``, moved up so that neighbours differ by ``factor`` at least."""
+    order = np.argsort(values, kind="stable")
     out = list(values)
     for prev, cur in zip(order, order[1:]):
         out[cur] = max(out[cur], out[prev] * factor)
@@ -402,7 +403,7 @@ def plot_memory(groups: list[Group], out: Path) -> list[Path]:
         ax.plot([n, EXTRAPOLATE_TO], [mem[-1], at], "--", color=colour, alpha=0.7)
         ax.plot([EXTRAPOLATE_TO], [at], marker=marker, color=colour, markersize=6)
         ends.append(at)
-    for i, (g, at, y) in enumerate(zip(groups, ends, _spread(ends, 1.35))):
+    for i, (g, at, y) in enumerate(zip(groups, ends, _spread(ends, factor=1.35))):
         ax.annotate(f"{g.label}: {_size(at * 2**20)}", (EXTRAPOLATE_TO, at), xytext=(EXTRAPOLATE_TO * 1.12, y),
                     va="center", fontsize="x-small", color=_colour(g, i))
     ax.axvline(EXTRAPOLATE_TO, color="k", alpha=0.3, linestyle=":")
@@ -421,13 +422,21 @@ def plot_accuracy_vs_memory(groups: list[Group], out: Path) -> list[Path]:
     """Average final accuracy against total memory, one point per method (error bars over seeds)."""
     fig = _figure(6.5, 4.5)
     ax = fig.subplots()
+    accs = [100 * g.average_accuracy[0] for g in groups]
+    xs = [max(g.memory[0], 1) / 2**20 for g in groups]
+    gap = 0.05 * (max(accs) - min(accs) or 1.0)
+    labels: dict[int, float] = {}
+    for i in np.argsort(accs, kind="stable"):  # move a label up past those of nearby points below it
+        near = [labels[j] for j in labels if max(xs[i] / xs[j], xs[j] / xs[i]) < 1.6]
+        labels[i] = max([accs[i]] + [y + gap for y in near])
     for i, g in enumerate(groups):
         many = len(g.runs) > 1
-        ax.errorbar([g.memory[0] / 2**20], [100 * g.average_accuracy[0]],
-                    xerr=[g.memory[1] / 2**20] if many else None, yerr=[100 * g.average_accuracy[1]] if many else None,
-                    fmt="o", color=_colour(g, i), label=g.label, capsize=3, markersize=7)
-        ax.annotate(g.label, (g.memory[0] / 2**20, 100 * g.average_accuracy[0]), textcoords="offset points",
-                    xytext=(6, 4), fontsize="small")
+        x, y = xs[i], labels[i]
+        ax.errorbar([x], [100 * g.average_accuracy[0]], xerr=[g.memory[1] / 2**20] if many else None,
+                    yerr=[100 * g.average_accuracy[1]] if many else None, fmt=MARKERS.get(g.method, "o"),
+                    color=_colour(g, i), label=g.label, capsize=3, markersize=7)
+        ax.annotate(g.label, (x, 100 * g.average_accuracy[0]), xytext=(x * 1.12, y), va="center",
+                    fontsize="small")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.1)
     ax.set_xlabel("total memory (MB, log scale)")

@@ -135,6 +135,8 @@ def test_packnet_masks_recover_each_tasks_exact_weights(packnet):
         assert int(sum(m[name].int() for m in owned).max()) <= 1
     bits = sum(math.prod(s) for s in shapes.values())
     assert all(t["bytes"]["masks"] == math.ceil(bits / 8) for t in results["tasks"])
+    assert [t["mask_density"] for t in results["tasks"]] == [sum(int(m.sum()) for m in o.values()) / bits
+                                                             for o in owned]
 
 
 def test_finetune_old_tasks_are_measured_after_the_last(finetune, benchmark):

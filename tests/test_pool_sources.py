@@ -291,3 +291,28 @@ def test_pools_cli_bad_inputs_are_one_line(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nws: error:") and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_already_converted_model_gets_kmeans_pools():
+    converted = nws.convert(small_convnet(), pool_size=32, init="kernels")
+    model, _ = pools_from_model(converted, pool_size=32, seed=1)
+    assert model is converted
+    expected, _ = pools_from_model(small_convnet(), pool_size=32, seed=1)
+    for (_, a), (_, b) in zip(nws_layers(model), nws_layers(expected)):
+        assert torch.equal(a.pool.codebook, b.pool.codebook)
+
+
+def test_run_with_kmeans_pools(tmp_path):
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--model.init", "kmeans", "--pretrain.epochs", "1", "--task.epochs", "1",
+                 "--model.pool_size", "16", "--model.kwargs", "{widths: [8, 16]}", "--data.num_tasks", "1",
+                 "--trainer.logger", "none", "--trainer.progress_bar", "false", "--trainer.checkpoint", "false"]) == 0
+    store = TaskStore(out)
+    source = store.manifest["source"]
+    assert source["pools"] == "kmeans" and 0 <= source["accuracy_plain"] <= 1
+    assert [r["name"] for r in source["quantisation"]] == ["features.0", "features.4", "fc"]
+    # the pools are k-means (seeded by the run seed) of the stored starting network's own kernels
+    start = store.load_source()
+    rebuilt, _ = pools_from_model(copy.deepcopy(start), 16, seed=store.manifest["config"]["seed"])
+    for (name, a), (_, b) in zip(nws_layers(start), nws_layers(rebuilt)):
+        assert torch.equal(a.pool.codebook, b.pool.codebook), name

@@ -230,12 +230,16 @@ class BaselineLearner:
                           seed=self.config.seed + index)
         return model
 
-    def record(self, store: BaselineStore, index: int, model: nn.Module, tensors: dict[str, Tensor], size: int) -> None:
-        """List task ``index`` in the manifest (sizes, accuracy after training and from storage, memory so far)."""
+    def record(self, store: BaselineStore, index: int, model: nn.Module, tensors: dict[str, Tensor], size: int,
+               masks: dict[str, Tensor] | None = None) -> None:
+        """List task ``index`` in the manifest (sizes, accuracy after training and from storage, memory so far,
+        and the fraction of the masked weights its ``masks`` keep)."""
         task = self.benchmark.tasks[index]
         entry = {"index": index, "name": task.name, "classes": list(task.classes), "file": task_file(index),
                  "bytes": task_sizes(size, tensors), "acc_after_training": evaluate(model, task.test),
                  "float32_model": float32_bytes(model)}
+        if masks:
+            entry["mask_density"] = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         store.manifest["tasks"] = [t for t in store.manifest["tasks"] if t["index"] != index] + [entry]
         store.manifest["tasks"].sort(key=lambda t: t["index"])
         entry["memory_after"] = store.serving_size()
@@ -279,6 +283,8 @@ def collect_results(store: BaselineStore, benchmark: Benchmark) -> dict[str, Any
                       "acc_from_storage": entry["acc_from_storage"],
                       "acc_final": evaluate(store.model(entry["index"]), task.test),
                       "bytes": entry["bytes"], "float32_model": entry["float32_model"]})
+        if "mask_density" in entry:
+            tasks[-1]["mask_density"] = entry["mask_density"]
     config = store.manifest.get("config", {})
     return {"method": store.method, "seed": config.get("seed"), "config": config,
             **continual_metrics(tasks),

@@ -115,7 +115,7 @@ class PackNetLearner(BaselineLearner):
         tensors = {"masks": pack_masks(mine), **prefixed("batchnorm", parts["batchnorm"]),
                    **prefixed("head", parts["head"])}
         size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size)
+        self.record(store, index, model, tensors, size, masks=mine)
         self.model = model
         return model
 

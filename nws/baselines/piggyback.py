@@ -110,5 +110,5 @@ class PiggybackLearner(BaselineLearner):
         tensors = {"masks": pack_masks(bits), **prefixed("batchnorm", parts["batchnorm"]),
                    **prefixed("head", parts["head"])}
         size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size)
+        self.record(store, index, model, tensors, size, masks=bits)
         return model
