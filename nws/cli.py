@@ -129,13 +129,15 @@ def cmd_report(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="nws report", description="Compare runs: a markdown table and plots. "
                                      "Runs of one method and settings with different seeds are averaged.")
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
-    parser.add_argument("--out", default=None, help="report directory (default: report/ next to the first run)")
+    parser.add_argument("--out", default=None, help="report directory (default: report/ next to the first run, "
+                        "or inside it if it is a directory of runs)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
     from nws.report import write_report
 
-    out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "report"
+    first = Path(args.runs[0]).resolve()
+    out = Path(args.out) if args.out else (first.parent if (first / "results.json").is_file() else first) / "report"
     write_report(args.runs, out)
     print((out / "report.md").read_text().split("\n\n![")[0])
     print(f"Report: {out / 'report.md'}")
