@@ -438,7 +438,9 @@ def plot_accuracy_vs_memory(groups: list[Group], out: Path) -> list[Path]:
         ax.annotate(g.label, (x, 100 * g.average_accuracy[0]), xytext=(x * 1.12, y), va="center",
                     fontsize="small")
     ax.set_xscale("log")
-    ax.margins(x=0.25, y=0.1)
+    low = min(max(g.memory[0] - g.memory[1], 1) for g in groups) / 2**20
+    ax.set_xlim(low / 1.6, max(g.memory[0] + g.memory[1] for g in groups) / 2**20 * 2.5)  # a factor 4 at least
+    ax.margins(y=0.1)
     ax.set_xlabel("total memory (MB, log scale)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("Accuracy against memory")

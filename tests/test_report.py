@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -162,3 +163,13 @@ def test_compare_runs_every_method_and_reports(tmp_path, monkeypatch):
     assert len(shas) == 1  # one plain backbone, trained once, shared
     with pytest.raises(Exception, match="already holds a run"):
         compare(config, tmp_path / "cmp", progress=False)
+
+
+def test_plots_of_seed_groups_lay_out_cleanly(tmp_path):
+    """Two seeds, one task, nearly equal memory: the log-scale plots must still lay out (no matplotlib warning)."""
+    write_run(tmp_path / "a", fake_results("packnet", 1, [1.0], [1.0], 20000, shared=40000, names=("t",)))
+    write_run(tmp_path / "b", fake_results("packnet", 2, [0.5], [1.0], 20100, shared=40000, names=("t",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_report([tmp_path], tmp_path / "report")
+    assert "75.00 ± 35.36" in (tmp_path / "report" / "report.md").read_text()
