@@ -24,7 +24,7 @@ from nws.errors import NWSError
 from nws.models import create_model
 from nws.report import continual_metrics, markdown_table
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_table
-from nws.store import MANIFEST, POOLS, SOURCE, ModelSpec, StoreError, TaskStore, atomic_write, nbytes
+from nws.store import MANIFEST, POOLS, SOURCE, ModelSpec, StoreError, TaskStore, atomic_write
 
 # Settings that may differ when a run is resumed: where it runs and logs, not what it learns.
 RESUME_MAY_DIFFER = ("out", "data.root", "data.num_workers", "trainer.accelerator", "trainer.devices",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nws.cli import main
-from nws.store import CRASH_ENV, MANIFEST, POOLS, SOURCE, StoreError, TaskStore, task_file
+from nws.store import CRASH_ENV, MANIFEST, POOLS, SOURCE, TaskStore, task_file
 
 TINY = ["--pretrain.epochs", "1", "--task.epochs", "1", "--model.pool_size", "32", "--trainer.logger", "none",
         "--model.kwargs", '{"widths": [8, 16]}']
