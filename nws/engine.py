@@ -80,10 +80,12 @@ class NWSModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        for name, layer in nws_layers(self.model):
-            if not torch.isfinite(layer.weight).all():
-                raise NonFiniteError(f"non-finite weight in layer {name} at step {self.global_step}; nothing of "
-                                     "this task was saved")
+        layers = list(nws_layers(self.model))
+        finite = torch.stack([torch.isfinite(layer.weight).all() for _, layer in layers]) if layers else None
+        if finite is not None and not bool(finite.all()):  # one host sync per step; name the layer on failure
+            name = layers[int((~finite).nonzero()[0])][0]
+            raise NonFiniteError(f"non-finite weight in layer {name} at step {self.global_step}; nothing of "
+                                 "this task was saved")
         if self.pretrain:
             all_reduce_step_statistics(layer.pool for _, layer in nws_layers(self.model) if layer.pool.trainable)
             update_pools(self.model)
