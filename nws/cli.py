@@ -82,9 +82,11 @@ def parse_run_args(argv: Sequence[str], prog: str = "nws run", require_config: b
 
 def _run(config: RunConfig, resume: bool = False) -> None:
     from nws.baselines import make_learner
+    from nws.engine import shutdown_distributed
 
     learner = make_learner(config)
     learner.run(resume=resume)
+    shutdown_distributed()
     if not getattr(learner, "writer", True):  # a DDP rank other than 0: rank 0 reports
         return
     print()

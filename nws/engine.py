@@ -265,3 +265,14 @@ def barrier() -> None:
         torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
     else:
         torch.distributed.barrier()
+
+
+def shutdown_distributed() -> None:
+    """End this process's part of a distributed run: wait for every rank, then destroy the process group.
+
+    Lightning leaves the group alive after ``fit``; a process that exits with it alive can abort in the
+    communication backend's thread destructors ("terminate called without an active exception").
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()

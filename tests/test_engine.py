@@ -17,7 +17,8 @@ from torch.utils.data import TensorDataset
 from nws.cli import main
 from nws.config import TrainConfig, TrainerConfig
 from nws.convert import commitment_loss, convert, nws_layers, update_pools
-from nws.engine import NWSModule, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm
+from nws.engine import (NWSModule, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm,
+                        shutdown_distributed)
 from nws.errors import NWSError
 from nws.models import create_model
 from nws.pool import KernelPool, all_reduce_step_statistics
@@ -69,6 +70,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         p.step_sum.fill_(10.0 * rank - i)
     all_reduce_step_statistics(pools)
     torch.save([(p.step_count, p.step_sum) for p in pools], Path(out) / f"stats{rank}.pt")
+    shutdown_distributed()
+    assert not torch.distributed.is_initialized()
 
 
 def _free_port() -> int:
