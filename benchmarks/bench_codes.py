@@ -107,7 +107,7 @@ def main() -> None:
     times = []
     for _ in range(7):
         start = time.perf_counter()
-        nws.decode(model, nws.unpack_codes(packed))
+        nws.decode(model, nws.unpack_codes(packed, nws.code_layout(model)))
         times.append(time.perf_counter() - start)
     print(f"\nDecode a ResNet-18 task's indices and rebuild its weights: median {1000 * statistics.median(times):.0f} ms "
           f"(min {1000 * min(times):.0f} ms) over 7 runs")

@@ -7,7 +7,7 @@ A task's network is stored as indices into pretrained pools (plus its BatchNorm 
     codes = nws.encode(model)                      # {layer: LongTensor of pool indices}
 """
 
-from nws.codes import decode, encode
+from nws.codes import code_layout, decode, encode
 from nws.convert import commitment_loss, convert, freeze_pools, materialize, nws_layers, update_pools
 from nws.errors import NWSError
 from nws.layers import NWSConv2d, NWSLayer, NWSLinear
@@ -20,8 +20,8 @@ from nws.sparsity import kernel_sparsity, sparsity_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "KernelPool", "NWSConv2d", "NWSLayer", "NWSLinear", "NWSError", "brute_force_nearest", "commitment_loss",
-    "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference", "kernel_sparsity", "kmeans",
-    "materialize", "nearest", "nws_layers", "pack_codes", "pools_from_model", "sparsity_loss", "unpack_codes",
-    "update_pools",
+    "KernelPool", "NWSConv2d", "NWSError", "NWSLayer", "NWSLinear", "brute_force_nearest", "code_layout",
+    "commitment_loss", "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference",
+    "kernel_sparsity", "kmeans", "materialize", "nearest", "nws_layers", "pack_codes", "pools_from_model",
+    "sparsity_loss", "unpack_codes", "update_pools",
 ]

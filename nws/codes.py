@@ -19,6 +19,11 @@ def encode(model: nn.Module) -> dict[str, Tensor]:
     return {name: layer.search().cpu() for name, layer in nws_layers(model)}
 
 
+def code_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per NWS layer, ``(pool entries, number of indices)``: what a task's codes for ``model`` must hold."""
+    return {name: (layer.pool.num_entries, layer.num_kernels) for name, layer in nws_layers(model)}
+
+
 @torch.no_grad()
 def decode(model: nn.Module, codes: Mapping[str, Tensor]) -> nn.Module:
     """Set every NWS layer of ``model`` so that its searched weights are the pool entries at ``codes``."""

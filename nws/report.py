@@ -307,9 +307,6 @@ def pool_usage(path: str | Path) -> dict[str, Any]:
     """Per layer and task of an NWS run: the pool utilisation (distinct indices used / pool size), read from
     the task files; per task the fraction of all pool entries (over every layer) it uses, and the same for
     all tasks together; per layer its number of grouped kernels (the most entries a task can use)."""
-    import safetensors.torch
-
-    from nws.packing import unpack_codes
     from nws.store import TaskStore
 
     store = TaskStore(path)
@@ -319,13 +316,9 @@ def pool_usage(path: str | Path) -> dict[str, Any]:
     used: list[list[set[int]]] = []
     tasks, kernels = [], [0] * len(layers)
     for t in store.tasks():
-        data = store.read(t["file"])  # verified against the manifest
-        try:
-            codes = unpack_codes(safetensors.torch.load(data)["codes"].numpy().tobytes())
-        except Exception as err:  # safetensors and the codes reader raise their own types on bad data
-            raise ReportError(f"{store.root / t['file']}: cannot read its codes ({err})") from None
-        used.append([set(np.unique(codes[name].numpy()).tolist()) if name in codes else set() for name in layers])
-        kernels = [max(k, len(codes.get(name, ()))) for k, name in zip(kernels, layers)]
+        codes = store.codes(t["index"])
+        used.append([set(np.unique(codes[name].numpy()).tolist()) for name in layers])
+        kernels = [max(k, len(codes[name])) for k, name in zip(kernels, layers)]
         tasks.append(t["name"])
     counts = np.array([[len(u) for u in per_task] for per_task in used], dtype=np.float64).T  # layers x tasks
     union = [len(set().union(*(per_task[i] for per_task in used))) for i in range(len(layers))] if used else []

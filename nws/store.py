@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -30,7 +31,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nws.codes import decode, encode
+from nws.codes import code_layout, decode, encode
 from nws.convert import convert, nws_layers
 from nws.errors import NWSError
 from nws.packing import CodesError, pack_codes, unpack_codes
@@ -183,7 +184,7 @@ def _first_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------------- file format
 
 
-def _pack(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
+def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     """A safetensors file of ``kind`` whose bytes depend on its content alone.
 
     safetensors writes its header in hash-map order, which changes from process to process; the header is
@@ -199,7 +200,7 @@ def _pack(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     return struct.pack("<Q", len(head)) + head + data[8 + n :]
 
 
-def _unpack(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors and metadata of a safetensors file of ``kind``; :class:`StoreError` for anything else."""
     if len(data) < 8:
         raise StoreError(f"{what} is empty or truncated")
@@ -275,13 +276,13 @@ def nbytes(tensors: Iterable[Tensor]) -> int:
 
 def pools_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
     books = model_codebooks(model)
-    return _pack("nws-pools", dict(books), {"spec": spec.to_json(), "layers": layer_shapes(model),
+    return pack_file("nws-pools", dict(books), {"spec": spec.to_json(), "layers": layer_shapes(model),
                                             "fingerprint": pools_fingerprint(books)})
 
 
 def read_pools(data: bytes, what: str) -> tuple[dict[str, Tensor], str, ModelSpec]:
     """A pools file's codebooks by layer (in layer order), their fingerprint, and the run's model spec."""
-    tensors, meta = _unpack(data, "nws-pools", what)
+    tensors, meta = unpack_file(data, "nws-pools", what)
     spec = ModelSpec.from_json(_meta(meta, "spec", what), what)
     layers = _meta(meta, "layers", what)
     if not isinstance(layers, dict) or set(layers) != set(tensors):
@@ -303,7 +304,7 @@ def task_bytes(model: nn.Module, spec: ModelSpec, task: dict[str, Any], pools_sh
     bn, other = split_state(model)
     tensors = {"codes": torch.frombuffer(bytearray(packed), dtype=torch.uint8),
                **{f"bn.{k}": v for k, v in bn.items()}, **{f"other.{k}": v for k, v in other.items()}}
-    data = _pack("nws-task", tensors, {"spec": spec.to_json(), "layers": layer_shapes(model), "task": task,
+    data = pack_file("nws-task", tensors, {"spec": spec.to_json(), "layers": layer_shapes(model), "task": task,
                                        "pools_fingerprint": pools_sha})
     sizes = {"indices": len(packed), "batchnorm": nbytes(bn.values())}
     sizes["other"] = len(data) - sizes["indices"] - sizes["batchnorm"]
@@ -331,6 +332,30 @@ def _task_record(task: Any, what: str) -> dict[str, Any]:
     return task
 
 
+def task_codes(data: bytes, books: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """A task file's codes alone, without building its model: the layout the codes must have (pool entries,
+    number of kernels per layer) comes from the file's layer shapes and the run's pools."""
+    tensors, meta = unpack_file(data, "nws-task", what)
+    layers = _meta(meta, "layers", what)
+    if not isinstance(layers, dict) or set(layers) != set(books):
+        raise StoreError(f"{what}: its layers do not match the run's pools")
+    layout = {}
+    for name, book in books.items():
+        entry = layers[name]
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and shape and all(_is_int(v) and v > 0 for v in shape)
+                and entry.get("entries") == book.shape[0] and math.prod(shape) % book.shape[1] == 0):
+            raise StoreError(f"{what}: layer {name} has a bad shape record")
+        layout[name] = (book.shape[0], math.prod(shape) // book.shape[1])
+    codes = tensors.get("codes")
+    if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
+        raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
+    try:
+        return unpack_codes(codes.numpy().tobytes(), layout)
+    except CodesError as err:
+        raise StoreError(f"{what}: corrupt codes ({_first_line(err)})") from None
+
+
 def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_spec: ModelSpec,
                     what: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a task's model from its file's bytes and the run's pools alone.
@@ -339,7 +364,7 @@ def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_s
     NWS settings with its own number of classes. Returns the model (eval mode) and the task record
     (index, name, classes); :class:`StoreError` for anything that is not such a task.
     """
-    tensors, meta = _unpack(data, "nws-task", what)
+    tensors, meta = unpack_file(data, "nws-task", what)
     task = _task_record(_meta(meta, "task", what), what)
     spec = ModelSpec.from_json(_meta(meta, "spec", what), what)
     if _meta(meta, "pools_fingerprint", what) != pools_sha:
@@ -356,7 +381,7 @@ def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_s
     if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
         raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
     try:
-        decode(model, unpack_codes(codes.numpy().tobytes()))
+        decode(model, unpack_codes(codes.numpy().tobytes(), code_layout(model)))
     except (CodesError, ValueError) as err:
         raise StoreError(f"{what}: corrupt codes ({_first_line(err)})") from None
     state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(("bn.", "other."))}
@@ -370,7 +395,7 @@ def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_s
 
 def model_from_source(data: bytes, books: dict[str, Tensor], run_spec: ModelSpec, what: str) -> nn.Module:
     """Rebuild the pool-pretrained network from its file's bytes, with the run's pools loaded and frozen."""
-    tensors, meta = _unpack(data, "nws-source", what)
+    tensors, meta = unpack_file(data, "nws-source", what)
     spec = ModelSpec.from_json(_meta(meta, "spec", what), what)
     if spec != run_spec:
         raise StoreError(f"{what} is for another architecture or NWS settings than this run's pools")
@@ -568,7 +593,7 @@ class TaskStore:
 
     def save_source(self, model: nn.Module, spec: ModelSpec) -> None:
         """The pool-pretrained network: the starting weights of the first task."""
-        self.write(SOURCE, _pack("nws-source", model.state_dict(), {"spec": spec.to_json()}))
+        self.write(SOURCE, pack_file("nws-source", model.state_dict(), {"spec": spec.to_json()}))
 
     def load_source(self) -> nn.Module:
         """The pool-pretrained network rebuilt from storage, its pools loaded from the pools file and frozen."""
@@ -605,19 +630,26 @@ class TaskStore:
         """Every stored task: index, name, classes, file, bytes, and the accuracies recorded for it."""
         return [dict(t) for t in self.manifest["tasks"]]
 
+    def _task_entry(self, index: int) -> dict[str, Any]:
+        entries = [t for t in self.manifest["tasks"] if t["index"] == index]
+        if not entries:
+            raise StoreError(f"{self.root} has no task {index} (tasks: {[t['index'] for t in self.manifest['tasks']]})")
+        return entries[0]
+
     def model(self, index: int) -> nn.Module:
         """Task ``index``'s network rebuilt from the pools and its task file alone (cached, eval mode)."""
         if index not in self._cache:
-            entries = [t for t in self.manifest["tasks"] if t["index"] == index]
-            if not entries:
-                raise StoreError(f"{self.root} has no task {index} (tasks: "
-                                 f"{[t['index'] for t in self.manifest['tasks']]})")
-            fname = entries[0]["file"]
-            what = str(self.root / fname)
+            entry = self._task_entry(index)
+            what = str(self.root / entry["file"])
             books, fingerprint, spec = self._read_pools()
-            model, task = model_from_task(self.read(fname), books, fingerprint, spec, what)
-            if task["index"] != index or task["name"] != entries[0]["name"]:
+            model, task = model_from_task(self.read(entry["file"]), books, fingerprint, spec, what)
+            if task["index"] != index or task["name"] != entry["name"]:
                 raise StoreError(f"{what} holds task {task['index']} ({task['name']}), the manifest lists it as "
-                                 f"task {index} ({entries[0]['name']})")
+                                 f"task {index} ({entry['name']})")
             self._cache[index] = model
         return self._cache[index]
+
+    def codes(self, index: int) -> dict[str, Tensor]:
+        """Task ``index``'s pool indices per layer, read from its task file (no model is built)."""
+        fname = self._task_entry(index)["file"]
+        return task_codes(self.read(fname), self._read_pools()[0], str(self.root / fname))

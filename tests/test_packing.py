@@ -1,15 +1,12 @@
 """Entropy-coded storage of codes: exact round trips, size near the entropy bound, and safe failure."""
 from __future__ import annotations
 
-import json
-import struct
-
 import numpy as np
 import pytest
 import torch
 
 from nws import entropy_bits, pack_codes, unpack_codes
-from nws.packing import MAGIC, VERSION, CodesError
+from nws.packing import MAGIC, VERSION, CodesError, _varint
 
 
 def _skewed(rng: np.random.Generator, n: int, k: int, alpha: float) -> torch.Tensor:
@@ -147,20 +144,55 @@ def test_bad_magic_version_and_empty() -> None:
         _raises_codes_error(data[:4] + bytes([version]) + data[5:])
 
 
-def _crafted(header, table: bytes = b"\x00", stream: bytes = b"") -> bytes:
-    head = json.dumps(header).encode()
-    return MAGIC + struct.pack("<BIII", VERSION, len(head), len(table), len(stream)) + head + table + stream
+def _crafted(*layers: tuple[bytes, int, int, int], table: bytes = b"", words: int = 0, tail: bytes = b"") -> bytes:
+    """A stream with a hand-written header: layers as ``(name, entries, count, mode)``."""
+    head = [_varint(len(layers))]
+    for name, k, n, mode in layers:
+        head += [_varint(len(name)), name, _varint(k), _varint(n), bytes([mode])]
+    return MAGIC + bytes([VERSION]) + b"".join(head) + _varint(len(table)) + _varint(words) + table + tail
 
 
-def _layer(**fields):
-    return {"layers": [{"name": "a", "entries": 2, "count": 0, "rice": 0, "table_bits": 2, **fields}]}
-
-
-@pytest.mark.parametrize("header", [
-    [1], {"layers": 5}, {"layers": {"a": 1}}, {"nothing": []}, _layer(entries="x"), _layer(count=None),
-    _layer(entries=0), _layer(count=-1), _layer(rice=32), _layer(table_bits=-1), _layer(table_bits=9),
-    _layer(count=5), _layer(count=1, table_bits=2),
-    _layer(entries=float("inf")), _layer(entries=10**30),
+@pytest.mark.parametrize("data", [
+    _crafted((b"a", 0, 0, 1)),                      # a pool of no entries
+    _crafted((b"a", 1 << 31, 0, 1)),                # a pool too large
+    _crafted((b"a", 4, 1 << 31, 1)),                # too many indices
+    _crafted((b"a", 4, 0, 33)),                     # Rice parameter 32
+    _crafted((b"a", 4, 0, 1), (b"a", 4, 0, 1), table=b"\x00"),  # a layer twice
+    _crafted((b"\xff", 4, 0, 1), table=b"\x00"),    # a name that is not UTF-8
+    _crafted((b"a", 4, 5, 1), table=b"\x00"),        # histogram sums to 0, not 5
+    _crafted((b"a", 4, 3, 0)),                      # 3 fixed-width indices, no bits for them
+    MAGIC + bytes([VERSION]) + b"\xff" * 12,        # a varint longer than 63 bits
+    _crafted((b"a", 4, 0, 1), table=b"\x01"),        # a set padding bit after the tables
+    _crafted((b"a", 4, 0, 1), table=b"\x00\x00"),    # a whole trailing table byte
 ])
-def test_corrupt_headers(header) -> None:
-    _raises_codes_error(_crafted(header))
+def test_corrupt_headers(data: bytes) -> None:
+    _raises_codes_error(data)
+
+
+def test_layout_is_checked_before_decoding() -> None:
+    """A stream that claims 2**31 - 1 indices of one entry costs a few bytes; with the layout of the model
+    it is for, the reader refuses it before allocating anything."""
+    huge = _crafted((b"a", 2, (1 << 31) - 1, 32), table=np.packbits(np.r_[np.zeros(2), _bits((1 << 31) - 1, 31),
+                                                                           _bits(0, 31)].astype(np.uint8)).tobytes())
+    with pytest.raises(CodesError, match="other layers"):
+        unpack_codes(huge, {"a": (2, 100)})
+    data = _sample_stream()
+    layout = {"conv1": (64, 400), "empty": (4, 0), "fc": (3, 60)}
+    assert list(unpack_codes(data, layout)) == list(layout)
+    for wrong in ({**layout, "fc": (3, 61)}, {**layout, "fc": (4, 60)}, {"conv1": (64, 400), "fc": (3, 60)},
+                  {**layout, "extra": (2, 1)}):
+        with pytest.raises(CodesError, match="other layers"):
+            unpack_codes(data, wrong)
+
+
+def test_header_costs_a_few_bytes_per_layer() -> None:
+    """The per-layer header is the name plus a few varint bytes: 20 one-index layers of 16 entries, stored
+    as fixed width, take 7 bytes each with their names and indices."""
+    codes = {f"l{i:02d}": torch.tensor([i % 16]) for i in range(20)}
+    data = _assert_roundtrip(codes, 16)
+    assert len(data) == len(MAGIC) + 1 + 1 + 20 * (1 + 3 + 1 + 1 + 1) + 1 + 1 + 10
+
+
+def _bits(value: int, width: int) -> np.ndarray:
+    return (value >> np.arange(width - 1, -1, -1)) & 1
+

@@ -13,8 +13,10 @@ import torch
 from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_store, reseal
 
 from nws.cli import main
-from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes,
-                       parse_manifest, task_file)
+from nws.convert import nws_layers
+from nws.packing import pack_codes
+from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
+                       parse_manifest, task_file, unpack_file)
 
 SEED = 1234
 CUTS = 8  # truncations per file
@@ -214,6 +216,30 @@ def test_task_with_other_layer_shapes(run):
     reseal(run, name)
     with pytest.raises(StoreError, match="layer shapes do not match"):
         TaskStore(run).model(1)
+
+
+def test_codes_are_read_without_building_the_model(run):
+    store = TaskStore(run)
+    for t in store.tasks():
+        codes = store.codes(t["index"])
+        model = store.model(t["index"])
+        assert list(codes) == [name for name, _ in nws_layers(model)]
+        assert all(torch.equal(codes[name], layer.search()) for name, layer in nws_layers(model))
+
+
+def test_task_codes_with_another_layout(run):
+    """Codes that decode fine but hold one index too many for the classifier: refused by both readers
+    before decoding (a crafted stream cannot make them allocate more than the model's own indices)."""
+    name = task_file(1)
+    tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name)
+    codes = TaskStore(run).codes(1)
+    codes["fc"] = torch.cat([codes["fc"], torch.zeros(1, dtype=torch.long)])
+    tensors["codes"] = torch.frombuffer(bytearray(pack_codes(codes, SPEC.pool_size)), dtype=torch.uint8)
+    (run / name).write_bytes(pack_file("nws-task", tensors, meta))
+    reseal(run, name)
+    for read in (TaskStore(run).model, TaskStore(run).codes):
+        with pytest.raises(StoreError, match="corrupt codes.*other layers"):
+            read(1)
 
 
 def test_task_file_under_another_index(run):

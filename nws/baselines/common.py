@@ -28,7 +28,7 @@ from nws.errors import NWSError
 from nws.learner import float32_bytes, resize_classifier, task_seed
 from nws.models import create_model
 from nws.report import continual_metrics, markdown_table
-from nws.store import SOURCE, StoreError, TaskStore, _pack, _unpack, atomic_write, nbytes, task_file
+from nws.store import SOURCE, StoreError, TaskStore, atomic_write, nbytes, pack_file, task_file, unpack_file
 
 # ----------------------------------------------------------------------------------- model parts
 
@@ -105,11 +105,11 @@ class BaselineStore(TaskStore):
 
     def file(self, name: str, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors and metadata of a verified file of ``kind``."""
-        return _unpack(self.read(name), f"nws-{self.method}-{kind}", str(self.root / name))
+        return unpack_file(self.read(name), f"nws-{self.method}-{kind}", str(self.root / name))
 
     def put(self, name: str, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> int:
         """Write a safetensors file of ``kind`` atomically and record it; returns its size."""
-        data = _pack(f"nws-{self.method}-{kind}", tensors, meta)
+        data = pack_file(f"nws-{self.method}-{kind}", tensors, meta)
         self.write(name, data)
         return len(data)
 
@@ -211,7 +211,7 @@ class BaselineLearner:
         else:
             model = copy.deepcopy(self.pretrained_source)
         self.source_network = copy.deepcopy(model)
-        store.write(SOURCE, _pack("nws-source-plain", model.state_dict(), {"model": store.manifest["model"]}))
+        store.write(SOURCE, pack_file("nws-source-plain", model.state_dict(), {"model": store.manifest["model"]}))
         store.manifest["source"] = {"name": self.benchmark.source.name,
                                     "accuracy": evaluate(model, self.benchmark.source.test)}
         store.write_manifest()
