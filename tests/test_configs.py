@@ -13,6 +13,7 @@ import pytest
 from scale_data import make_cifar100_archive, make_cub2sketches, make_image_folders
 
 from nws.cli import main, parse_run_config
+from nws.config import BaselineConfig
 from nws.convert import convert, nws_layers
 from nws.data.cifar100 import SUPERCLASSES
 from nws.data.folders import CUB2SKETCHES
@@ -67,6 +68,14 @@ def test_cub2sketches_config_is_the_reference():
     assert c.pretrained == load("pretrain_pools_imagenet_resnet18.yaml").out
     assert c.trainer.precision == "16-mixed" and c.trainer.devices == 1
     assert [n for _, n in CUB2SKETCHES] == CUB_CLASSES
+
+
+@pytest.mark.parametrize("name", ["split_cifar100_resnet18.yaml", "cub2sketches_resnet18.yaml"])
+def test_paper_configs_give_the_baselines_their_papers_settings(name):
+    """PackNet prunes 75% and retrains for half the task's epochs; Piggyback's masks as in its paper."""
+    c = load(name)
+    assert c.baseline == BaselineConfig(prune_ratio=0.75, retrain_epochs=c.task.epochs // 2, mask_init=1e-2,
+                                        mask_threshold=5e-3, mask_lr=1e-4)
 
 
 def test_pretraining_config_is_the_reference():
