@@ -332,10 +332,23 @@ def _task_record(task: Any, what: str) -> dict[str, Any]:
     return task
 
 
-def task_codes(data: bytes, books: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+def _packed_codes(tensors: dict[str, Tensor], layout: dict[str, tuple[int, int]], what: str) -> dict[str, Tensor]:
+    """The codes of a task file's tensors, decoded only if their header matches ``layout``."""
+    codes = tensors.get("codes")
+    if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
+        raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
+    try:
+        return unpack_codes(codes.numpy().tobytes(), layout)
+    except CodesError as err:
+        raise StoreError(f"{what}: corrupt codes ({_first_line(err)})") from None
+
+
+def task_codes(data: bytes, books: dict[str, Tensor], pools_sha: str, what: str) -> dict[str, Tensor]:
     """A task file's codes alone, without building its model: the layout the codes must have (pool entries,
     number of kernels per layer) comes from the file's layer shapes and the run's pools."""
     tensors, meta = unpack_file(data, "nws-task", what)
+    if _meta(meta, "pools_fingerprint", what) != pools_sha:
+        raise StoreError(f"{what} was encoded against different pools than this run's")
     layers = _meta(meta, "layers", what)
     if not isinstance(layers, dict) or set(layers) != set(books):
         raise StoreError(f"{what}: its layers do not match the run's pools")
@@ -347,13 +360,7 @@ def task_codes(data: bytes, books: dict[str, Tensor], what: str) -> dict[str, Te
                 and entry.get("entries") == book.shape[0] and math.prod(shape) % book.shape[1] == 0):
             raise StoreError(f"{what}: layer {name} has a bad shape record")
         layout[name] = (book.shape[0], math.prod(shape) // book.shape[1])
-    codes = tensors.get("codes")
-    if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
-        raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
-    try:
-        return unpack_codes(codes.numpy().tobytes(), layout)
-    except CodesError as err:
-        raise StoreError(f"{what}: corrupt codes ({_first_line(err)})") from None
+    return _packed_codes(tensors, layout, what)
 
 
 def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_spec: ModelSpec,
@@ -377,13 +384,7 @@ def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_s
     if layer_shapes(model) != _meta(meta, "layers", what):
         raise StoreError(f"{what}: its layer shapes do not match the architecture {spec.name!r}")
     load_pools_into(model, books, what)
-    codes = tensors.get("codes")
-    if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
-        raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
-    try:
-        decode(model, unpack_codes(codes.numpy().tobytes(), code_layout(model)))
-    except (CodesError, ValueError) as err:
-        raise StoreError(f"{what}: corrupt codes ({_first_line(err)})") from None
+    decode(model, _packed_codes(tensors, code_layout(model), what))
     state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(("bn.", "other."))}
     if len(state) + 1 != len(tensors):
         raise StoreError(f"{what} holds unexpected tensors")
@@ -652,4 +653,5 @@ class TaskStore:
     def codes(self, index: int) -> dict[str, Tensor]:
         """Task ``index``'s pool indices per layer, read from its task file (no model is built)."""
         fname = self._task_entry(index)["file"]
-        return task_codes(self.read(fname), self._read_pools()[0], str(self.root / fname))
+        books, fingerprint, _ = self._read_pools()
+        return task_codes(self.read(fname), books, fingerprint, str(self.root / fname))

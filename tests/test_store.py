@@ -199,8 +199,9 @@ def test_task_encoded_against_other_pools(run, tmp_path):
     other = make_store(tmp_path / "other", num_tasks=1, seed=7).root
     shutil.copy(other / task_file(0), run / task_file(0))
     reseal(run, task_file(0))
-    with pytest.raises(StoreError, match="different pools"):
-        TaskStore(run).model(0)
+    for read in (TaskStore(run).model, TaskStore(run).codes):
+        with pytest.raises(StoreError, match="different pools"):
+            read(0)
 
 
 def test_task_with_other_layer_shapes(run):
