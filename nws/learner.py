@@ -38,6 +38,29 @@ def task_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"nws-task:{seed}:{index}".encode()).digest()[:4], "little")
 
 
+def reopen(store: TaskStore, config: RunConfig, num_tasks: int, progress: bool = True) -> None:
+    """Check that ``store`` holds an interrupted run of ``config`` (same settings but
+    :data:`RESUME_MAY_DIFFER`, every file intact, a first part of its ``num_tasks`` tasks done) and remove
+    the temporary files its interruption left; :class:`StoreError` otherwise."""
+    stored = store.manifest.get("config")
+    if stored is not None:
+        differ = config_differences(stored, json.loads(json.dumps(dataclasses.asdict(config))))
+        if differ:
+            raise StoreError(f"--resume: {store.root} was run with other settings ({'; '.join(differ[:3])}); "
+                             "resume with the same config or choose another output directory")
+    else:
+        store.manifest["config"] = dataclasses.asdict(config)
+        store.write_manifest()
+    store.check()
+    done = sorted(t["index"] for t in store.tasks())
+    if done != list(range(len(done))) or len(done) > num_tasks:
+        raise StoreError(f"--resume: {store.root} holds tasks {done}, not a first part of this run's "
+                         f"{num_tasks} tasks")
+    store.remove_temporaries()
+    if progress and done:
+        print(f"[resume] {len(done)} of {num_tasks} tasks already learned in {store.root}", flush=True)
+
+
 def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """``key: stored -> current`` for every setting (dotted key) that differs, except :data:`RESUME_MAY_DIFFER`
     and settings only one side has (added to or removed from nws since the run began)."""
@@ -310,24 +333,7 @@ class NWSLearner:
     def _reopen(self) -> TaskStore:
         """The interrupted run in ``config.out``, verified and checked to be this config's run."""
         store = TaskStore(self.out)
-        stored = store.manifest.get("config")
-        if stored is not None:
-            differ = config_differences(stored, json.loads(json.dumps(dataclasses.asdict(self.config))))
-            if differ:
-                raise StoreError(f"--resume: {self.out} was run with other settings ({'; '.join(differ[:3])}); "
-                                 "resume with the same config or choose another output directory")
-        else:
-            store.manifest["config"] = dataclasses.asdict(self.config)
-            store.write_manifest()
-        store.check()
-        done = sorted(t["index"] for t in store.tasks())
-        if done != list(range(len(done))) or len(done) > len(self.benchmark.tasks):
-            raise StoreError(f"--resume: {self.out} holds tasks {done}, not a first part of this run's "
-                             f"{len(self.benchmark.tasks)} tasks")
-        store.remove_temporaries()
-        if self.progress and done:
-            print(f"[resume] {len(done)} of {len(self.benchmark.tasks)} tasks already learned in {self.out}",
-                  flush=True)
+        reopen(store, self.config, len(self.benchmark.tasks), self.progress)
         return store
 
     def finish(self, store: TaskStore) -> dict[str, Any]:

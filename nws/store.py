@@ -542,6 +542,13 @@ class TaskStore:
         self.manifest["files"][name] = {"size": len(data), "sha256": sha256(data)}
         self.write_manifest()
 
+    def remove(self, name: str) -> None:
+        """Unlist a file (atomically), then delete it: a crash in between leaves an unlisted file, never a
+        listed one that is missing."""
+        if self.manifest["files"].pop(check_file_name(name), None) is not None:
+            self.write_manifest()
+        (self.root / name).unlink(missing_ok=True)
+
     def read(self, name: str) -> bytes:
         """A file's bytes, verified against the manifest's size and sha256."""
         entry = self.manifest["files"].get(check_file_name(name))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nws.baselines import METHODS, make_learner, open_run
-from nws.baselines.common import masked_layers, pack_masks, unpack_masks
+from nws.baselines.common import masked_layers, network_file, pack_masks, unpack_masks
 from nws.cli import main
 from nws.config import BaselineConfig, ModelConfig, RunConfig, TrainConfig, TrainerConfig
 from nws.data.digits import digits_benchmark
@@ -86,6 +86,7 @@ def check_contract(out, results, shared: tuple[str, ...]):
         assert sum(t["bytes"].values()) == files[task_file(i)]["size"]
         assert t["acc_from_storage"] == t["acc_after_training"]
     assert results["memory"]["tasks_total"] == sum(files[task_file(i)]["size"] for i in range(TASKS))
+    assert set(files) == {"source.safetensors", *shared, *(task_file(i) for i in range(TASKS))}  # nothing stale
     assert results["memory"]["shared"] == sum(files[f]["size"] for f in shared)
     total = results["memory"]["shared"] + results["memory"]["tasks_total"]
     assert results["memory_after_task"][-1] == total
@@ -112,7 +113,7 @@ def test_individual_memory_is_tasks_times_float32_model(individual):
 
 def test_packnet_masks_recover_each_tasks_exact_weights(packnet):
     out, results, captured, x = packnet
-    check_contract(out, results, shared=("network.safetensors",))
+    check_contract(out, results, shared=(network_file(TASKS - 1),))
     store = open_run(out)
     for i, (outputs, state) in enumerate(captured):
         model = store.model(i)
@@ -123,8 +124,7 @@ def test_packnet_masks_recover_each_tasks_exact_weights(packnet):
         assert torch.equal(model(x), outputs)
         assert results["tasks"][i]["acc_final"] == results["tasks"][i]["acc_after_training"]
     # Each weight is owned by at most one task; each task owns (1 - prune ratio) of the weights free before it.
-    network, meta = store.file("network.safetensors", "network")
-    shapes = meta["layers"]
+    _, shapes = store.network_layers()
     owned = [store.owned(i, shapes) for i in range(TASKS)]
     free = {name: math.prod(shape) for name, shape in shapes.items()}
     for masks in owned:
@@ -141,7 +141,7 @@ def test_packnet_masks_recover_each_tasks_exact_weights(packnet):
 
 def test_finetune_old_tasks_are_measured_after_the_last(finetune, benchmark):
     out, results, captured, x = finetune
-    check_contract(out, results, shared=("network.safetensors",))
+    check_contract(out, results, shared=(network_file(TASKS - 1),))
     store = open_run(out)
     last = TASKS - 1
     assert torch.equal(store.model(last)(x), captured[last][0])

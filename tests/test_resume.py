@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nws.baselines import open_run
 from nws.cli import main
 from nws.store import CRASH_ENV, MANIFEST, POOLS, SOURCE, TaskStore, task_file
 
@@ -185,3 +186,53 @@ def test_non_finite_values_stop_the_task_and_keep_earlier_ones(tmp_path, capsys,
     assert main(["demo", "--out", str(out), *TINY, "--resume"]) == 0
     assert snapshot(out, list(kept)) == kept
     assert listed(out) == [0, 1, 2, 3, 4]
+
+
+BASELINE_CRASHES = {
+    "finetune": "network_001.safetensors:renamed",  # the network after task 1 in place, task 1 not listed
+    "packnet": "network_002.safetensors:written",  # the network after task 2 not yet renamed
+    "piggyback": "backbone.safetensors:written",  # before any task
+    "individual": "task_001.safetensors:renamed",
+}
+
+
+@pytest.mark.parametrize("method", list(BASELINE_CRASHES))
+def test_killed_baseline_resumes_to_the_uninterrupted_files(tmp_path, method):
+    """A baseline killed while saving keeps every listed task servable; ``--resume`` reads the method's state
+    back (the network after the last listed task, PackNet's weight owners) and ends with the files and
+    results of an uninterrupted run. A network that changes per task is never rewritten in place."""
+    args = ("--method", method, "--baseline.retrain_epochs", "1", "--data.num_tasks", "4")
+    reference = demo(tmp_path / "reference", *args, stdout=subprocess.DEVNULL)
+    out = tmp_path / "run"
+    assert demo(out, *args, crash_at=BASELINE_CRASHES[method], stdout=subprocess.DEVNULL).wait(timeout=300) \
+        == -signal.SIGKILL
+    store = open_run(str(out))
+    store.check()
+    for t in store.tasks():
+        store.model(t["index"])
+    proc = demo(out, "--resume", *args, stdout=subprocess.PIPE)  # killed again while training task 3
+    for line in proc.stdout:
+        if line.startswith(f"[{method}:task_003]"):
+            proc.kill()
+            break
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    kept = snapshot(out, [SOURCE, *(task_file(i) for i in listed(out))])
+    assert len(kept) >= 3
+    assert demo(out, "--resume", *args, stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    assert snapshot(out, list(kept)) == kept
+    assert reference.wait(timeout=300) == 0
+    files = sorted(json.loads((tmp_path / "reference" / MANIFEST).read_bytes())["files"])
+    assert sorted(json.loads((out / MANIFEST).read_bytes())["files"]) == files
+    assert snapshot(out, files) == snapshot(tmp_path / "reference", files)
+    assert {p.name for p in out.iterdir()} == {MANIFEST, "results.json", "results.md", *files}
+    results, expected = (json.loads((d / "results.json").read_bytes()) for d in (out, tmp_path / "reference"))
+    assert {**results, "config": None} == {**expected, "config": None}
+
+
+def test_resuming_a_baseline_run_as_another_method_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert demo(out, "--method", "individual", "--data.num_tasks", "1", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    before = snapshot(out, sorted(p.name for p in out.iterdir()))
+    assert main(["demo", "--out", str(out), *TINY, "--method", "finetune", "--resume"]) == 2
+    assert "holds a run of method individual, not finetune" in capsys.readouterr().err
+    assert snapshot(out, list(before)) == before

@@ -2,9 +2,14 @@
 
 A baseline run directory is a task store (``manifest.json`` with each file's size and sha256, safetensors
 files written atomically) whose manifest names its ``method``. Memory is counted from the files that must
-be kept to serve every task: the method's shared files (``shared_files``) plus one file per task. The
-source-pretrained network (``source.safetensors``) is the common starting point and is not counted, as
-NWS does not count its own.
+be kept to serve every task: the method's shared files plus one file per task. The source-pretrained
+network (``source.safetensors``) is the common starting point and is not counted, as NWS does not count its
+own.
+
+A network that changes with every task (fine-tuning, PackNet) is never rewritten in place: the one after
+task ``i`` is written as ``network_00i.safetensors``, becomes current when task ``i`` is listed, and only then
+is the previous one removed. A crash therefore leaves every listed task servable, and ``--resume`` continues
+from the last listed task exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from nws.config import RunConfig, TrainConfig
 from nws.data import Benchmark, Task, benchmark_from_config
 from nws.engine import evaluate
 from nws.errors import NWSError
-from nws.learner import float32_bytes, resize_classifier, task_seed
+from nws.learner import float32_bytes, reopen, resize_classifier, task_seed
 from nws.models import create_model
 from nws.report import continual_metrics, markdown_table
-from nws.store import SOURCE, StoreError, TaskStore, atomic_write, nbytes, pack_file, task_file, unpack_file
+from nws.store import (MANIFEST, SOURCE, StoreError, TaskStore, atomic_write, nbytes, pack_file, task_file,
+                       unpack_file)
 
 # ----------------------------------------------------------------------------------- model parts
 
@@ -101,7 +107,24 @@ class BaselineStore(TaskStore):
     """A baseline's run directory: ``model(i)`` rebuilds task ``i`` from the files alone (cached)."""
 
     method: ClassVar[str]
-    shared_files: ClassVar[tuple[str, ...]] = ()
+    shared_files: ClassVar[tuple[str, ...]] = ()  # written once
+    rewrites_network: ClassVar[bool] = False  # a network file per task, the last listed task's one current
+
+    def shared(self) -> list[str]:
+        """The shared files that serve the tasks listed now."""
+        tasks = self.manifest["tasks"]
+        current = [network_file(max(t["index"] for t in tasks))] if self.rewrites_network and tasks else []
+        return [*self.shared_files, *current]
+
+    def network(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and metadata of the current network (after the last listed task)."""
+        return self.file(self.shared()[-1], "network")
+
+    def prune(self) -> None:
+        """Remove every file no listed task needs (a superseded network, files of an unfinished task)."""
+        keep = {SOURCE, *self.shared(), *(t["file"] for t in self.manifest["tasks"])}
+        for name in [f for f in self.manifest["files"] if f not in keep]:
+            self.remove(name)
 
     def file(self, name: str, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors and metadata of a verified file of ``kind``."""
@@ -128,7 +151,7 @@ class BaselineStore(TaskStore):
             raise StoreError(f"{self.root}: cannot build the run's model ({err})") from None
 
     def shared_size(self) -> int:
-        return sum(self.manifest["files"][f]["size"] for f in self.shared_files if f in self.manifest["files"])
+        return sum(self.manifest["files"][f]["size"] for f in self.shared() if f in self.manifest["files"])
 
     def serving_size(self) -> int:
         """Bytes of every file needed to serve the tasks stored so far."""
@@ -151,6 +174,11 @@ def task_sizes(size: int, tensors: dict[str, Tensor]) -> dict[str, int]:
              "batchnorm": nbytes(v for k, v in tensors.items() if k.startswith("batchnorm."))}
     sizes["other"] = size - sum(sizes.values())
     return sizes
+
+
+def network_file(index: int) -> str:
+    """The shared network after task ``index`` of a method that changes it with every task."""
+    return f"network_{index:03d}.safetensors"
 
 
 def prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -210,18 +238,28 @@ class BaselineLearner:
             model = self.fit(model, self.benchmark.source, self.config.pretrain, "pretrain")
         else:
             model = copy.deepcopy(self.pretrained_source)
-        self.source_network = copy.deepcopy(model)
         store.write(SOURCE, pack_file("nws-source-plain", model.state_dict(), {"model": store.manifest["model"]}))
-        store.manifest["source"] = {"name": self.benchmark.source.name,
-                                    "accuracy": evaluate(model, self.benchmark.source.test)}
-        store.write_manifest()
+        return model
+
+    def load_source(self, store: BaselineStore) -> nn.Module:
+        """The source-pretrained backbone of an interrupted run, from its file."""
+        what = str(store.root / SOURCE)
+        tensors, _ = unpack_file(store.read(SOURCE), "nws-source-plain", what)
+        model = store.plain(len(self.benchmark.source.classes))
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise StoreError(f"{what}: {str(err).splitlines()[0]}") from None
         return model
 
     def start(self, store: BaselineStore, source: nn.Module) -> None:
         """Method-specific setup after pretraining (e.g. writing the frozen backbone)."""
 
+    def restore(self, store: BaselineStore, index: int) -> None:
+        """Method-specific state after task ``index`` from the files, to continue an interrupted run."""
+
     def learn(self, store: BaselineStore, index: int) -> nn.Module:
-        """Learn task ``index``, write its files, return the trained network."""
+        """Learn task ``index``, store it (:meth:`save`), return the trained network."""
         raise NotImplementedError
 
     def head_for(self, model: nn.Module, index: int) -> nn.Module:
@@ -230,11 +268,16 @@ class BaselineLearner:
                           seed=self.config.seed + index)
         return model
 
-    def record(self, store: BaselineStore, index: int, model: nn.Module, tensors: dict[str, Tensor], size: int,
-               masks: dict[str, Tensor] | None = None) -> None:
-        """List task ``index`` in the manifest (sizes, accuracy after training and from storage, memory so far,
-        and the fraction of the masked weights its ``masks`` keep)."""
+    def save(self, store: BaselineStore, index: int, model: nn.Module, tensors: dict[str, Tensor],
+             network: dict[str, Tensor] | None = None, network_meta: dict[str, Any] | None = None,
+             masks: dict[str, Tensor] | None = None) -> None:
+        """Store task ``index``: its file and (methods that change it) the network after it, then list it
+        in the manifest (sizes, accuracy after training and from storage, memory so far, the fraction of
+        the masked weights its ``masks`` keep), then remove the superseded network."""
         task = self.benchmark.tasks[index]
+        size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
+        if network is not None:
+            store.put(network_file(index), "network", network, {"after_task": index, **(network_meta or {})})
         entry = {"index": index, "name": task.name, "classes": list(task.classes), "file": task_file(index),
                  "bytes": task_sizes(size, tensors), "acc_after_training": evaluate(model, task.test),
                  "float32_model": float32_bytes(model)}
@@ -244,24 +287,58 @@ class BaselineLearner:
         store.manifest["tasks"].sort(key=lambda t: t["index"])
         entry["memory_after"] = store.serving_size()
         store.write_manifest()
-        entry["acc_from_storage"] = evaluate(type(store)(self.out).model(index), task.test)
+        self._record_from_storage(store, index)
+        store.prune()
+
+    def _record_from_storage(self, store: BaselineStore, index: int) -> None:
+        entry = store.entry(index)
+        entry["acc_from_storage"] = evaluate(type(store)(self.out).model(index), self.benchmark.tasks[index].test)
         store.write_manifest()
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """The whole sequence; returns (and writes) the results. Baselines cannot resume a run."""
-        if resume:
-            raise NWSError(f"--resume is supported for method nws only, not {self.method}")
+        """The whole sequence; returns (and writes) the results.
+
+        With ``resume``, an interrupted run in ``config.out`` continues after its last listed task: its
+        files are verified, finished tasks are kept as they are, and the method's state after the last one
+        (the network, PackNet's weight owners) is read back from the files. Every task's training is
+        seeded from the run seed and its index alone, so the resumed run writes the same files as an
+        uninterrupted one.
+        """
         L.seed_everything(self.config.seed, verbose=False)
-        self.out.mkdir(parents=True, exist_ok=True)
-        store = self.store_class(self.out, create=True)
-        store.manifest["method"] = self.method
-        store.manifest["config"] = dataclasses.asdict(self.config)
-        store.manifest["model"] = {"name": self.config.model.name,
-                                  "kwargs": {"in_channels": self.benchmark.in_channels, **self.config.model.kwargs}}
-        store.write_manifest()
-        source = self.pretrain(store)
+        model_spec = {"name": self.config.model.name,
+                      "kwargs": {"in_channels": self.benchmark.in_channels, **self.config.model.kwargs}}
+        if resume and (self.out / MANIFEST).exists():
+            store = self.store_class(self.out)
+            if store.manifest.setdefault("method", self.method) != self.method:
+                raise StoreError(f"--resume: {self.out} holds a run of method {store.manifest['method']}, "
+                                 f"not {self.method}")
+            store.manifest.setdefault("model", model_spec)
+            reopen(store, self.config, len(self.benchmark.tasks), self.progress)
+            store.prune()
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            store = self.store_class(self.out, create=True)
+            store.manifest.update(method=self.method, config=dataclasses.asdict(self.config), model=model_spec)
+            store.write_manifest()
+        if SOURCE in store.manifest["files"]:
+            source = self.load_source(store)
+        elif store.tasks():
+            raise StoreError(f"{self.out} lists tasks but lacks its source network")
+        else:
+            source = self.pretrain(store)
+        self.source_network = copy.deepcopy(source)
+        if "source" not in store.manifest:
+            store.manifest["source"] = {"name": self.benchmark.source.name,
+                                        "accuracy": evaluate(source, self.benchmark.source.test)}
+            store.write_manifest()
         self.start(store, source)
-        for index in range(len(self.benchmark.tasks)):
+        done = [t["index"] for t in store.tasks()]
+        for index in done:
+            if "acc_from_storage" not in store.entry(index):  # interrupted while evaluating it from storage
+                self._record_from_storage(store, index)
+        if done:
+            self.restore(store, done[-1])
+        for index in range(len(done), len(self.benchmark.tasks)):
             self.learn(store, index)
         return self.finish()
 

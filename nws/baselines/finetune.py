@@ -1,7 +1,7 @@
 """Fine-tuning: one network trained on each task in turn, a classifier head kept per task.
 
-Stored: ``network.safetensors`` (every weight and BatchNorm except the classifier, overwritten after each
-task) and one file per task with its classifier. Task ``i`` is served by the *current* network and head
+Stored: the network (every weight and BatchNorm except the classifier; a new ``network_00i.safetensors``
+after each task replaces the previous one) and one file per task with its classifier. Task ``i`` is served by the *current* network and head
 ``i``, so earlier tasks are re-evaluated on weights later tasks have changed: this shows forgetting.
 """
 
@@ -11,19 +11,15 @@ from torch import nn
 
 from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, prefixed, state_parts,
                                   unprefixed)
-from nws.store import task_file
-
-NETWORK = "network.safetensors"
-
 
 class FinetuneStore(BaselineStore):
     method = "finetune"
-    shared_files = (NETWORK,)
+    rewrites_network = True
 
     def build(self, index: int) -> nn.Module:
         entry = self.entry(index)
         model = self.plain(len(entry["classes"]))
-        network, _ = self.file(NETWORK, "network")
+        network, _ = self.network()
         head, _ = self.file(entry["file"], "task")
         state = {**unprefixed("body", network), **unprefixed("batchnorm", network), **unprefixed("head", head)}
         load_float_state(model, state, str(self.root / entry["file"]))
@@ -46,10 +42,10 @@ class FinetuneLearner(BaselineLearner):
             p.requires_grad_(True)
         model = self.fit(model, task, self.config.task, f"task_{index:03d}", index=index)
         parts = state_parts(model)
-        store.put(NETWORK, "network", {**prefixed("body", parts["body"]), **prefixed("batchnorm", parts["batchnorm"])},
-                  {"after_task": index})
-        tensors = prefixed("head", parts["head"])
-        size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size)
+        self.save(store, index, model, prefixed("head", parts["head"]),
+                  network={**prefixed("body", parts["body"]), **prefixed("batchnorm", parts["batchnorm"])})
         self.model = model
         return model
+
+    def restore(self, store: BaselineStore, index: int) -> None:
+        self.model = store.build(index)

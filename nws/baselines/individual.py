@@ -12,7 +12,6 @@ import copy
 from torch import nn
 
 from nws.baselines.common import BaselineLearner, BaselineStore, load_float_state, prefixed, state_parts, unprefixed
-from nws.store import task_file
 
 
 class IndividualStore(BaselineStore):
@@ -41,6 +40,5 @@ class IndividualLearner(BaselineLearner):
             p.requires_grad_(True)
         model = self.fit(model, task, self.config.task, f"task_{index:03d}", index=index)
         tensors = {k: v for part, state in state_parts(model).items() for k, v in prefixed(part, state).items()}
-        size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size)
+        self.save(store, index, model, tensors)
         return model

@@ -7,8 +7,8 @@ owned by ``t``, are retrained for ``retrain_epochs`` at a tenth of the learning 
 is the shared weights owned by tasks ``0..t`` (the rest zero), its own BatchNorm and its classifier.
 Biases and other unmasked weights are trained with the first task only, then frozen.
 
-Stored: ``network.safetensors`` (the shared weights, float32, rewritten after each task) and per task
-its owned-weight mask (one bit per weight of the pruned layers, bit-packed), BatchNorm and classifier.
+Stored: the shared weights (float32; a new ``network_00i.safetensors`` after each task replaces the
+previous one) and per task its owned-weight mask (one bit per weight of the pruned layers, bit-packed), BatchNorm and classifier.
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from torch import Tensor, nn
 from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, masked_layers, pack_masks,
                                   prefixed, state_parts, unpack_masks, unprefixed)
 from nws.errors import NWSError
-from nws.store import StoreError, task_file
-
-NETWORK = "network.safetensors"
-
+from nws.store import StoreError
 
 class PackNetStore(BaselineStore):
     method = "packnet"
-    shared_files = (NETWORK,)
+    rewrites_network = True
 
     def owned(self, index: int, shapes: dict[str, list[int]]) -> dict[str, Tensor]:
         """The weights task ``index`` owns, per pruned layer."""
@@ -38,13 +35,18 @@ class PackNetStore(BaselineStore):
             raise StoreError(f"{self.root / entry['file']} has no masks")
         return unpack_masks(tensors["masks"], shapes, str(self.root / entry["file"]))
 
+    def network_layers(self) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        """The current network's tensors and the shapes of its pruned layers."""
+        network, meta = self.network()
+        shapes = meta.get("layers")
+        if not isinstance(shapes, dict):
+            raise StoreError(f"{self.root / self.shared()[-1]} lacks its 'layers' metadata")
+        return network, shapes
+
     def build(self, index: int) -> nn.Module:
         entry = self.entry(index)
         model = self.plain(len(entry["classes"]))
-        network, meta = self.file(NETWORK, "network")
-        shapes = meta.get("layers")
-        if not isinstance(shapes, dict):
-            raise StoreError(f"{self.root / NETWORK} lacks its 'layers' metadata")
+        network, shapes = self.network_layers()
         body = unprefixed("body", network)
         union = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
         for i in range(index + 1):
@@ -53,7 +55,7 @@ class PackNetStore(BaselineStore):
         for name, mask in union.items():
             key = f"{name}.weight" if name else "weight"
             if key not in body:
-                raise StoreError(f"{self.root / NETWORK} lacks {key}")
+                raise StoreError(f"{self.root / self.shared()[-1]} lacks {key}")
             body[key] = torch.where(mask, body[key], torch.zeros_like(body[key]))
         tensors, _ = self.file(entry["file"], "task")
         state = {**body, **unprefixed("batchnorm", tensors), **unprefixed("head", tensors)}
@@ -111,13 +113,19 @@ class PackNetLearner(BaselineLearner):
                          after_step=self._hold(layers, mine))
         parts = state_parts(model)
         shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
-        store.put(NETWORK, "network", prefixed("body", parts["body"]), {"after_task": index, "layers": shapes})
         tensors = {"masks": pack_masks(mine), **prefixed("batchnorm", parts["batchnorm"]),
                    **prefixed("head", parts["head"])}
-        size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size, masks=mine)
+        self.save(store, index, model, tensors, network=prefixed("body", parts["body"]),
+                  network_meta={"layers": shapes}, masks=mine)
         self.model = model
         return model
+
+    def restore(self, store: BaselineStore, index: int) -> None:
+        self.model = store.build(index)
+        _, shapes = store.network_layers()
+        for task in range(index + 1):
+            for name, mask in store.owned(task, shapes).items():
+                self.owner[name][mask] = task
 
     @torch.no_grad()
     def _prune(self, layers: dict[str, nn.Module], free: dict[str, Tensor], index: int) -> None:

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, masked_layers, pack_masks,
                                   prefixed, state_parts, unpack_masks, unprefixed)
-from nws.store import StoreError, task_file
+from nws.store import StoreError
 
 BACKBONE = "backbone.safetensors"
 
@@ -83,8 +83,9 @@ class PiggybackLearner(BaselineLearner):
 
     def start(self, store: BaselineStore, source: nn.Module) -> None:
         self.source = source
-        shapes = {name: list(layer.weight.shape) for name, layer in masked_layers(source)}
-        store.put(BACKBONE, "backbone", prefixed("body", state_parts(source)["body"]), {"layers": shapes})
+        if BACKBONE not in store.manifest["files"]:  # written once (a resumed run has it)
+            shapes = {name: list(layer.weight.shape) for name, layer in masked_layers(source)}
+            store.put(BACKBONE, "backbone", prefixed("body", state_parts(source)["body"]), {"layers": shapes})
 
     def learn(self, store: BaselineStore, index: int) -> nn.Module:
         task, b = self.benchmark.tasks[index], self.config.baseline
@@ -109,6 +110,5 @@ class PiggybackLearner(BaselineLearner):
         parts = state_parts(model)
         tensors = {"masks": pack_masks(bits), **prefixed("batchnorm", parts["batchnorm"]),
                    **prefixed("head", parts["head"])}
-        size = store.put(task_file(index), "task", tensors, {"index": index, "name": task.name})
-        self.record(store, index, model, tensors, size, masks=bits)
+        self.save(store, index, model, tensors, masks=bits)
         return model
