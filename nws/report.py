@@ -294,7 +294,7 @@ def comparison_table(groups: list[Group]) -> str:
         n = len(g.runs)
         row = [g.label, str(n)] + [_pm(a, n) for a in g.acc_final]
         row += [f"**{_pm(g.average_accuracy, n)}**", _pm(g.backward_transfer, n, sign=True),
-                _size(g.memory[0]) + (f" ± {_size(g.memory[1])}" if n > 1 and g.memory[1] else ""),
+                _size(g.memory[0]) + (f" ± {_size(g.memory[1])}" if n > 1 else ""),
                 _size(extrapolate(g.memory_after_task))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
