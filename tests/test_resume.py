@@ -231,7 +231,8 @@ def test_killed_baseline_resumes_to_the_uninterrupted_files(tmp_path, method):
 
 def test_resuming_a_baseline_run_as_another_method_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert demo(out, "--method", "individual", "--data.num_tasks", "1", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    proc = demo(out, "--method", "individual", "--data.num_tasks", "1", stdout=subprocess.DEVNULL)
+    assert proc.wait(timeout=300) == 0
     before = snapshot(out, sorted(p.name for p in out.iterdir()))
     assert main(["demo", "--out", str(out), *TINY, "--method", "finetune", "--resume"]) == 2
     assert "holds a run of method individual, not finetune" in capsys.readouterr().err

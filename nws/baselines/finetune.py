@@ -1,8 +1,9 @@
 """Fine-tuning: one network trained on each task in turn, a classifier head kept per task.
 
 Stored: the network (every weight and BatchNorm except the classifier; a new ``network_00i.safetensors``
-after each task replaces the previous one) and one file per task with its classifier. Task ``i`` is served by the *current* network and head
-``i``, so earlier tasks are re-evaluated on weights later tasks have changed: this shows forgetting.
+after each task replaces the previous one) and one file per task with its classifier. Task ``i`` is served
+by the *current* network and head ``i``, so earlier tasks are re-evaluated on weights later tasks have
+changed: this shows forgetting.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, prefixed, state_parts,
                                   unprefixed)
+
 
 class FinetuneStore(BaselineStore):
     method = "finetune"

@@ -8,7 +8,8 @@ is the shared weights owned by tasks ``0..t`` (the rest zero), its own BatchNorm
 Biases and other unmasked weights are trained with the first task only, then frozen.
 
 Stored: the shared weights (float32; a new ``network_00i.safetensors`` after each task replaces the
-previous one) and per task its owned-weight mask (one bit per weight of the pruned layers, bit-packed), BatchNorm and classifier.
+previous one) and per task its owned-weight mask (one bit per weight of the pruned layers, bit-packed),
+BatchNorm and classifier.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_sta
                                   prefixed, state_parts, unpack_masks, unprefixed)
 from nws.errors import NWSError
 from nws.store import StoreError
+
 
 class PackNetStore(BaselineStore):
     method = "packnet"
