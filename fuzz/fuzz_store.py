@@ -1,13 +1,15 @@
-"""Long fuzz run of the task store's readers: seeded mutations of a real run's files.
+"""Long fuzz run of the run readers of every method: seeded mutations of real runs' files.
 
-Each case takes one file of a real run (a task, the pools, the source network or the manifest), damages it
-with one or more seeded mutations (bit flips, byte overwrites, truncation, extension, deleted or duplicated
-chunks, splices with another file, metadata replaced by random JSON), and reads it with the store's own
-reader, past the manifest's size/sha256 check (which would catch nearly all of them first). A reader must
-return or raise ``StoreError``; any other exception is a crash, printed and saved under ``--crashes``.
+Each case takes one file of a real run (a task, the pools, a source or shared network, or the manifest), damages
+it with one or more seeded mutations (bit flips, byte overwrites, truncation, extension, deleted or duplicated
+chunks, splices with another file, metadata replaced by random JSON), and reads it with the method's own
+reader, past the manifest's size/sha256 check (which would catch nearly all of them first): an NWS file with
+its file reader; a baseline's file, or any run's manifest, by rebuilding every task of the run with it in
+place. A reader must return or raise ``StoreError``; any other exception is a crash, printed and saved under
+``--crashes``.
 
-    python fuzz/fuzz_store.py --cases 10000 --seed 0            # builds a tiny run first (about 10 s)
-    python fuzz/fuzz_store.py --cases 10000 --run runs/demo     # or fuzzes an existing run's files
+    python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min)
+    python fuzz/fuzz_store.py --cases 10000 --methods nws --run runs/demo   # or an existing NWS run's files
 
 Exit status 1 if any case crashed. ``docs/reliability.md`` records a run's output.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -27,24 +30,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, manifest_bytes, model_from_source,
-                       model_from_task, parse_manifest, read_pools)
+from nws.methods import open_run
+from nws.store import MANIFEST, POOLS, SOURCE, TaskStore, manifest_bytes
+from nws.taskfile import StoreError, model_from_source, model_from_task, read_pools
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]
 
 
-def tiny_run(out: Path) -> Path:
-    """A real run with tiny settings: trained pools, source network and five tasks."""
-    import dataclasses
+def tiny_run(out: Path, method: str = "nws", tasks: int = 5) -> Path:
+    """A real run of ``method`` with tiny settings: its source files, shared files and ``tasks`` tasks."""
+    from nws.config import BaselineConfig, DataConfig, RunConfig, TrainConfig, TrainerConfig
+    from nws.runner import run
 
-    from nws.config import RunConfig, TrainConfig, TrainerConfig
-    from nws.learner import NWSLearner
-
-    quiet = {f.name: False for f in dataclasses.fields(TrainerConfig) if f.name in ("checkpoint", "progress_bar")}
-    config = RunConfig(out=str(out), pretrain=TrainConfig(epochs=1, lr=0.05), task=TrainConfig(epochs=1),
-                       trainer=TrainerConfig(logger="none", **quiet))
+    config = RunConfig(out=str(out), method=method, pretrain=TrainConfig(epochs=1, lr=0.05), task=TrainConfig(epochs=1),
+                       trainer=TrainerConfig(logger="none", checkpoint=False, progress_bar=False),
+                       data=DataConfig(num_tasks=tasks), baseline=BaselineConfig(retrain_epochs=1))
     config.model.pool_size = 32
-    NWSLearner(config, progress=False).run()
+    config.model.kwargs = {"widths": [8, 16]} if method != "nws" else {}
+    run(config, progress=False)
     return out
 
 
@@ -53,7 +56,7 @@ TOP = 25
 
 def reason(message: str, name: str) -> str:
     """A StoreError message without its file name, numbers, quoted values and most of its details."""
-    text = message.replace(name, "FILE")
+    text = re.sub(r"\S*" + re.escape(name), "FILE", message)
     text = re.sub(r"\((.*)\)", lambda m: "(" + " ".join(m.group(1).split()[:4]) + " ...)", text)
     text = re.sub(r"'[^']*'|\[[^\]]*\]", "_", text)
     return re.sub(r"\d+", "N", text)[:110]
@@ -157,12 +160,37 @@ def mutate(rng: random.Random, name: str, data: bytes, other: bytes) -> tuple[by
     return mutate_bytes(rng, data, other, 8 + struct.unpack("<Q", data[:8])[0])
 
 
+def rebuild_all(run: Path, name: str):
+    """A reader of file ``name`` of ``run`` that rebuilds every task with the given bytes in its place (the
+    manifest is written into a copy of the run; any other file replaces what the store reads)."""
+    def read(data: bytes) -> None:
+        root = run
+        if name == MANIFEST:
+            root = Path(tempfile.mkdtemp(prefix="fuzz-"))
+            for f in run.iterdir():
+                if f.is_file() and f.name != MANIFEST:
+                    (root / f.name).symlink_to(f)
+            (root / MANIFEST).write_bytes(data)
+        try:
+            store = open_run(str(root))
+            original = store.read
+            store.read = lambda n: data if n == name else original(n)
+            if name == SOURCE:
+                store.source(10)  # the digits source task's classes
+            for t in store.tasks():
+                store.model(t["index"])
+        finally:
+            if root != run:
+                shutil.rmtree(root)
+    return read
+
+
 def reader(store: TaskStore, name: str):
     """The store's reader of file ``name``, taking the file's bytes."""
+    if store.method != "nws" or name == MANIFEST:
+        return rebuild_all(store.root, name)
     books, fingerprint = store.pools()
     spec = store.spec()
-    if name == MANIFEST:
-        return parse_manifest
     if name == POOLS:
         return lambda data: read_pools(data, name)
     if name == SOURCE:
@@ -174,21 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run", type=Path, default=None, help="fuzz this run's files (default: a tiny new run)")
+    parser.add_argument("--methods", default="nws,finetune,individual,packnet,piggyback",
+                        help="tiny runs of these methods are fuzzed")
+    parser.add_argument("--run", type=Path, default=None, help="fuzz this run's files instead (any method)")
     parser.add_argument("--crashes", type=Path, default=Path("fuzz/crashes"), help="where crashing inputs go")
     args = parser.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory()
     start = time.perf_counter()
-    run = args.run or tiny_run(Path(tmp.name) / "run")
-    store = TaskStore(run)
-    store.check()
-    names = [MANIFEST, POOLS, SOURCE, *(t["file"] for t in store.tasks())]
-    files = {name: store.read(name) if name != MANIFEST else (run / MANIFEST).read_bytes() for name in names}
-    readers = {name: reader(store, name) for name in names}
-    for name, data in files.items():  # every pristine file reads
-        readers[name](data)
-    print(f"fuzzing {len(names)} files of {run} ({', '.join(names)}); built in {time.perf_counter() - start:.1f} s")
+    runs = [args.run] if args.run else [tiny_run(Path(tmp.name) / m, m, tasks=5 if m == "nws" else 3)
+                                        for m in args.methods.split(",")]
+    files, readers = {}, {}
+    for run in runs:
+        store = open_run(str(run))
+        store.check()
+        for name in [MANIFEST, *store.manifest["files"]]:
+            key = f"{store.method}/{name}"
+            files[key] = (run / MANIFEST).read_bytes() if name == MANIFEST else store.read(name)
+            readers[key] = reader(store, name)
+            readers[key](files[key])  # every pristine file reads
+    names = list(files)
+    print(f"fuzzing {len(names)} files of {len(runs)} runs ({', '.join(names)}); built in "
+          f"{time.perf_counter() - start:.1f} s")
 
     rng = random.Random(args.seed)
     outcomes: Counter[tuple[str, str]] = Counter()
@@ -196,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     crashes, slowest = [], (0.0, "")
     start = time.perf_counter()
     for case in range(args.cases):
-        name = rng.choice(names)
+        key = rng.choice(names)
+        name = key.split("/", 1)[1]
         other = files[rng.choice(names)]
-        data, op = mutate(rng, name, files[name], other)
+        data, op = mutate(rng, name, files[key], other)
         t0 = time.perf_counter()
         try:
-            readers[name](data)
+            readers[key](data)
             outcome = "read"
         except StoreError as err:
             outcome = "StoreError"
@@ -209,19 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - a crash is what this script looks for
             outcome = f"CRASH {type(err).__name__}"
             args.crashes.mkdir(parents=True, exist_ok=True)
-            path = args.crashes / f"case{case}-{name}"
+            path = args.crashes / f"case{case}-{key.replace('/', '-')}"
             path.write_bytes(data)
-            crashes.append(f"case {case} ({name}, {op}): {type(err).__name__}: {err} -> {path}")
+            crashes.append(f"case {case} ({key}, {op}): {type(err).__name__}: {err} -> {path}")
             traceback.print_exc()
         elapsed = time.perf_counter() - t0
-        slowest = max(slowest, (elapsed, f"case {case} ({name}, {op})"))
-        outcomes[("task" if name.startswith("task_") else name, outcome)] += 1
+        slowest = max(slowest, (elapsed, f"case {case} ({key}, {op})"))
+        method = key.split("/", 1)[0]
+        outcomes[(f"{method}/" + ("task" if name.startswith("task_") else name), outcome)] += 1
     total = time.perf_counter() - start
 
     print(f"{args.cases} cases, seed {args.seed}, {total:.1f} s ({1000 * total / args.cases:.2f} ms a case; "
           f"slowest {1000 * slowest[0]:.0f} ms, {slowest[1]})")
     for (target, outcome), count in sorted(outcomes.items()):
-        print(f"  {target:20s} {outcome:12s} {count:6d}")
+        print(f"  {target:36s} {outcome:12s} {count:6d}")
     print(f"the {sum(reasons.values())} StoreErrors, by the check that caught them (most common {TOP}):")
     for text, count in reasons.most_common(TOP):
         print(f"  {count:6d}  {text}")

@@ -1,4 +1,4 @@
-"""The ``nws`` command: ``demo``, ``run`` and ``eval``.
+"""The ``nws`` command: ``demo``, ``run``, ``eval``, ``report``, ``data``, ``launch`` and ``pools``.
 
 Problems with the user's input (a missing or malformed config, an unknown key, a wrong type, a missing or
 corrupt run) end with one line on stderr and exit code 2, never a traceback.
@@ -7,107 +7,68 @@ corrupt run) end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from pathlib import Path
 
-from nws.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, TrainerConfig
+from nws.config import ConfigError, RunConfig, one_line, parse_run_args
 from nws.errors import NWSError
 
 USAGE_ERROR = 2
 
 
 class UsageError(NWSError):
-    """Bad command-line arguments or config."""
+    """Bad command-line arguments."""
 
 
-def _one_line(text: object) -> str:
-    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", line)
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are :class:`UsageError` (one line, exit 2) instead of usage text."""
 
-
-def config_parser(prog: str, require_config: bool):
-    """jsonargparse parser of a :class:`RunConfig`: ``--config FILE.yaml`` then ``--group.key value`` overrides."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=prog, exit_on_error=False, default_meta=False,
-                            description="Pretrain pools, learn every task, report accuracy and memory.")
-    parser.add_argument("--config", action=ActionConfigFile, required=require_config,
-                        help="YAML file of settings (see configs/)")
-    defaults = RunConfig()
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", type=str, default=defaults.out, help="run directory (the task store)")
-    parser.add_argument("--pretrained", type=Optional[str], default=defaults.pretrained,
-                        help="pool-pretraining run directory whose pools and network this run starts from")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted run in --out: finished tasks are kept, the rest learned")
-    parser.add_argument("--method", type=str, default=defaults.method,
-                        help="nws, or a baseline: finetune, individual, packnet, piggyback")
-    for key, cls in (("model", ModelConfig), ("data", DataConfig), ("pretrain", TrainConfig),
-                     ("task", TrainConfig), ("trainer", TrainerConfig), ("baseline", BaselineConfig)):
-        parser.add_class_arguments(cls, key, default=getattr(defaults, key))
-    return parser
-
-
-def parse_run_config(argv: Sequence[str], prog: str = "nws run", require_config: bool = True) -> RunConfig:
-    """A :class:`RunConfig` from ``--config`` and overrides; :class:`UsageError` with one line otherwise."""
-    return parse_run_args(argv, prog, require_config)[0]
-
-
-def parse_run_args(argv: Sequence[str], prog: str = "nws run", require_config: bool = True) -> tuple[RunConfig, bool]:
-    """:func:`parse_run_config`, and whether ``--resume`` was given."""
-    from jsonargparse import ArgumentError
-
-    parser = config_parser(prog, require_config)
-    try:
-        ns = parser.parse_args(list(argv))
-    except ArgumentError as err:
-        raise UsageError(_one_line(err)) from None
-    except SystemExit as err:  # --help
-        raise SystemExit(err.code) from None
-    d = ns.as_dict()
-    d.pop("config", None)
-    resume = bool(d.pop("resume", False))
-    try:
-        config = RunConfig(seed=d["seed"], out=d["out"], pretrained=d["pretrained"], model=ModelConfig(**d["model"]),
-                           data=DataConfig(**d["data"]),
-                           pretrain=TrainConfig(**d["pretrain"]), task=TrainConfig(**d["task"]),
-                           trainer=TrainerConfig(**d["trainer"]), method=d["method"],
-                           baseline=BaselineConfig(**d["baseline"]))
-    except TypeError as err:
-        raise UsageError(_one_line(err)) from None
-    return config, resume
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def _run(config: RunConfig, resume: bool = False) -> None:
-    from nws.baselines import make_learner
     from nws.engine import shutdown_distributed
+    from nws.report import run_markdown
+    from nws.runner import Runner
+    from nws.store import atomic_write
 
-    learner = make_learner(config)
-    learner.run(resume=resume)
+    runner = Runner(config)
+    results = runner.run(resume=resume)
     shutdown_distributed()
-    if not getattr(learner, "writer", True):  # a DDP rank other than 0: rank 0 reports
+    if not runner.ctx.writer:  # a distributed rank other than 0: rank 0 reports
         return
+    table = run_markdown(results)
+    atomic_write(runner.out / "results.md", table.encode())
     print()
-    print((learner.out / "results.md").read_text(), end="")
-    print(f"Results: {learner.out / 'results.json'}")
+    print(table, end="")
+    print(f"Results: {runner.out / 'results.json'}")
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nws eval", description="Evaluate stored tasks from storage alone.")
+    parser = _OneLineParser(prog="nws eval", description="Evaluate stored tasks from storage alone, on the run's "
+                            "own benchmark and device settings.")
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--task", type=int, default=None, help="only this task index")
+    parser.add_argument("--data-root", default=None, help="where the benchmark's data is now, if it moved "
+                        "(default: the run's data.root)")
     args = parser.parse_args(argv)
-    from nws.data import load_benchmark
-    from nws.engine import evaluate
-    from nws.baselines import open_run
+    import dataclasses
+
+    from nws.config import config_from_dict
+    from nws.data import benchmark_from_config
+    from nws.engine import eval_device, evaluate
+    from nws.methods import open_run
 
     store = open_run(args.run)
-    data = store.manifest.get("config", {}).get("data", {})
-    benchmark = load_benchmark(data.get("name", "digits"), data.get("root"),
-                               seed=store.manifest.get("config", {}).get("seed", 0), source="none",
-                               image_size=data.get("image_size"))
+    if "config" not in store.manifest:
+        raise UsageError(f"{args.run} does not record its config, so its benchmark is unknown")
+    config = config_from_dict(store.manifest["config"], f"{args.run}'s config")
+    data = dataclasses.replace(config.data, source="none",
+                               root=args.data_root if args.data_root is not None else config.data.root)
+    benchmark = benchmark_from_config(data, config.seed)
+    device = eval_device(config.trainer)
     entries = [t for t in store.tasks() if args.task is None or t["index"] == args.task]
     if not entries:
         raise UsageError(f"{args.run} has no task {args.task}")
@@ -116,10 +77,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
         try:
             if t["index"] >= len(benchmark.tasks):
                 raise UsageError(f"the benchmark has no task {t['index']}")
-            acc = evaluate(store.model(t["index"]), benchmark.tasks[t["index"]].test)
+            acc = evaluate(store.model(t["index"]), benchmark.tasks[t["index"]].test,
+                           num_workers=config.data.num_workers, device=device)
         except NWSError as err:
             failed += 1
-            print(f"task {t['index']} ({t['name']}): FAILED: {_one_line(err)}")
+            print(f"task {t['index']} ({t['name']}): FAILED: {one_line(err)}")
             continue
         recorded = t.get("acc_after_training")
         note = f" (after training: {100 * recorded:.2f}%)" if recorded is not None else ""
@@ -128,13 +90,12 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 
 def cmd_report(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nws report", description="Compare runs: a markdown table and plots. "
+    parser = _OneLineParser(prog="nws report", description="Compare runs: a markdown table and plots. "
                                      "Runs of one method and settings with different seeds are averaged.")
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
     parser.add_argument("--out", default=None, help="report directory (default: report/ next to the first run, "
                         "or inside it if it is a directory of runs)")
     args = parser.parse_args(argv)
-    from pathlib import Path
 
     from nws.report import write_report
 
@@ -147,38 +108,44 @@ def cmd_report(argv: Sequence[str]) -> int:
 
 
 def cmd_data(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nws data", description="Get or check benchmark data.")
+    parser = _OneLineParser(prog="nws data", description="Get or check benchmark data.")
     sub = parser.add_subparsers(dest="action", required=True)
     get = sub.add_parser("cifar100", help="download (or use the archive already there), verify and extract CIFAR-100")
     get.add_argument("--root", required=True, help="directory for cifar-100-python/ (and the archive)")
     check = sub.add_parser("check", help="validate a benchmark's layout and class counts")
-    check.add_argument("--root", required=True, help="the benchmark's data root (--data.root of a run)")
-    check.add_argument("--benchmark", default="cub2sketches", choices=["cub2sketches", "split_cifar100", "imagenet"])
+    check.add_argument("--root", required=True, nargs="+", help="the benchmark's data root (--data.root of a "
+                       "run); for folders, each task folder (and the source folder)")
+    check.add_argument("--benchmark", default="cub2sketches",
+                       choices=["cub2sketches", "split_cifar100", "imagenet", "folders"])
     args = parser.parse_args(argv)
     if args.action == "cifar100":
         from nws.data.cifar100 import prepare
 
         print(prepare(args.root)[1])
         return 0
+    roots = args.root
+    if args.benchmark != "folders" and len(roots) > 1:
+        raise UsageError(f"nws data check: --benchmark {args.benchmark} takes one --root")
     if args.benchmark == "split_cifar100":
         from nws.data.cifar100 import load_cifar100
 
-        data = load_cifar100(args.root)
+        data = load_cifar100(roots[0])
         rows = [{"name": "cifar100", "classes": 100, "train": len(data.fine["train"]), "test": len(data.fine["test"])}]
     else:
-        from nws.data.folders import check_cub2sketches, check_imagenet
+        from nws.data.folders import check_cub2sketches, check_folders, check_imagenet
 
-        rows = check_cub2sketches(args.root) if args.benchmark == "cub2sketches" else check_imagenet(args.root)
+        check_one = {"cub2sketches": check_cub2sketches, "imagenet": check_imagenet}.get(args.benchmark)
+        rows = check_folders(roots) if check_one is None else check_one(roots[0])
     test = "val" if args.benchmark == "imagenet" else "test"
     print(f"| data set | classes | train images | {test} images |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['classes']} | {r['train']} | {r[test]} |")
-    print(f"{args.root}: layout and class counts OK for {args.benchmark}")
+    print(f"{', '.join(roots)}: layout and class counts OK for {args.benchmark}")
     return 0
 
 
 def cmd_launch(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="nws launch", description="One run per seed (submitit: SLURM or local processes), then nws report. "
         "Other --group.key value arguments override the config, as for nws run.", allow_abbrev=False)
     parser.add_argument("config", help="YAML config (see configs/)")
@@ -191,8 +158,6 @@ def cmd_launch(argv: Sequence[str]) -> int:
     parser.add_argument("--parallel", action="store_true", help="local jobs: run all seeds at once")
     parser.add_argument("--no-wait", action="store_true", help="SLURM: submit and return; report later")
     args, overrides = parser.parse_known_args(argv)
-    from pathlib import Path
-
     from nws.launch import launch
 
     dirs = launch(args.config, args.seeds, overrides, out=Path(args.out) if args.out else None, slurm=args.slurm,
@@ -205,9 +170,7 @@ def cmd_launch(argv: Sequence[str]) -> int:
 
 def cmd_compare(argv: Sequence[str]) -> int:
     """``nws demo --compare``: NWS and every baseline on the demo data, then the report."""
-    from pathlib import Path
-
-    from nws.baselines.compare import compare
+    from nws.compare import compare
 
     config, resume = parse_run_args(argv, prog="nws demo --compare", require_config=False)
     if resume:
@@ -221,13 +184,6 @@ def cmd_compare(argv: Sequence[str]) -> int:
           + f"; total {sum(result['seconds'].values()):.0f}")
     print(f"Report: {out / 'report' / 'report.md'}")
     return 0
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are :class:`UsageError` (one line, exit 2) instead of usage text."""
-
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def cmd_pools(argv: Sequence[str]) -> int:
@@ -255,12 +211,10 @@ def cmd_pools(argv: Sequence[str]) -> int:
     ref.add_argument("--out", required=True, help="directory to write (must not hold a run)")
     args = parser.parse_args(argv)
     import time
-    from pathlib import Path
-
     import yaml
 
     from nws import pool_sources as ps
-    from nws.store import MANIFEST
+    from nws.store import MANIFEST, save_pools_run
 
     if (Path(args.out) / MANIFEST).exists():
         raise UsageError(f"{args.out} already holds a run; choose another output directory")
@@ -271,7 +225,7 @@ def cmd_pools(argv: Sequence[str]) -> int:
         try:
             kwargs = yaml.safe_load(args.kwargs)
         except yaml.YAMLError as err:
-            raise UsageError(f"--kwargs is not YAML ({_one_line(err)})") from None
+            raise UsageError(f"--kwargs is not YAML ({one_line(err)})") from None
         if not isinstance(kwargs, dict):
             raise UsageError(f"--kwargs must be a mapping such as '{{maxpool: false}}', got {args.kwargs!r}")
         if args.pool_size < 1 + args.zero_entry or args.group_size < 1 or args.iters < 0:
@@ -285,7 +239,7 @@ def cmd_pools(argv: Sequence[str]) -> int:
         source = {"name": f"reference checkpoint {args.checkpoint}", "pools": "reference"}
     seconds = time.perf_counter() - start
     try:
-        ps.save_pools_dir(args.out, model, spec, {**source, "quantisation": [r.to_json() for r in report]})
+        save_pools_run(args.out, model, spec, {**source, "quantisation": [r.to_json() for r in report]})
     except OSError as err:
         raise UsageError(f"cannot write {args.out} ({err.strerror or err})") from None
     print(ps.format_report(report))
@@ -314,31 +268,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return USAGE_ERROR
         return 0
     command, rest = argv[0], argv[1:]
+    handlers = {"eval": cmd_eval, "pools": cmd_pools, "report": cmd_report, "data": cmd_data, "launch": cmd_launch}
     try:
-        if command == "eval":
-            return cmd_eval(rest)
-        if command == "pools":
-            return cmd_pools(rest)
-        if command == "report":
-            return cmd_report(rest)
-        if command == "data":
-            return cmd_data(rest)
-        if command == "launch":
-            return cmd_launch(rest)
+        if command in handlers:
+            return handlers[command](rest)
         if command == "demo" and "--compare" in rest:
             return cmd_compare([a for a in rest if a != "--compare"])
-        if command == "demo":
-            config, resume = parse_run_args(rest, prog="nws demo", require_config=False)
-        else:
-            config, resume = parse_run_args(rest)
+        config, resume = parse_run_args(rest, prog=f"nws {command}", require_config=command == "run")
         _run(config, resume)
         return 0
     except NWSError as err:
-        print(f"nws: error: {_one_line(err)}", file=sys.stderr)
+        print(f"nws: error: {one_line(err)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("nws: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as err:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(err, SIGTERMException):  # Lightning's, on SIGTERM (scancel, a time limit): not success
+            raise
+        print("nws: error: terminated (SIGTERM) before the run finished; rerun with --resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

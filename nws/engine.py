@@ -1,12 +1,19 @@
-"""Training with Lightning: the NWS loss, the pool EMA after each optimizer step, checkpoints, evaluation.
+"""Training with Lightning, for every method: the loss, the optimizers, the pool EMA, checkpoints, evaluation.
+
+One training module serves every method. Its loss is the cross-entropy, plus ``beta`` times the commitment
+term when the model has NWS layers (and the sparsity pull when asked); with ``pretrain`` the pools follow
+the kernels by EMA after every optimizer step. A method may add an Adam optimizer for mask scores
+(Piggyback) and a hook after every step (PackNet puts earlier tasks' weights back exactly).
 
 One device, several GPUs with DDP, several nodes, SLURM (Lightning's own cluster environment) and
 bf16/fp16 mixed precision all come from the :class:`~nws.config.TrainerConfig`. Under mixed precision only
 the network's convolutions run in half precision: the search always runs in fp32 and the pools, their EMA
-statistics and the EMA update stay fp32 (half-precision *weights*, ``16-true``/``bf16-true``, are refused).
-Under DDP the pools' per-step statistics are averaged over the ranks before every update
-(:func:`nws.pool.all_reduce_step_statistics`), so all ranks hold identical pools, equal to a single
-process's on the same global batch.
+statistics and the EMA update stay fp32. Under ``16-mixed`` a gradient scaler skips a step whose gradients
+overflow, as the reference does; skipped steps are counted and logged, and ``trainer.max_skipped_steps`` of
+them in a row stop the run. Without a scaler a non-finite loss stops the run at once, and so does a
+non-finite weight in any case. Under DDP the pools' per-step statistics are averaged over the ranks before
+every update (:func:`nws.pool.all_reduce_step_statistics`), so all ranks hold identical pools, equal to a
+single process's on the same global batch.
 
 ``cfg.batch_size`` is the *global* batch: each of ``W`` processes loads ``batch_size / W`` samples per step
 from its own shard of a seeded, epoch-dependent shuffle, so a run resumed from a checkpoint sees the same
@@ -20,29 +27,30 @@ import math
 import os
 import pickle
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from nws.config import TrainConfig, TrainerConfig
+from nws.config import LOGGERS, PRECISIONS, TrainConfig, TrainerConfig
 from nws.convert import commitment_loss, nws_layers, update_pools
 from nws.errors import NWSError
 from nws.pool import all_reduce_step_statistics
 from nws.sparsity import sparsity_loss
 
-# Precisions that keep parameters and buffers (pools) in fp32; "16-mixed"/"bf16-mixed" autocast the convs.
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "64-true", "64")
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
 LAST_CHECKPOINT = "last.ckpt"
 
 
 class NonFiniteError(NWSError):
-    """Training produced a NaN or infinite loss or weight."""
+    """Training produced a NaN or infinite loss or weight, or too many overflowing steps in a row."""
 
 
 def quiet_lightning() -> None:
@@ -53,50 +61,121 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*number of training batches.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
 
 
-class NWSModule(L.LightningModule):
-    """Trains a searchable model with ``CE + beta * commitment``; with ``pretrain=True`` the pools follow
-    the kernels by EMA after every optimizer step (statistics averaged over DDP ranks first), otherwise
-    they stay frozen."""
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer``: SGD with momentum, nesterov and weight decay, or Adam with weight decay."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, pretrain: bool = False):
+
+def milestones(cfg: TrainConfig) -> list[int]:
+    """The epochs at which the learning rate is multiplied by ``gamma``."""
+    return sorted({max(1, math.floor(f * cfg.epochs)) for f in cfg.milestones})
+
+
+class TrainModule(L.LightningModule):
+    """Trains ``model`` on ``CE (+ beta * commitment + sparsity * group lasso)``; see the module docstring.
+
+    Manual optimization, so that a method's mask optimizer steps together with the main one and
+    ``after_step`` runs after both.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, pretrain: bool = False,
+                 params: Sequence[nn.Parameter] | None = None, mask_params: Sequence[nn.Parameter] = (),
+                 mask_lr: float = 0.0, after_step: Callable[[], None] | None = None, max_skipped: int = 100):
         super().__init__()
+        self.automatic_optimization = False
         self.model, self.cfg, self.pretrain = model, cfg, pretrain
+        self.searched = any(True for _ in nws_layers(model))
+        self._params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        self._mask_params, self.mask_lr, self.after_step = list(mask_params), mask_lr, after_step
+        self.max_skipped, self.skipped, self.skipped_in_a_row = max_skipped, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        plugin = self.trainer.precision_plugin
+        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         ce = F.cross_entropy(self.model(x), y)
-        commit = commitment_loss(self.model)
-        loss = ce + self.cfg.beta * commit
+        loss, logs = ce, {"ce": ce}
+        if self.searched:
+            logs["commit"] = commitment_loss(self.model)
+            loss = loss + self.cfg.beta * logs["commit"]
         if self.cfg.sparsity:
             loss = loss + self.cfg.sparsity * sparsity_loss(self.model)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"non-finite loss (ce {ce.item():g}, commitment {commit.item():g}) at epoch "
-                                 f"{self.current_epoch} step {self.global_step}; nothing of this task was saved")
-        self.log_dict({"loss": loss, "ce": ce, "commit": commit}, prog_bar=True, on_step=True, on_epoch=False,
-                      batch_size=len(y))
+        scaler = self._scaler()
+        if scaler is None and not torch.isfinite(loss):
+            parts = ", ".join(f"{k} {v.item():g}" for k, v in logs.items())
+            raise NonFiniteError(f"non-finite loss ({parts}) at epoch {self.current_epoch} step {self.global_step}; "
+                                 "nothing of this stage was saved")
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        scale = scaler.get_scale() if scaler is not None else None
+        for opt in optimizers:
+            opt.step()
+        if scaler is not None:
+            self._count_skip(scaler.get_scale() < scale)
+        self._check_weights()
+        with torch.no_grad():
+            if self.after_step is not None:
+                self.after_step()
+            if self.pretrain:
+                all_reduce_step_statistics(layer.pool for _, layer in nws_layers(self.model) if layer.pool.trainable)
+                update_pools(self.model)
+        self.log_dict({"loss": loss, **logs}, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        layers = list(nws_layers(self.model))
-        finite = torch.stack([torch.isfinite(layer.weight).all() for _, layer in layers]) if layers else None
-        if finite is not None and not bool(finite.all()):  # one host sync per step; name the layer on failure
-            name = layers[int((~finite).nonzero()[0])][0]
-            raise NonFiniteError(f"non-finite weight in layer {name} at step {self.global_step}; nothing of "
-                                 "this task was saved")
-        if self.pretrain:
-            all_reduce_step_statistics(layer.pool for _, layer in nws_layers(self.model) if layer.pool.trainable)
-            update_pools(self.model)
+    def _count_skip(self, skipped: bool) -> None:
+        """A step the gradient scaler skipped (its gradients overflowed): counted; too many in a row stop."""
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        self.log("skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+        if self.skipped_in_a_row > self.max_skipped:
+            raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row overflowed under the gradient scaler "
+                                 f"(trainer.max_skipped_steps {self.max_skipped}) at epoch {self.current_epoch}; "
+                                 "nothing of this stage was saved")
+
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """Stop on a non-finite trained weight; one host sync per step, the name only on failure."""
+        params = self._params + self._mask_params
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p).all() for p in params])
+        if not bool(finite.all()):
+            bad = params[int((~finite).nonzero()[0])]
+            name = next((n for n, p in self.model.named_parameters() if p is bad), "a mask score")
+            raise NonFiniteError(f"non-finite weight {name} at epoch {self.current_epoch} step {self.global_step}; "
+                                 "nothing of this stage was saved")
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            sched.step()
 
     def configure_optimizers(self):
-        c = self.cfg
-        opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                              weight_decay=c.weight_decay)
-        milestones = sorted({max(1, math.floor(f * c.epochs)) for f in c.milestones})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=c.gamma)
-        return {"optimizer": opt, "lr_scheduler": sched}
+        optimizers = []
+        if self._params:
+            optimizers.append(make_optimizer(self._params, self.cfg))
+        if self._mask_params:
+            optimizers.append(torch.optim.Adam(self._mask_params, lr=self.mask_lr))
+        scheds = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=milestones(self.cfg), gamma=self.cfg.gamma)
+                  for o in optimizers]
+        return optimizers, scheds
 
 
 class TrainData(L.LightningDataModule):
@@ -120,12 +199,42 @@ class TrainData(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
 
+class StageProgressBar(TQDMProgressBar):
+    """The progress bar, named after the stage (``pretrain``, ``task_003``, ...) instead of a logger version."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.stage} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
 def check_precision(precision: str) -> str:
     """``precision`` if it keeps pools and weights in fp32; :class:`NWSError` otherwise."""
     if str(precision) not in PRECISIONS:
         raise NWSError(f"trainer.precision must be one of {', '.join(PRECISIONS)} (the pools stay fp32), got "
                        f"{precision!r}")
     return str(precision)
+
+
+def uses_cuda(trainer_cfg: TrainerConfig) -> bool:
+    """Whether training runs on CUDA GPUs: asked for (or ``auto``) and available."""
+    return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def precision_plugins(trainer_cfg: TrainerConfig) -> list:
+    """``16-mixed`` as a real fp16 autocast with a gradient scaler on every device (Lightning alone would turn
+    it into bf16 on the CPU); nothing for the other precisions."""
+    if check_precision(trainer_cfg.precision) != "16-mixed":
+        return []
+    return [MixedPrecision("16-mixed", "cuda" if uses_cuda(trainer_cfg) else "cpu")]
 
 
 def make_logger(trainer_cfg: TrainerConfig, log_dir: Path, name: str):
@@ -177,40 +286,58 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return out
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerConfig, pretrain: bool,
-        log_dir: Path, name: str, num_workers: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-        resume_from: str | os.PathLike | None = None, seed: int = 0) -> nn.Module:
-    """Train ``model`` on ``data`` for ``cfg.epochs`` with Lightning; returns the trained model (on the CPU).
+@dataclass
+class Fitted:
+    """What :func:`fit` returns: the trained model (on the CPU) and the steps the gradient scaler skipped."""
 
-    ``checkpoint_dir``: where ``last.ckpt`` (model with its pools, optimizer, scheduler, epoch) is written
-    after every epoch, when ``trainer_cfg.checkpoint`` is on. ``resume_from``: a checkpoint written so
-    (e.g. :func:`last_checkpoint`) to continue from instead of starting at epoch 0; ``model`` must be built
-    as for the original start (same architecture, pools frozen or not). ``seed`` seeds the data order.
+    model: nn.Module
+    skipped_steps: int
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerConfig, log_dir: Path, name: str,
+        pretrain: bool = False, params: Sequence[nn.Parameter] | None = None,
+        mask_params: Sequence[nn.Parameter] = (), mask_lr: float = 0.0,
+        after_step: Callable[[], None] | None = None, num_workers: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+        seed: int = 0) -> Fitted:
+    """Train ``model`` on ``data`` for ``cfg.epochs`` with Lightning; returns the trained model (on the CPU)
+    and the number of steps the gradient scaler skipped.
+
+    ``params``: what the main optimizer trains (default: every parameter that requires grad);
+    ``mask_params``: trained by Adam at ``mask_lr``; ``after_step``: called after every optimizer step, without
+    autograd. ``checkpoint_dir``: where ``last.ckpt`` (model with its pools, optimizers, schedulers, epoch) is
+    written after every epoch, when ``trainer_cfg.checkpoint`` is on. ``resume_from``: a checkpoint written so
+    (e.g. :func:`last_checkpoint`) to continue from instead of starting at epoch 0; ``model`` must be built as
+    for the original start. ``seed`` seeds the data order.
     """
     quiet_lightning()
-    precision = check_precision(trainer_cfg.precision)
-    logger = make_logger(trainer_cfg, Path(log_dir), name)
-    callbacks = []
+    if cfg.epochs < 1:
+        return Fitted(model.cpu(), 0)
+    callbacks: list = [StageProgressBar(name)] if trainer_cfg.progress_bar else []
     if checkpoint_dir is not None and trainer_cfg.checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir, filename=Path(LAST_CHECKPOINT).stem, every_n_epochs=1, save_top_k=1,
             enable_version_counter=False, save_on_train_epoch_end=True))
     if resume_from is not None and not Path(resume_from).is_file():
         raise NWSError(f"checkpoint {resume_from} does not exist")
+    plugins = precision_plugins(trainer_cfg)
     trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
-                        num_nodes=trainer_cfg.num_nodes, strategy=trainer_cfg.strategy, precision=precision,
-                        sync_batchnorm=trainer_cfg.sync_batchnorm, logger=logger, callbacks=callbacks,
-                        enable_checkpointing=bool(callbacks), enable_progress_bar=trainer_cfg.progress_bar,
-                        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, default_root_dir=log_dir)
-    module = NWSModule(model, cfg, pretrain=pretrain)
+                        num_nodes=trainer_cfg.num_nodes, strategy=trainer_cfg.strategy,
+                        precision=None if plugins else check_precision(trainer_cfg.precision), plugins=plugins,
+                        sync_batchnorm=trainer_cfg.sync_batchnorm, logger=make_logger(trainer_cfg, Path(log_dir), name),
+                        callbacks=callbacks, enable_checkpointing=checkpoint_dir is not None and trainer_cfg.checkpoint,
+                        enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False,
+                        log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        default_root_dir=log_dir)
+    module = TrainModule(model, cfg, pretrain=pretrain, params=params, mask_params=mask_params, mask_lr=mask_lr,
+                         after_step=after_step, max_skipped=trainer_cfg.max_skipped_steps)
     datamodule = TrainData(data, cfg.batch_size, num_workers=num_workers, seed=seed)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from),
                     weights_only=True)
     except (pickle.UnpicklingError, EOFError) as err:
         raise NWSError(f"checkpoint {resume_from} is unreadable ({str(err).splitlines()[0]})") from None
-    return revert_sync_batchnorm(module.model).cpu()
+    return Fitted(revert_sync_batchnorm(module.model).cpu(), module.skipped)
 
 
 @torch.no_grad()
@@ -252,7 +379,10 @@ def is_global_zero() -> bool:
         return False
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    return not (SLURMEnvironment.detect() and int(env.get("SLURM_PROCID", "0") or 0) != 0)
+    with warnings.catch_warnings():  # "srun is available but not used": a run may well be started without it
+        warnings.simplefilter("ignore")
+        slurm = SLURMEnvironment.detect()
+    return not (slurm and int(env.get("SLURM_PROCID", "0") or 0) != 0)
 
 
 def barrier() -> None:

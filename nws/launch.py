@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nws.config import parse_run_config
 from nws.errors import NWSError
 
 # --slurm keys: our name -> (submitit parameter, type).
@@ -85,7 +86,6 @@ def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Pat
     """
     import submitit
 
-    from nws.cli import parse_run_config
 
     if len(set(seeds)) != len(seeds) or not seeds:
         raise LaunchError("--seeds needs one or more distinct seeds")

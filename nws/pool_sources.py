@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from nws.convert import Exclude, convert, nws_layers
 from nws.errors import NWSError
 from nws.layers import NWSLayer
+from nws.models import create_model, list_models
 from nws.search import CHUNK_ELEMENTS, nearest
+from nws.spec import ModelSpec
 
 
 class CheckpointError(NWSError):
@@ -270,8 +272,6 @@ def model_from_state_dict(arch: str, state: Mapping[str, Tensor], what: str = "c
     drops the checkpoint's classifier entries (e.g. torchvision vgg16_bn's three-layer head, which the
     paper's single 1x1 classifier replaces) and keeps the builder's freshly initialised head.
     """
-    from nws.models import create_model, list_models
-
     if arch not in list_models():
         raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(list_models())}")
     try:
@@ -425,15 +425,13 @@ def first_conv_channels(model: nn.Module) -> int:
 def pools_from_checkpoint(path: str | os.PathLike, arch: str, pool_size: int = 512, group_size: int = 1,
                           kwargs: Mapping[str, Any] | None = None, exclude: Exclude = (), iters: int = 25,
                           seed: int = 0, zero_entry: bool = False,
-                          new_head: bool = False) -> tuple[nn.Module, Any, list[LayerReport]]:
+                          new_head: bool = False) -> tuple[nn.Module, ModelSpec, list[LayerReport]]:
     """k-means pools of the ordinary state dict in ``path`` loaded into ``nws.models`` builder ``arch``
     (``new_head``: see :func:`model_from_state_dict`).
 
-    Returns the converted model, its :class:`~nws.store.ModelSpec` (``in_channels`` read off the first
+    Returns the converted model, its :class:`~nws.spec.ModelSpec` (``in_channels`` read off the first
     convolution, so it equals what a run on that data builds) and the quantisation report.
     """
-    from nws.store import ModelSpec
-
     kwargs = dict(kwargs or {})
     state = state_dict_of(read_checkpoint(path), os.fspath(path))
     with torch.random.fork_rng(devices=[]):
@@ -447,26 +445,10 @@ def pools_from_checkpoint(path: str | os.PathLike, arch: str, pool_size: int = 5
     return model, spec, report
 
 
-def reference_pools(path: str | os.PathLike) -> tuple[nn.Module, Any, list[LayerReport]]:
-    """:func:`import_reference` with the :class:`~nws.store.ModelSpec` a run needs and the quantisation report
+def reference_pools(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, list[LayerReport]]:
+    """:func:`import_reference` with the :class:`~nws.spec.ModelSpec` a run needs and the quantisation report
     of the checkpoint's temporary weights against its pools."""
-    from nws.store import ModelSpec
-
     model, s = import_reference(path)
     spec = ModelSpec(REFERENCE_ARCH, s["num_classes"], {"in_channels": s["in_channels"], **REFERENCE_KWARGS},
                      s["pool_size"], s["group_size"])
     return model, spec, quantisation_report(model)
-
-
-def save_pools_dir(out: str | os.PathLike, model: nn.Module, spec: Any, source: dict[str, Any]) -> Any:
-    """Write ``model``'s pools and network as a pool-pretraining run directory (``TaskStore``: pools, source
-    network, manifest), which ``nws run --pretrained OUT`` starts its first task from. ``source`` is recorded
-    in the manifest. A directory that already holds a run is refused, so nothing is overwritten."""
-    from nws.store import TaskStore
-
-    store = TaskStore(out, create=True)
-    store.save_pools(model, spec)
-    store.save_source(model, spec)
-    store.manifest["source"] = source
-    store.write_manifest()
-    return store

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from nws.errors import NWSError
+from nws.errors import NWSError, StoreError
+from nws.metrics import (EXTRAPOLATE_TO, continual_metrics, extrapolate, memory_after_task, memory_total,
+                         shared_bytes)
+from nws.store import RunStore, TaskStore
 
-EXTRAPOLATE_TO = 100
 COLOURS = {"nws": "#d62728", "individual": "#7f7f7f", "finetune": "#1f77b4", "packnet": "#2ca02c",
            "piggyback": "#9467bd"}
 MARKERS = {"nws": "o", "piggyback": "s", "packnet": "^", "finetune": "v", "individual": "D"}
@@ -37,51 +39,6 @@ def _kb(n: float) -> str:
 
 def _size(n: float) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else _kb(n)
-
-
-# ----------------------------------------------------------------------------------- metrics
-
-
-def continual_metrics(tasks: list[dict[str, Any]]) -> dict[str, float]:
-    """Average final accuracy, backward transfer and forgetting of a sequence.
-
-    ``acc_final`` is a task's accuracy after the whole sequence, ``acc_after_training`` right after it was
-    learned. Backward transfer is the mean of ``acc_final - acc_after_training`` over all tasks but the
-    last (Lopez-Paz & Ranzato 2017); forgetting the mean of its losses, ``max(0, after - final)``. Both are
-    0 for fewer than two tasks.
-    """
-    final = [t.get("acc_final", t["acc_from_storage"]) for t in tasks]
-    earlier = [(t["acc_after_training"], f) for t, f in zip(tasks[:-1], final[:-1])]
-    return {"average_accuracy": sum(final) / max(len(final), 1),
-            "backward_transfer": sum(f - a for a, f in earlier) / len(earlier) if earlier else 0.0,
-            "forgetting": sum(max(0.0, a - f) for a, f in earlier) / len(earlier) if earlier else 0.0}
-
-
-def shared_bytes(results: dict[str, Any]) -> int:
-    """Bytes stored once for all tasks: NWS's pools, a baseline's shared network (0 for ``individual``)."""
-    mem = results["memory"]
-    return int(mem.get("shared", mem.get("pools", 0)))
-
-
-def memory_total(results: dict[str, Any]) -> int:
-    return shared_bytes(results) + int(results["memory"]["tasks_total"])
-
-
-def memory_after_task(results: dict[str, Any]) -> list[int]:
-    """Bytes on disk needed to serve tasks ``0..t``, after each task ``t``."""
-    if results.get("memory_after_task"):
-        return [int(m) for m in results["memory_after_task"]]
-    sizes = np.cumsum([sum(t["bytes"].values()) for t in results["tasks"]])
-    return [shared_bytes(results) + int(s) for s in sizes]
-
-
-def extrapolate(memory: list[float], tasks: int = EXTRAPOLATE_TO) -> float:
-    """Memory for ``tasks`` tasks, continuing the growth per task seen (a line through first and last)."""
-    n = len(memory)
-    if n == 0:
-        return 0.0
-    slope = (memory[-1] - memory[0]) / (n - 1) if n > 1 else memory[0]
-    return memory[-1] + slope * (tasks - n)
 
 
 # ----------------------------------------------------------------------------------- one run
@@ -111,7 +68,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     metrics = continual_metrics(tasks) if tasks else {"average_accuracy": 0.0, "backward_transfer": 0.0,
                                                       "forgetting": 0.0}
     method = results.get("method", "nws")
-    shared = "pools" if "pools" in mem else "shared network" if method != "piggyback" else "backbone"
+    shared = {"nws": "pools", "piggyback": "backbone"}.get(method, "shared network")
     lines += ["",
               f"Method **{method}**. Average accuracy (after the whole sequence): "
               f"**{100 * results['average_accuracy']:.2f}%** over {n} tasks; backward transfer "
@@ -121,6 +78,24 @@ def markdown_table(results: dict[str, Any]) -> str:
                f"Memory: tasks {_kb(mem['tasks_total'])}; ")
               + f"{n} float32 networks would take {_kb(n * mem['float32_model'])} ({_kb(mem['float32_model'])} each)."]
     return "\n".join(lines) + "\n"
+
+
+def sparsity_table(results: dict[str, Any]) -> str:
+    """Markdown lines of each task's kernel sparsity and accuracy (empty when no task recorded sparsity)."""
+    tasks = [t for t in results.get("tasks", []) if "sparsity" in t]
+    if not tasks:
+        return ""
+    lines = ["", "| task | kernel sparsity | acc. from storage |", "|---|---|---|"]
+    lines += [f"| {t['name']} | {100 * t['sparsity']['total']:.1f}% | {100 * t['acc_from_storage']:.2f}% |"
+              for t in tasks]
+    mean = sum(t["sparsity"]["total"] for t in tasks) / len(tasks)
+    lines += ["", f"Mean kernel sparsity (weights searched to a pool's zero entry): **{100 * mean:.1f}%**."]
+    return "\n".join(lines) + "\n"
+
+
+def run_markdown(results: dict[str, Any]) -> str:
+    """A run's ``results.md``: its table and, for sparse runs, the sparsity table."""
+    return markdown_table(results) + sparsity_table(results)
 
 
 # ----------------------------------------------------------------------------------- runs and groups
@@ -177,11 +152,13 @@ def load_run(path: str | Path) -> Run:
     except (ValueError, UnicodeDecodeError) as err:
         raise ReportError(f"{file} is corrupt ({err})") from None
     results = _check_results(results, str(file))
-    if "config" not in results and (path / "manifest.json").is_file():
+    if not isinstance(results.get("config"), dict):  # results written before they carried the config
         try:
-            results["config"] = json.loads((path / "manifest.json").read_text()).get("config") or {}
-        except (ValueError, UnicodeDecodeError):
-            results["config"] = {}
+            results["config"] = RunStore(path).manifest.get("config")
+        except StoreError as err:
+            raise ReportError(f"{file} lacks the run's config and the manifest cannot be read ({err})") from None
+        if not isinstance(results["config"], dict):
+            raise ReportError(f"{path}: neither results.json nor the manifest records the run's config")
     return Run(path, results)
 
 
@@ -222,6 +199,7 @@ class Group:
     forgetting: tuple[float, float] = (0.0, 0.0)
     memory: tuple[float, float] = (0.0, 0.0)
     memory_after_task: list[float] = field(default_factory=list)
+    shared: float = 0.0
     float32_model: float = 0.0
 
     @property
@@ -239,7 +217,7 @@ class Group:
                 "average_accuracy": ms(self.average_accuracy), "backward_transfer": ms(self.backward_transfer),
                 "forgetting": ms(self.forgetting), "memory": ms(self.memory),
                 "memory_after_task": self.memory_after_task,
-                f"memory_at_{EXTRAPOLATE_TO}_tasks": extrapolate(self.memory_after_task),
+                f"memory_at_{EXTRAPOLATE_TO}_tasks": extrapolate(self.memory_after_task, self.shared),
                 "float32_model": self.float32_model}
 
 
@@ -273,6 +251,7 @@ def aggregate(runs: list[Run]) -> list[Group]:
             forgetting=_mean_std([m["forgetting"] for m in metrics]),
             memory=_mean_std([memory_total(r.results) for r in members]),
             memory_after_task=[float(np.mean([a[i] for a in after])) for i in range(n)],
+            shared=float(np.mean([shared_bytes(r.results) for r in members])),
             float32_model=float(np.mean([r.results["memory"]["float32_model"] for r in members]))))
     rank = {m: i for i, m in enumerate(ORDER)}
     groups.sort(key=lambda g: (rank.get(g.method, len(ORDER)), g.label))
@@ -295,7 +274,7 @@ def comparison_table(groups: list[Group]) -> str:
         row = [g.label, str(n)] + [_pm(a, n) for a in g.acc_final]
         row += [f"**{_pm(g.average_accuracy, n)}**", _pm(g.backward_transfer, n, sign=True),
                 _size(g.memory[0]) + (f" ± {_size(g.memory[1])}" if n > 1 else ""),
-                _size(extrapolate(g.memory_after_task))]
+                _size(extrapolate(g.memory_after_task, g.shared))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -307,8 +286,6 @@ def pool_usage(path: str | Path) -> dict[str, Any]:
     """Per layer and task of an NWS run: the pool utilisation (distinct indices used / pool size), read from
     the task files; per task the fraction of all pool entries (over every layer) it uses, and the same for
     all tasks together; per layer its number of grouped kernels (the most entries a task can use)."""
-    from nws.store import TaskStore
-
     store = TaskStore(path)
     books, _ = store.pools()
     layers = list(books)
@@ -392,7 +369,7 @@ def plot_memory(groups: list[Group], out: Path) -> list[Path]:
         colour, marker = _colour(g, i), MARKERS.get(g.method, "o")
         ax.plot(np.arange(1, n + 1), mem, "-", marker=marker, color=colour, label=g.label, markersize=7 - i,
                 markerfacecolor="none" if i % 2 else colour)
-        at = extrapolate(list(mem))
+        at = extrapolate(list(mem), g.shared / 2**20)
         ax.plot([n, EXTRAPOLATE_TO], [mem[-1], at], "--", color=colour, alpha=0.7)
         ax.plot([EXTRAPOLATE_TO], [at], marker=marker, color=colour, markersize=6)
         ends.append(at)

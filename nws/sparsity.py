@@ -8,8 +8,6 @@ encourages its use during training. The search itself is unchanged: exact L2 nea
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -58,16 +56,3 @@ def kernel_sparsity(model: nn.Module) -> dict[str, object]:
 def has_zero_entry(model: nn.Module) -> bool:
     """Whether any pool of ``model`` has an all-zero entry (so its kernel sparsity is worth reporting)."""
     return any(bool(zero_entries(layer.pool.codebook).any()) for _, layer in nws_layers(model))
-
-
-def sparsity_table(results: dict[str, Any]) -> str:
-    """Markdown lines of each task's kernel sparsity and accuracy (empty when no task recorded sparsity)."""
-    tasks = [t for t in results.get("tasks", []) if "sparsity" in t]
-    if not tasks:
-        return ""
-    lines = ["", "| task | kernel sparsity | acc. from storage |", "|---|---|---|"]
-    lines += [f"| {t['name']} | {100 * t['sparsity']['total']:.1f}% | {100 * t['acc_from_storage']:.2f}% |"
-              for t in tasks]
-    mean = sum(t["sparsity"]["total"] for t in tasks) / len(tasks)
-    lines += ["", f"Mean kernel sparsity (weights searched to a pool's zero entry): **{100 * mean:.1f}%**."]
-    return "\n".join(lines) + "\n"

@@ -9,14 +9,13 @@ import math
 import pytest
 import torch
 
-from nws.baselines import METHODS, make_learner, open_run
-from nws.baselines.common import masked_layers, network_file, pack_masks, unpack_masks
 from nws.cli import main
-from nws.config import BaselineConfig, ModelConfig, RunConfig, TrainConfig, TrainerConfig
+from nws.config import BaselineConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, TrainerConfig
 from nws.data.digits import digits_benchmark
 from nws.engine import evaluate
-from nws.errors import NWSError
-from nws.learner import NWSLearner
+from nws.methods import METHODS, NWS, method_class, open_run
+from nws.methods.plain import masked_layers, network_file, pack_masks, unpack_masks
+from nws.runner import Runner
 from nws.store import task_file
 
 TASKS = 3
@@ -37,19 +36,19 @@ def small_config(out, method: str) -> RunConfig:
 def run_with_spy(tmp_path_factory, benchmark, method: str):
     """Run ``method``; capture each task's trained network (outputs on fixed inputs and state) right after it."""
     out = tmp_path_factory.mktemp(method) / "run"
-    learner = make_learner(small_config(out, method), benchmark, progress=False)
+    runner = Runner(small_config(out, method), benchmark, progress=False)
     x = benchmark.tasks[0].test.tensors[0][:32]
     captured = []
-    learn = learner.learn
+    learn = runner.method.learn
 
-    def spy(store, index):
-        model = learn(store, index).eval()
+    def spy(index):
+        model = learn(index).eval()
         with torch.no_grad():
             captured.append((model(x).clone(), {k: v.clone() for k, v in model.state_dict().items()}))
         return model
 
-    learner.learn = spy
-    results = learner.run()
+    runner.method.learn = spy
+    results = runner.run()
     return out, results, captured, x
 
 
@@ -88,13 +87,13 @@ def check_contract(out, results, shared: tuple[str, ...]):
     assert results["memory"]["tasks_total"] == sum(files[task_file(i)]["size"] for i in range(TASKS))
     assert set(files) == {"source.safetensors", *shared, *(task_file(i) for i in range(TASKS))}  # nothing stale
     assert results["memory"]["shared"] == sum(files[f]["size"] for f in shared)
+    assert results["memory"]["shared_files"] == {f: files[f]["size"] for f in shared}
     total = results["memory"]["shared"] + results["memory"]["tasks_total"]
     assert results["memory_after_task"][-1] == total
     steps = [b - a for a, b in zip(results["memory_after_task"], results["memory_after_task"][1:])]
     assert steps == [files[task_file(i)]["size"] for i in range(1, TASKS)]
     avg = sum(t["acc_final"] for t in results["tasks"]) / TASKS
     assert results["average_accuracy"] == pytest.approx(avg, abs=1e-12)
-    assert (out / "results.md").read_text().count("| digits") == TASKS
 
 
 def test_individual_memory_is_tasks_times_float32_model(individual):
@@ -180,11 +179,11 @@ def test_masks_pack_one_bit_per_weight():
     assert all(torch.equal(back[k], masks[k]) for k in masks)
 
 
-def test_make_learner_and_methods(tmp_path, benchmark):
-    assert METHODS == ("nws", "finetune", "individual", "packnet", "piggyback")
-    assert isinstance(make_learner(small_config(tmp_path, "nws"), benchmark), NWSLearner)
-    with pytest.raises(NWSError, match="unknown method"):
-        make_learner(small_config(tmp_path, "ewc"), benchmark)
+def test_method_registry(tmp_path, benchmark):
+    assert set(METHODS) == {"nws", "finetune", "individual", "packnet", "piggyback"}
+    assert method_class("nws") is NWS and all(METHODS[m].name == m for m in METHODS)
+    with pytest.raises(ConfigError, match="unknown method"):
+        method_class("ewc")
 
 
 def test_cli_method_errors_are_one_line(capsys, tmp_path):

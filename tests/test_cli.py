@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nws.cli import main, parse_run_config
+from nws.cli import main
+from nws.config import parse_run_config
 from nws.config import RunConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -59,3 +60,42 @@ def test_no_traceback_from_the_console_script(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model.name", "foo"], "model.name"),
+    (["--model.pool_size", "0"], "model.pool_size"),
+    (["--model.group_size", "0"], "model.group_size"),
+    (["--task.lr", "-1"], "task.lr"),
+    (["--task.epochs", "-1"], "task.epochs"),
+    (["--model.init", "foo"], "model.init"),
+    (["--model.kwargs", "{nonsense: 1}"], "model.kwargs"),
+    (["--method", "foo"], "method"),
+    (["--data.name", "foo"], "data.name"),
+    (["--data.name", "folders", "--data.tasks", "[/no/such/task]"], "data.tasks"),
+    (["--pretrained", "/no/such/run"], "/no/such/run"),
+    (["--method", "packnet", "--trainer.devices", "2"], "trainer.devices"),
+])
+def test_bad_values_are_refused_before_anything_is_written(tmp_path, args, needle):
+    """One line naming the key, exit 2, no traceback, and no output directory."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "nws.cli", "demo", "--out", str(out), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1 and needle in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("just some text, not settings\n" * 50, "not a YAML mapping"),
+    ("- a\n- list\n", "not a YAML mapping"),
+    ("key: [unclosed\n", "cannot parse it as YAML"),
+    (b"\xff\xfe\x00binary", "cannot be read as text"),
+])
+def test_a_config_that_is_not_a_yaml_mapping_is_one_short_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and len(err) < 200 and "just some text" not in err
+    assert not (tmp_path / "out").exists()

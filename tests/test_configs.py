@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from scale_data import make_cifar100_archive, make_cub2sketches, make_image_folders
 
-from nws.cli import main, parse_run_config
+from nws.cli import main
+from nws.config import parse_run_config
 from nws.config import BaselineConfig
 from nws.convert import convert, nws_layers
 from nws.data.cifar100 import SUPERCLASSES
@@ -23,7 +24,7 @@ from nws.store import TaskStore
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 # The reference page (shared/nws-reference.md, "Benchmarks and settings").
-SGD = {"momentum": 0.9, "nesterov": True, "weight_decay": 4e-5, "gamma": 0.1, "sparsity": 0.0}
+SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 4e-5, "gamma": 0.1, "sparsity": 0.0}
 TASK_CIFAR = {**SGD, "epochs": 100, "batch_size": 32, "lr": 0.01, "beta": 0.5, "decay_epochs": [50, 80]}
 TASK_CUB = {**SGD, "epochs": 100, "batch_size": 32, "lr": 0.001, "beta": 0.1, "decay_epochs": [50, 80]}
 PRETRAIN = {**SGD, "epochs": 160, "batch_size": 2048, "lr": 0.01, "beta": 0.5, "decay_epochs": [100]}

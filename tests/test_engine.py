@@ -16,8 +16,8 @@ from torch.utils.data import TensorDataset
 
 from nws.cli import main
 from nws.config import TrainConfig, TrainerConfig
-from nws.convert import commitment_loss, convert, nws_layers, update_pools
-from nws.engine import (NWSModule, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm,
+from nws.convert import convert, nws_layers
+from nws.engine import (NonFiniteError, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm,
                         shutdown_distributed)
 from nws.errors import NWSError
 from nws.models import create_model
@@ -61,7 +61,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     model = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(devices=2, strategy="ddp", checkpoint=False, **CPU),
-                pretrain=True, log_dir=Path(out), name="ddp", seed=7)
+                pretrain=True, log_dir=Path(out), name="ddp", seed=7).model
     torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
     # The reduction itself, on statistics that differ per rank: every rank ends with their mean.
     pools = [KernelPool(4, 2), KernelPool(3, 5)]
@@ -89,7 +89,7 @@ def test_ddp_pools_identical_on_ranks_and_equal_to_one_process(tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical pools (and weights) on both
     # One process on the same global batch (16 = 2 ranks x 8), the same data order.
     single = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(checkpoint=False, **CPU), pretrain=True,
-                 log_dir=tmp_path, name="one", seed=7).state_dict()
+                 log_dir=tmp_path, name="one", seed=7).model.state_dict()
     start = tiny_model().state_dict()
     for key, value in ranks[0].items():
         if ".pool." in key:
@@ -114,44 +114,77 @@ def _big_model() -> nn.Module:
     return convert(model, pool_size=32, init="kernels", seed=1)
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_mixed_precision_pretraining_stays_finite(dtype):
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_pretraining_stays_finite(tmp_path, precision):
+    """Weights of |w| ~ 300, where the reference's half-precision search overflows: the pools stay fp32, finite,
+    and every searched entry is the exact nearest one."""
     model = _big_model()
     kernels = next(layer for _, layer in nws_layers(model)).kernels().detach()
-    # The overflow the reference hits: squared distances in half precision are infinite at these weights.
-    assert torch.isinf((kernels.half() ** 2).sum(1)).any()
-    module = NWSModule(model, TrainConfig(lr=1e-4, beta=0.5), pretrain=True)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    for step in range(3):
-        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(4, (8,), generator=g)
-        with torch.autocast("cpu", dtype=dtype):
-            loss = module.training_step((x, y), step)
-            commit = commitment_loss(model)
-        assert torch.isfinite(loss) and torch.isfinite(commit)
-        assert loss.dtype == torch.float32
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_pools(model)
-        for name, layer in nws_layers(model):
-            pool = layer.pool
-            assert pool.codebook.dtype == pool.cluster_size.dtype == pool.embed_sum.dtype == torch.float32, name
-            assert torch.isfinite(pool.codebook).all() and torch.isfinite(pool.embed_sum).all(), name
-            assert torch.equal(layer.search(), brute_force_nearest(layer.kernels().detach(), pool.codebook)), name
-
-
-def test_mixed_precision_through_lightning(tmp_path):
-    model = _big_model()
+    assert torch.isinf((kernels.half() ** 2).sum(1)).any()  # squared distances overflow in half precision
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(4, (32,), generator=g))
     out = fit(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-4),
-              TrainerConfig(precision="bf16-mixed", checkpoint=False, **CPU), pretrain=True, log_dir=tmp_path,
-              name="amp")
-    for _, layer in nws_layers(out):
-        assert layer.pool.codebook.dtype == torch.float32 and torch.isfinite(layer.pool.codebook).all()
-        assert layer.weight.dtype == torch.float32
+              TrainerConfig(precision=precision, checkpoint=False, **CPU), pretrain=True, log_dir=tmp_path,
+              name="amp").model
+    for name, layer in nws_layers(out):
+        pool = layer.pool
+        assert pool.codebook.dtype == pool.cluster_size.dtype == pool.embed_sum.dtype == torch.float32, name
+        assert layer.weight.dtype == torch.float32, name
+        assert torch.isfinite(pool.codebook).all() and torch.isfinite(pool.embed_sum).all(), name
+        assert torch.equal(layer.search(), brute_force_nearest(layer.kernels().detach(), pool.codebook)), name
+
+
+class _Overflow(L.Callback):
+    """Makes the loss of step ``at`` overflow in fp16 (its inputs scaled far beyond fp16's range)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            batch[0].mul_(1e30)
+
+
+def _tiny_fit(tmp_path, precision: str, callbacks: list, monkeypatch, **trainer):
+    original = L.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", init)
+    return fit(tiny_model(), tiny_data(), TrainConfig(epochs=1, batch_size=16, lr=0.1),
+               TrainerConfig(precision=precision, checkpoint=False, **CPU, **trainer), log_dir=tmp_path, name="t")
+
+
+def test_an_overflowing_step_is_skipped_and_counted_under_the_scaler(tmp_path, monkeypatch):
+    fitted = _tiny_fit(tmp_path, "16-mixed", [_Overflow(1)], monkeypatch)
+    assert fitted.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in fitted.model.parameters())
+
+
+def test_overflow_stops_at_once_without_a_scaler(tmp_path, monkeypatch):
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        _tiny_fit(tmp_path, "32-true", [_Overflow(1)], monkeypatch)
+
+
+def test_too_many_skipped_steps_in_a_row_stop(tmp_path, monkeypatch):
+    class Always(_Overflow):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batch[0].mul_(1e30)
+
+    with pytest.raises(NonFiniteError, match="in a row overflowed"):
+        _tiny_fit(tmp_path, "16-mixed", [Always(0)], monkeypatch, max_skipped_steps=2)
+
+
+def test_a_non_finite_weight_stops_under_the_scaler_too(tmp_path, monkeypatch):
+    class Poison(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.model.conv2.weight[0, 0, 0, 0] = float("nan")
+
+    with pytest.raises(NonFiniteError, match="non-finite weight conv2.weight"):
+        _tiny_fit(tmp_path, "16-mixed", [Poison()], monkeypatch)
 
 
 @pytest.mark.parametrize("precision", ["16-true", "bf16-true", "fp8"])
@@ -160,13 +193,11 @@ def test_half_precision_weights_are_refused(precision):
         check_precision(precision)
 
 
-def test_missing_logger_package_is_one_line(tmp_path):
+def test_missing_logger_package_is_one_line(tmp_path, monkeypatch):
     for kind in ("tensorboard", "wandb"):
-        try:
-            __import__(kind)
-        except ImportError:
-            with pytest.raises(NWSError, match=f"pip install {kind}"):
-                make_logger(TrainerConfig(logger=kind), tmp_path, "x")
+        monkeypatch.setitem(__import__("sys").modules, kind, None)  # as if the package were not installed
+        with pytest.raises(NWSError, match=f"pip install {kind}"):
+            make_logger(TrainerConfig(logger=kind), tmp_path, "x")
     with pytest.raises(NWSError, match="trainer.logger must be one of"):
         make_logger(TrainerConfig(logger="mlflow"), tmp_path, "x")
 
@@ -206,7 +237,7 @@ def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path,
     trainer_cfg = TrainerConfig(**CPU)
     torch.manual_seed(0)
     full = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="a",
-               checkpoint_dir=tmp_path / "a", seed=5)
+               checkpoint_dir=tmp_path / "a", seed=5).model
     crash_at(1)
     torch.manual_seed(0)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
@@ -217,7 +248,7 @@ def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path,
     assert checkpoint is not None and torch.load(checkpoint, weights_only=True)["epoch"] == 0
     torch.manual_seed(1)  # a different start: everything comes from the checkpoint
     resumed = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b",
-                  checkpoint_dir=tmp_path / "b", resume_from=checkpoint, seed=5)
+                  checkpoint_dir=tmp_path / "b", resume_from=checkpoint, seed=5).model
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights, pools, EMA, BatchNorm
     with pytest.raises(NWSError, match="does not exist"):
@@ -256,6 +287,13 @@ def test_resumed_run_continues_the_interrupted_task_from_its_checkpoint(tmp_path
         assert (tmp_path / "full" / f"task_{i:03d}.safetensors").read_bytes() == \
             (tmp_path / "cut" / f"task_{i:03d}.safetensors").read_bytes()
     assert [t["acc_from_storage"] for t in full.tasks()] == [t["acc_from_storage"] for t in cut.tasks()]
+
+
+def test_the_progress_bar_names_the_stage(tmp_path, capfd):
+    fit(tiny_model(), tiny_data(32), TrainConfig(epochs=2, batch_size=16),
+        TrainerConfig(accelerator="cpu", logger="csv", checkpoint=False), log_dir=tmp_path, name="task_007")
+    shown = "".join(capfd.readouterr())  # tqdm writes to stdout under Lightning
+    assert "task_007 epoch 1/2" in shown and "task_007 epoch 2/2" in shown and "v_num" not in shown
 
 
 def test_revert_sync_batchnorm():

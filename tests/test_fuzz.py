@@ -123,3 +123,17 @@ def test_manifest_content_of_any_shape(store, path, value):
     elif isinstance(node, list) and node:
         node[0] = value
     _read_manifest(manifest_bytes(manifest))
+
+
+@pytest.mark.parametrize("field, value", [("method", 5), ("method", ["packnet"]), ("method", "ewc"),
+                                          ("model", "convnet"), ("model", {"name": 3, "kwargs": {}})])
+def test_a_bad_method_or_model_entry_is_a_store_error(tmp_path, field, value):
+    """Fields only the baselines' manifests use are checked as NWS's are: one error type, never a crash."""
+    from nws.methods import open_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"format": "nws-run", "version": 1, "files": {}, "tasks": [], field: value}
+    (run / MANIFEST).write_bytes(manifest_bytes(manifest))
+    with pytest.raises(StoreError):
+        open_run(str(run))

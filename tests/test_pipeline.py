@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nws.cli import main
+from nws.convert import nws_layers
 from nws.store import TaskStore, task_file
 
 SMALL = ["--pretrain.epochs", "2", "--task.epochs", "2", "--model.pool_size", "64", "--trainer.logger", "none"]
@@ -33,9 +34,10 @@ def test_results_contract(demo_run):
         assert set(t["bytes"]) == {"indices", "batchnorm", "other"}
     avg = sum(t["acc_from_storage"] for t in results["tasks"]) / 5
     assert results["average_accuracy"] == pytest.approx(avg, abs=1e-12)
-    assert set(results["memory"]) == {"pools", "tasks_total", "float32_model"}
+    assert set(results["memory"]) == {"shared", "shared_files", "tasks_total", "float32_model"}
     files = json.loads((demo_run / "manifest.json").read_text())["files"]
-    assert results["memory"]["pools"] == files["pools.safetensors"]["size"]
+    assert results["memory"]["shared"] == files["pools.safetensors"]["size"]
+    assert results["memory"]["shared_files"] == {"pools.safetensors": files["pools.safetensors"]["size"]}
     assert results["memory"]["tasks_total"] == sum(files[task_file(i)]["size"] for i in range(5))
     for t, i in zip(results["tasks"], range(5)):
         assert sum(t["bytes"].values()) == files[task_file(i)]["size"]
@@ -50,15 +52,34 @@ def test_rebuilt_in_fresh_process_matches(demo_run):
     assert accs == pytest.approx([t["acc_after_training"] for t in results["tasks"]], abs=5e-5)
 
 
-def test_tasks_start_from_previous_and_pools_frozen(demo_run):
-    store = TaskStore(demo_run)
-    books, _ = store.pools()
-    source = store.load_source()
-    for name, layer in source.named_modules():
-        if hasattr(layer, "pool"):
-            assert torch.equal(layer.pool.codebook, books[name])
-    outputs = [store.model(i)(torch.zeros(1, 1, 8, 8)) for i in range(5)]
-    assert all(o.shape == (1, 2) for o in outputs)
+def test_each_task_starts_from_its_predecessor_rebuilt_from_storage(tmp_path, monkeypatch):
+    """The network each task's training starts from equals the previous task rebuilt from its files (task 0:
+    the stored source network), weights, BatchNorm and frozen pools alike; only the classifier is resized."""
+    import nws.methods.base
+
+    starts, ends, fit = {}, {}, nws.methods.base.fit
+
+    def spy(model, data, cfg, trainer_cfg, log_dir, name, **kwargs):
+        starts[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert all(not layer.pool.trainable for _, layer in nws_layers(model)) or name == "pretrain"
+        fitted = fit(model, data, cfg, trainer_cfg, log_dir, name, **kwargs)
+        ends[name] = {k: v.clone() for k, v in fitted.model.state_dict().items()}
+        return fitted
+
+    monkeypatch.setattr(nws.methods.base, "fit", spy)
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), *SMALL, "--data.num_tasks", "3"]) == 0
+    store = TaskStore(out)
+    for i in range(3):
+        expected = (store.load_source() if i == 0 else store.model(i - 1)).state_dict()
+        start = starts[f"task_{i:03d}"]
+        assert start.keys() == expected.keys()
+        for key, value in expected.items():
+            if key.startswith("fc."):  # resized to the task's 2 classes: the rows it keeps
+                value = value[: start[key].shape[0]]
+            assert torch.equal(start[key], value), (i, key)
+    # Training leaves the temporary weights off their entries: the next task does not start from those.
+    assert not torch.equal(ends["task_000"]["features.4.weight"], starts["task_001"]["features.4.weight"])
 
 
 def test_existing_run_is_not_overwritten(demo_run, capsys):

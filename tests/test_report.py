@@ -10,13 +10,15 @@ import warnings
 import numpy as np
 import pytest
 
-from nws.baselines.compare import compare
 from nws.cli import main
+from nws.compare import compare
 from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig
+from nws.convert import nws_layers
 from nws.data.digits import digits_benchmark
-from nws.learner import NWSLearner
-from nws.report import (aggregate, comparison_table, continual_metrics, extrapolate, find_runs, markdown_table,
-                        pool_usage, write_report)
+from nws.errors import NWSError
+from nws.metrics import continual_metrics, extrapolate
+from nws.report import aggregate, comparison_table, find_runs, markdown_table, pool_usage, write_report
+from nws.runner import run
 from nws.store import TaskStore
 
 
@@ -48,10 +50,11 @@ def test_continual_metrics_exact():
     assert continual_metrics(tasks[:1])["backward_transfer"] == 0.0
 
 
-def test_extrapolation_is_linear_in_tasks():
-    assert extrapolate([100, 150, 200]) == 200 + 50 * 97
-    assert extrapolate([300]) == 300 * 100
-    assert extrapolate([1000, 1000, 1000]) == 1000
+def test_extrapolation_grows_by_the_mean_task_and_never_multiplies_the_shared_files():
+    assert extrapolate([100, 150, 200], shared=50) == 200 + 50 * 97  # tasks of 50 bytes each
+    assert extrapolate([300], shared=200) == 300 + 100 * 99  # one task of 100 bytes; the 200 shared stay 200
+    assert extrapolate([1000, 1000, 1000], shared=1000) == 1000  # tasks that cost nothing
+    assert extrapolate([], shared=7) == 7
 
 
 def test_seed_aggregation_mean_and_std(tmp_path):
@@ -89,6 +92,16 @@ def test_report_rejects_missing_and_malformed_runs(tmp_path, capsys):
     assert err.count("\n") == 1 and "not a results file" in err
 
 
+def test_report_refuses_a_run_whose_config_cannot_be_read(tmp_path, capsys):
+    results = fake_results("packnet", 0, [1.0, 1.0], [1.0, 1.0], 10)
+    del results["config"]
+    write_run(tmp_path / "old", results)
+    (tmp_path / "old" / "manifest.json").write_text("{not json")
+    assert main(["report", str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks the run's config and the manifest cannot be read" in err
+
+
 @pytest.fixture(scope="module")
 def nws_run(tmp_path_factory):
     b = digits_benchmark(seed=0)
@@ -97,7 +110,7 @@ def nws_run(tmp_path_factory):
     config = RunConfig(seed=0, out=str(out), model=ModelConfig(kwargs={"widths": [8, 16]}, pool_size=16),
                        pretrain=TrainConfig(epochs=1), task=TrainConfig(epochs=1),
                        trainer=TrainerConfig(logger="none", progress_bar=False, checkpoint=False))
-    NWSLearner(config, benchmark, progress=False).run()
+    run(config, benchmark, progress=False)
     return out, benchmark
 
 
@@ -107,23 +120,30 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
     assert results["method"] == "nws"
     assert all(t["acc_final"] == t["acc_from_storage"] for t in results["tasks"])
     sizes = [sum(t["bytes"].values()) for t in results["tasks"]]
-    pools = results["memory"]["pools"]
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    pools = files["pools.safetensors"]["size"]
+    assert results["memory"]["shared"] == pools and results["memory"]["shared_files"] == {"pools.safetensors": pools}
     assert results["memory_after_task"] == [pools + sizes[0], pools + sizes[0] + sizes[1]]
     assert "| acc. final |" in markdown_table(results)
 
 
 def test_pool_usage_counts_distinct_indices(nws_run):
+    """Checked against the rebuilt networks: the entries a task uses are its distinct searched kernels."""
     out, _ = nws_run
     usage = pool_usage(out)
     store = TaskStore(out)
-    assert usage["layers"] == list(store.pools()[0])
-    util = np.asarray(usage["utilisation"])
-    assert util.shape == (len(usage["layers"]), 2)
-    sizes = np.asarray(usage["pool_sizes"])
-    counts = util * sizes[:, None]
-    assert np.allclose(counts, np.round(counts)) and (counts >= 1).all() and (util <= 1).all()
-    assert usage["task_fraction"] == pytest.approx((counts.sum(0) / sizes.sum()).tolist())
-    assert max(usage["task_fraction"]) <= usage["all_tasks_fraction"] <= 1
+    books, _ = store.pools()
+    assert usage["layers"] == list(books)
+    used = []  # per task, per layer: the distinct searched kernels of the network rebuilt from storage
+    for t in range(2):
+        layers = dict(nws_layers(store.model(t)))
+        used.append([{tuple(k.tolist()) for k in layers[name].kernels(layers[name].searched_weight())}
+                     for name in usage["layers"]])
+    sizes = [books[name].shape[0] for name in usage["layers"]]
+    assert usage["utilisation"] == [[len(used[t][i]) / sizes[i] for t in range(2)] for i in range(len(sizes))]
+    assert usage["task_fraction"] == pytest.approx([sum(len(u) for u in per) / sum(sizes) for per in used])
+    union = sum(len(used[0][i] | used[1][i]) for i in range(len(sizes)))
+    assert usage["all_tasks_fraction"] == pytest.approx(union / sum(sizes))
 
 
 def test_write_report_files(nws_run, tmp_path):
@@ -147,7 +167,7 @@ def test_write_report_files(nws_run, tmp_path):
 def test_compare_runs_every_method_and_reports(tmp_path, monkeypatch):
     b = digits_benchmark(seed=0)
     small = dataclasses.replace(b, tasks=b.tasks[:2])
-    monkeypatch.setattr("nws.baselines.compare.benchmark_from_config", lambda data, seed: small)
+    monkeypatch.setattr("nws.compare.benchmark_from_config", lambda data, seed: small)
     config = RunConfig(seed=0, model=ModelConfig(kwargs={"widths": [8]}, pool_size=8),
                        pretrain=TrainConfig(epochs=1), task=TrainConfig(epochs=1),
                        trainer=TrainerConfig(logger="none", progress_bar=False, checkpoint=False))
@@ -161,7 +181,7 @@ def test_compare_runs_every_method_and_reports(tmp_path, monkeypatch):
     shas = {json.loads((tmp_path / "cmp" / m / "manifest.json").read_text())["files"]["source.safetensors"]["sha256"]
             for m in ("finetune", "individual", "packnet", "piggyback")}
     assert len(shas) == 1  # one plain backbone, trained once, shared
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(NWSError, match="already holds a run"):
         compare(config, tmp_path / "cmp", progress=False)
 
 

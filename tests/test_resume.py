@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nws.baselines import open_run
+from nws.methods import open_run
 from nws.cli import main
 from nws.store import CRASH_ENV, MANIFEST, POOLS, SOURCE, TaskStore, task_file
 
@@ -115,7 +115,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
 
     from store_fixtures import make_store
 
-    from nws.cli import parse_run_config
+    from nws.config import parse_run_config
 
     out = make_store(tmp_path / "run", num_tasks=1).root
     store = TaskStore(out)
@@ -140,7 +140,7 @@ def test_resume_refuses_a_damaged_finished_task(tmp_path, capsys):
 
 @pytest.mark.parametrize("fault, message", [
     ("loss", r"non-finite loss .* at epoch 0 step \d+"),
-    ("weight", r"non-finite weight in layer [\w.]+ at step \d+"),
+    ("weight", r"non-finite weight [\w.]+ at epoch \d+ step \d+"),
 ])
 def test_non_finite_values_stop_the_task_and_keep_earlier_ones(tmp_path, capsys, monkeypatch, fault, message):
     """Task 2 is poisoned (NaN inputs, or an infinite learning rate): exit code 2 and one line naming the
@@ -149,10 +149,10 @@ def test_non_finite_values_stop_the_task_and_keep_earlier_ones(tmp_path, capsys,
 
     import torch
 
-    import nws.learner
+    import nws.methods.base
 
     out = tmp_path / "run"
-    real_fit = nws.learner.fit
+    real_fit = nws.methods.base.fit
 
     class NaNInputs(torch.utils.data.Dataset):
         def __init__(self, data):
@@ -172,7 +172,7 @@ def test_non_finite_values_stop_the_task_and_keep_earlier_ones(tmp_path, capsys,
             cfg = dataclasses.replace(cfg, lr=float("inf"))
         return real_fit(model, data, cfg, *args, name=name, **kwargs)
 
-    monkeypatch.setattr(nws.learner, "fit", poisoned_fit)
+    monkeypatch.setattr(nws.methods.base, "fit", poisoned_fit)
     # (--resume with no run in --out starts a new run)
     assert main(["demo", "--out", str(out), *TINY, "--resume"]) == 2
     err = capsys.readouterr().err
@@ -182,7 +182,7 @@ def test_non_finite_values_stop_the_task_and_keep_earlier_ones(tmp_path, capsys,
     kept = snapshot(out, [POOLS, SOURCE, task_file(0), task_file(1)])
     TaskStore(out).check()
 
-    monkeypatch.setattr(nws.learner, "fit", real_fit)
+    monkeypatch.setattr(nws.methods.base, "fit", real_fit)
     assert main(["demo", "--out", str(out), *TINY, "--resume"]) == 0
     assert snapshot(out, list(kept)) == kept
     assert listed(out) == [0, 1, 2, 3, 4]
@@ -212,7 +212,7 @@ def test_killed_baseline_resumes_to_the_uninterrupted_files(tmp_path, method):
         store.model(t["index"])
     proc = demo(out, "--resume", *args, stdout=subprocess.PIPE)  # killed again while training task 3
     for line in proc.stdout:
-        if line.startswith(f"[{method}:task_003]"):
+        if line.startswith("[task_003]"):
             proc.kill()
             break
     assert proc.wait(timeout=300) == -signal.SIGKILL
@@ -237,3 +237,24 @@ def test_resuming_a_baseline_run_as_another_method_is_refused(tmp_path, capsys):
     assert main(["demo", "--out", str(out), *TINY, "--method", "finetune", "--resume"]) == 2
     assert "holds a run of method individual, not finetune" in capsys.readouterr().err
     assert snapshot(out, list(before)) == before
+
+
+def test_sigterm_mid_task_exits_143_and_the_run_resumes(tmp_path):
+    """SIGTERM (scancel, a scheduler's time limit) is not a success: one line, exit 143; --resume finishes."""
+    import time
+
+    out = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k != CRASH_ENV}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nws.cli", "demo", "--out", str(out), *TINY, "--task.epochs", "40"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "checkpoints" / "task_001" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # task 1 is training: its first epoch is checkpointed
+    assert proc.wait(timeout=300) == 143
+    err = proc.stderr.read()
+    assert err.count("\n") == 1 and "terminated (SIGTERM)" in err and "--resume" in err
+    assert listed(out) == [0] and not (out / "results.json").exists()
+    assert demo(out, "--resume", "--task.epochs", "40", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    assert listed(out) == [0, 1, 2, 3, 4]

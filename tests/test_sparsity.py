@@ -47,27 +47,32 @@ def test_kmeans_pools_with_zero_entry():
 
 
 def test_kernel_sparsity_counts_kernels_at_the_zero_entry():
-    model = nws.convert(small(), pool_size=16, init="kernels", zero_entry=True)
-    layer = model.features[4]
-    with torch.no_grad():
-        layer.weight[:5] = 0.0  # 5 output channels of 8 input channels: 40 of 128 kernels
+    """Kernels set exactly on chosen entries: 2 of the 8 kernels of features.0 (d 9), 40 of the 128 of
+    features.4 (d 9) and 6 of the 48 of fc (d 1) on the zero entry."""
+    model = nws.convert(small(), pool_size=16, zero_entry=True)
+    nws.freeze_pools(model)
+    zeros = {"features.0": 2, "features.4": 40, "fc": 6}
+    codes = {}
+    for name, layer in nws_layers(model):
+        indices = torch.arange(layer.num_kernels) % 15 + 1  # nonzero entries (random normal vectors)
+        indices[: zeros[name]] = 0
+        codes[name] = indices[torch.randperm(layer.num_kernels, generator=torch.Generator().manual_seed(1))]
+    nws.decode(model, codes)
     report = kernel_sparsity(model)
-    indices = layer.search()
-    assert (indices[:40] == 0).all()  # zero kernels search to the zero entry (ties go to the lowest index)
-    assert report["layers"]["features.4"] == (indices == 0).sum().item() / 128
-    counted = sum(int((l.search() == 0).sum()) * l.pool.dim for _, l in nws_layers(model))
-    total = sum(l.num_kernels * l.pool.dim for _, l in nws_layers(model))
-    assert report["total"] == counted / total
+    assert report["layers"] == {"features.0": 2 / 8, "features.4": 40 / 128, "fc": 6 / 48}
+    assert report["total"] == (2 * 9 + 40 * 9 + 6 * 1) / (8 * 9 + 128 * 9 + 48 * 1)
     assert kernel_sparsity(nws.convert(small(), pool_size=16, init="kernels"))["total"] == 0.0
 
 
 def test_sparsity_loss_is_group_lasso_with_finite_gradient_at_zero():
+    """features.0 all zero, every other weight 1: kernel norms 0 (8 kernels), 3 (128 kernels of 9 ones) and
+    1 (48 fc kernels of one weight)."""
     model = nws.convert(small(), pool_size=16, zero_entry=True)
     with torch.no_grad():
-        model.features[0].weight.zero_()
+        for name, layer in nws_layers(model):
+            layer.weight.fill_(0.0 if name == "features.0" else 1.0)
     loss = sparsity_loss(model)
-    expected = torch.cat([torch.linalg.vector_norm(l.kernels(), dim=1) for _, l in nws_layers(model)]).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((8 * 0 + 128 * 3 + 48 * 1) / (8 + 128 + 48), rel=1e-6)
     loss.backward()
     assert all(torch.isfinite(l.weight.grad).all() for _, l in nws_layers(model))
     assert torch.equal(model.features[0].weight.grad, torch.zeros_like(model.features[0].weight))

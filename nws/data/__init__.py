@@ -1,49 +1,29 @@
 """Benchmarks as task sequences: a source task for pool pretraining, then the tasks to learn in order.
 
 Known benchmarks (``data.name``): ``digits`` (embedded, no files), ``split_cifar100`` (20 superclass tasks),
-``cub2sketches`` (five fine-grained data sets) and ``imagenet`` (pool pretraining alone, no tasks).
+``cub2sketches`` (five fine-grained data sets), ``imagenet`` (pool pretraining alone, no tasks) and
+``folders`` (your own sequence of image-folder tasks, ``data.tasks``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-from torch.utils.data import Dataset
-
+from nws.data.base import Benchmark, Task
 from nws.errors import NWSError
 
-
-@dataclass
-class Task:
-    """One classification task; labels in ``train``/``test`` are ``0 .. len(classes)-1``."""
-
-    name: str
-    classes: list[str]
-    train: Dataset
-    test: Dataset
-
-
-@dataclass
-class Benchmark:
-    """The source task the pools are pretrained on (``None`` when the pools come from a pretraining run),
-    and the tasks learned one after another."""
-
-    source: Task | None
-    tasks: list[Task]
-    in_channels: int
-
-
-BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "imagenet")
+BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "imagenet", "folders")
 
 
 def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: str | None = None,
                    source_root: str | None = None, num_tasks: int | None = None,
-                   image_size: int | None = None) -> Benchmark:
+                   image_size: int | None = None, tasks: list[str] | None = None) -> Benchmark:
     """The benchmark called ``name`` (data under ``root`` where it needs files).
 
     ``source`` picks the pool-pretraining task (``None``: the benchmark's own default; ``imagenet`` reads
-    ImageNet folders at ``source_root``; ``cifar100``; ``none``), ``num_tasks`` keeps only the first tasks
-    (indices unchanged), ``image_size`` is the input side for image-folder data (default 224).
+    ImageNet folders at ``source_root``; ``cifar100``; ``none``; for ``folders``, a folder), ``num_tasks`` keeps
+    only the first tasks (indices unchanged), ``image_size`` is the input side for image-folder data (default
+    224), ``tasks`` the task folders of ``folders``.
     """
     if name == "digits":
         from nws.data.digits import digits_benchmark
@@ -66,16 +46,21 @@ def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: st
         from nws.data.folders import imagenet
 
         bench = imagenet(root, source, source_root, image_size)
+    elif name == "folders":
+        from nws.data.folders import folders
+
+        bench = folders(tasks, source, image_size)
     else:
-        raise NWSError(f"unknown data set {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise NWSError(f"data.name: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     if num_tasks is not None:
-        if num_tasks < 0:
-            raise NWSError(f"data.num_tasks must be at least 0, got {num_tasks}")
         bench.tasks = bench.tasks[:num_tasks]
     return bench
 
 
-def benchmark_from_config(data, seed: int) -> Benchmark:
+def benchmark_from_config(data: Any, seed: int) -> Benchmark:
     """:func:`load_benchmark` for a ``DataConfig``."""
     return load_benchmark(data.name, data.root, seed=seed, source=data.source, source_root=data.source_root,
-                          num_tasks=data.num_tasks, image_size=data.image_size)
+                          num_tasks=data.num_tasks, image_size=data.image_size, tasks=data.tasks)
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "Task", "benchmark_from_config", "load_benchmark"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from nws.data import Benchmark, Task
+from nws.data.base import Benchmark, Task
 from nws.data.download import OfflineError, download, md5sum, safe_extract
 from nws.data.transforms import cifar_transforms
 from nws.errors import NWSError

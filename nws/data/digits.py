@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from nws.data import Benchmark, Task
+from nws.data.base import Benchmark, Task
 
 SOURCE_FRACTION = 0.4
 TASK_TRAIN_FRACTION = 2 / 3

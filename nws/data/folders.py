@@ -1,4 +1,5 @@
-"""Image-folder data: the CUB-to-Sketches sequence and ImageNet-style folders for pool pretraining.
+"""Image-folder data: the CUB-to-Sketches sequence, ImageNet-style folders for pool pretraining, and a
+user's own sequence of image-folder tasks.
 
 Layout ``<root>/<split>/<class>/<image>`` (classes sorted by name, as ``ImageFolder``). Images are listed
 once, and decoded with Pillow in the DataLoader workers.
@@ -6,7 +7,9 @@ once, and decoded with Pillow in the DataLoader workers.
 CUB-to-Sketches (5 tasks, in this order): ``<root>/<name>/{train,test}/<class>/<image>`` with
 ``cubs_cropped`` (200 classes), ``stanford_cars_cropped`` (196), ``flowers`` (102), ``wikiart`` (195),
 ``sketches`` (250) -- the directory names of the reference's (and CPG's / Piggyback's) data.
-ImageNet: ``<root>/{train,val}/<wnid>/<image>``.
+ImageNet: ``<root>/{train,val}/<wnid>/<image>``. Your own tasks (``data.name: folders``): each task is a
+folder ``DIR/{train,test}/<class>/<image>``, named after ``DIR``, with ImageNet-style transforms at
+``data.image_size``; ``data.source`` may name a folder of the same layout to pretrain the pools on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from nws.data import Benchmark, Task
+from nws.data.base import Benchmark, Task
 from nws.data.transforms import folder_transforms, imagenet_transforms
 from nws.errors import NWSError
 
@@ -179,3 +182,42 @@ def imagenet(root: str | Path | None, source: str | None, source_root: str | Non
     if root is None:
         raise LayoutError("imagenet needs --data.root DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
     return Benchmark(source=imagenet_task(source_root or root, image_size), tasks=[], in_channels=3)
+
+
+def check_folders(roots: list[str | Path]) -> list[dict]:
+    """Validate task folders ``DIR/{train,test}/<class>/<image>``; per folder its classes and image counts."""
+    rows = []
+    for root in roots:
+        scanned = scan_dataset(Path(root).expanduser(), ("train", "test"))
+        rows.append({"name": task_name(root), "classes": len(scanned["train"].classes),
+                     "train": len(scanned["train"].samples), "test": len(scanned["test"].samples)})
+    return rows
+
+
+def task_name(root: str | Path) -> str:
+    """A task folder's name: its last path component."""
+    return Path(root).expanduser().resolve().name
+
+
+def user_task(root: str | Path, image_size: int | None) -> Task:
+    """A task folder ``root/{train,test}/<class>/<image>`` with ImageNet-style transforms."""
+    scanned = scan_dataset(Path(root).expanduser(), ("train", "test"))
+    size = _size(image_size)
+    return Task(task_name(root), scanned["train"].classes,
+                ImageFolderDataset(scanned["train"], imagenet_transforms(size, train=True)),
+                ImageFolderDataset(scanned["test"], imagenet_transforms(size, train=False)))
+
+
+def folders(tasks: list[str] | None, source: str | None, image_size: int | None) -> Benchmark:
+    """A user's own sequence: one task per folder of ``tasks``, in that order; the pools are pretrained on the
+    folder ``source`` (same layout) unless it is ``None``/``none`` (pools from a ``pretrained`` run)."""
+    if not tasks:
+        raise LayoutError("data.name folders needs data.tasks: a list of task folders, each holding "
+                          "train/<class>/<image> and test/<class>/<image>")
+    names = [task_name(t) for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise LayoutError(f"data.tasks: two task folders are named {twice[0]!r}; tasks are named after their "
+                          "folders, so give them different names")
+    src = None if source in (None, "none") else user_task(source, image_size)
+    return Benchmark(source=src, tasks=[user_task(t, image_size) for t in tasks], in_channels=3)

@@ -5,35 +5,11 @@ find and resize the head with ``model.get_submodule(model.classifier_name)``.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder under its function name so ``create_model`` can find it."""
-    _MODELS[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    """Sorted names of all registered models."""
-    return sorted(_MODELS)
-
-
-def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with ``num_classes`` outputs; extra kwargs go to the builder."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _MODELS[name](num_classes=num_classes, **kwargs)
-
-
-from .convnet import ConvNet, convnet  # noqa: E402
-from .mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2  # noqa: E402
-from .resnet import BasicBlock, ResNet, resnet18, resnet34  # noqa: E402
-from .vgg import VGG, vgg16_bn  # noqa: E402
+from nws.models.registry import create_model, list_models, register_model
+from nws.models.convnet import ConvNet, convnet
+from nws.models.mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2
+from nws.models.resnet import BasicBlock, ResNet, resnet18, resnet34
+from nws.models.vgg import VGG, vgg16_bn
 
 __all__ = [
     "register_model", "create_model", "list_models",

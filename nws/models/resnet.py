@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_model
+from nws.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

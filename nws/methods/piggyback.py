@@ -4,7 +4,7 @@ Every weight of the masked layers (all convolutions and linear layers but the cl
 real-valued score, initialised to ``mask_init``; the forward uses ``weight * (score > mask_threshold)``
 and the scores learn through a straight-through estimator (the binary mask's gradient is passed to the
 scores), with Adam at ``mask_lr``. The backbone's weights never change; each task also trains its own
-classifier and BatchNorm with the task's SGD schedule.
+classifier and BatchNorm with the task's schedule.
 
 Stored: ``backbone.safetensors`` (the source network's weights, float32, once) and per task its mask
 (one bit per masked weight, bit-packed), BatchNorm and classifier.
@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, masked_layers, pack_masks,
-                                  prefixed, state_parts, unpack_masks, unprefixed)
-from nws.store import StoreError
+from nws.errors import StoreError
+from nws.methods.base import Saved
+from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
+                               unpack_masks, unprefixed, weight_key)
 
 BACKBONE = "backbone.safetensors"
 
@@ -52,43 +53,39 @@ class PiggybackMask(nn.Module):
         return self.scores.detach() > self.threshold
 
 
-class PiggybackStore(BaselineStore):
-    method = "piggyback"
-    shared_files = (BACKBONE,)
+class PiggybackStore(PlainStore):
+    shared = (BACKBONE,)
 
     def build(self, index: int) -> nn.Module:
-        entry = self.entry(index)
-        model = self.plain(len(entry["classes"]))
-        backbone, meta = self.file(BACKBONE, "backbone")
-        shapes = meta.get("layers")
-        if not isinstance(shapes, dict):
-            raise StoreError(f"{self.root / BACKBONE} lacks its 'layers' metadata")
-        tensors, _ = self.file(entry["file"], "task")
+        entry = self.task_entry(index)
+        what = str(self.root / entry["file"])
+        backbone, meta = self.file(BACKBONE, self.kind("backbone"))
+        shapes = self.layer_shapes(meta, str(self.root / BACKBONE))
+        tensors = self.task_tensors(index)
         if "masks" not in tensors:
-            raise StoreError(f"{self.root / entry['file']} has no masks")
+            raise StoreError(f"{what} has no masks")
         body = unprefixed("body", backbone)
-        for name, mask in unpack_masks(tensors["masks"], shapes, str(self.root / entry["file"])).items():
-            key = f"{name}.weight" if name else "weight"
-            if key not in body:
-                raise StoreError(f"{self.root / BACKBONE} lacks {key}")
-            body[key] = body[key] * mask.to(body[key].dtype)
+        for name, mask in unpack_masks(tensors["masks"], shapes, what).items():
+            if weight_key(name) not in body or body[weight_key(name)].shape != mask.shape:
+                raise StoreError(f"{self.root / BACKBONE}: {weight_key(name)} is missing or not of its recorded shape")
+            body[weight_key(name)] = body[weight_key(name)] * mask.to(body[weight_key(name)].dtype)
         state = {**body, **unprefixed("batchnorm", tensors), **unprefixed("head", tensors)}
-        load_float_state(model, state, str(self.root / entry["file"]))
-        return model
+        return self.load_state(self.plain(len(entry["classes"])), state, what)
 
 
-class PiggybackLearner(BaselineLearner):
-    method = "piggyback"
+class Piggyback(PlainMethod):
+    name = "piggyback"
     store_class = PiggybackStore
 
-    def start(self, store: BaselineStore, source: nn.Module) -> None:
+    def start(self, store: PlainStore, source: nn.Module) -> None:
         self.source = source
         if BACKBONE not in store.manifest["files"]:  # written once (a resumed run has it)
             shapes = {name: list(layer.weight.shape) for name, layer in masked_layers(source)}
-            store.put(BACKBONE, "backbone", prefixed("body", state_parts(source)["body"]), {"layers": shapes})
+            store.put(BACKBONE, store.kind("backbone"), prefixed("body", state_parts(source)["body"]),
+                      {"layers": shapes})
 
-    def learn(self, store: BaselineStore, index: int) -> nn.Module:
-        task, b = self.benchmark.tasks[index], self.config.baseline
+    def learn(self, index: int) -> nn.Module:
+        b = self.config.baseline
         model = self.head_for(copy.deepcopy(self.source).train(), index)
         parts = state_parts(model)
         trainable = set(parts["head"]) | set(parts["batchnorm"])
@@ -102,13 +99,15 @@ class PiggybackLearner(BaselineLearner):
         for name, layer in layers.items():
             masks[name] = PiggybackMask(layer.weight.shape, b.mask_init, b.mask_threshold)
             parametrize.register_parametrization(layer, "weight", masks[name])
-        model = self.fit(model, task, self.config.task, f"task_{index:03d}", index=index, params=params,
-                         mask_params=[m.scores for m in masks.values()], mask_lr=b.mask_lr)
-        bits = {name: m.mask() for name, m in masks.items()}
+        model = self.train_task(model, index, params=params, mask_params=[m.scores for m in masks.values()],
+                                mask_lr=b.mask_lr)
+        self.masks = {name: m.mask() for name, m in masks.items()}
         for layer in layers.values():
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-        parts = state_parts(model)
-        tensors = {"masks": pack_masks(bits), **prefixed("batchnorm", parts["batchnorm"]),
-                   **prefixed("head", parts["head"])}
-        self.save(store, index, model, tensors, masks=bits)
         return model
+
+    def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
+        parts = state_parts(model)
+        tensors = {"masks": pack_masks(self.masks), **prefixed("batchnorm", parts["batchnorm"]),
+                   **prefixed("head", parts["head"])}
+        return self.saved(store, index, tensors, masks=self.masks)

@@ -11,34 +11,31 @@ import copy
 
 from torch import nn
 
-from nws.baselines.common import BaselineLearner, BaselineStore, load_float_state, prefixed, state_parts, unprefixed
+from nws.methods.base import Saved
+from nws.methods.plain import PlainMethod, PlainStore, prefixed, state_parts, unprefixed
 
 
-class IndividualStore(BaselineStore):
-    method = "individual"
-
+class IndividualStore(PlainStore):
     def build(self, index: int) -> nn.Module:
-        entry = self.entry(index)
-        model = self.plain(len(entry["classes"]))
-        tensors, _ = self.file(entry["file"], "task")
+        entry = self.task_entry(index)
+        tensors = self.task_tensors(index)
         state = {k: v for part in ("body", "batchnorm", "head") for k, v in unprefixed(part, tensors).items()}
-        load_float_state(model, state, str(self.root / entry["file"]))
-        return model
+        return self.load_state(self.plain(len(entry["classes"])), state, str(self.root / entry["file"]))
 
 
-class IndividualLearner(BaselineLearner):
-    method = "individual"
+class Individual(PlainMethod):
+    name = "individual"
     store_class = IndividualStore
 
-    def start(self, store: BaselineStore, source: nn.Module) -> None:
+    def start(self, store: PlainStore, source: nn.Module) -> None:
         self.source = source
 
-    def learn(self, store: BaselineStore, index: int) -> nn.Module:
-        task = self.benchmark.tasks[index]
+    def learn(self, index: int) -> nn.Module:
         model = self.head_for(copy.deepcopy(self.source).train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
-        model = self.fit(model, task, self.config.task, f"task_{index:03d}", index=index)
+        return self.train_task(model, index)
+
+    def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
         tensors = {k: v for part, state in state_parts(model).items() for k, v in prefixed(part, state).items()}
-        self.save(store, index, model, tensors)
-        return model
+        return self.saved(store, index, tensors)

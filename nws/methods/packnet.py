@@ -15,68 +15,68 @@ BatchNorm and classifier.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from nws.baselines.common import (BaselineLearner, BaselineStore, load_float_state, masked_layers, pack_masks,
-                                  prefixed, state_parts, unpack_masks, unprefixed)
-from nws.errors import NWSError
-from nws.store import StoreError
+from nws.errors import StoreError
+from nws.methods.base import Saved
+from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
+                               unpack_masks, unprefixed, weight_key)
 
 
-class PackNetStore(BaselineStore):
-    method = "packnet"
+class PackNetStore(PlainStore):
     rewrites_network = True
 
     def owned(self, index: int, shapes: dict[str, list[int]]) -> dict[str, Tensor]:
         """The weights task ``index`` owns, per pruned layer."""
-        entry = self.entry(index)
-        tensors, _ = self.file(entry["file"], "task")
+        tensors = self.task_tensors(index)
+        what = str(self.root / self.task_entry(index)["file"])
         if "masks" not in tensors:
-            raise StoreError(f"{self.root / entry['file']} has no masks")
-        return unpack_masks(tensors["masks"], shapes, str(self.root / entry["file"]))
+            raise StoreError(f"{what} has no masks")
+        return unpack_masks(tensors["masks"], shapes, what)
 
     def network_layers(self) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
-        """The current network's tensors and the shapes of its pruned layers."""
+        """The current network's body tensors and the shapes of its pruned layers (checked against each other)."""
         network, meta = self.network()
-        shapes = meta.get("layers")
-        if not isinstance(shapes, dict):
-            raise StoreError(f"{self.root / self.shared()[-1]} lacks its 'layers' metadata")
-        return network, shapes
+        what = str(self.root / self.shared_files()[-1])
+        body, shapes = unprefixed("body", network), self.layer_shapes(meta, what)
+        for name, shape in shapes.items():
+            if weight_key(name) not in body or list(body[weight_key(name)].shape) != shape:
+                raise StoreError(f"{what}: {weight_key(name)} is missing or not of its recorded shape {shape}")
+        return body, shapes
 
     def build(self, index: int) -> nn.Module:
-        entry = self.entry(index)
-        model = self.plain(len(entry["classes"]))
-        network, shapes = self.network_layers()
-        body = unprefixed("body", network)
+        entry = self.task_entry(index)
+        body, shapes = self.network_layers()
         union = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
         for i in range(index + 1):
             for name, mask in self.owned(i, shapes).items():
                 union[name] |= mask
         for name, mask in union.items():
-            key = f"{name}.weight" if name else "weight"
-            if key not in body:
-                raise StoreError(f"{self.root / self.shared()[-1]} lacks {key}")
-            body[key] = torch.where(mask, body[key], torch.zeros_like(body[key]))
-        tensors, _ = self.file(entry["file"], "task")
+            body[weight_key(name)] = torch.where(mask, body[weight_key(name)], torch.zeros(()))
+        tensors = self.task_tensors(index)
         state = {**body, **unprefixed("batchnorm", tensors), **unprefixed("head", tensors)}
-        load_float_state(model, state, str(self.root / entry["file"]))
-        return model
+        return self.load_state(self.plain(len(entry["classes"])), state, str(self.root / entry["file"]))
 
 
-class PackNetLearner(BaselineLearner):
-    method = "packnet"
+class PackNet(PlainMethod):
+    name = "packnet"
     store_class = PackNetStore
 
-    def start(self, store: BaselineStore, source: nn.Module) -> None:
-        ratio = self.config.baseline.prune_ratio
-        if not 0 <= ratio < 1:
-            raise NWSError(f"baseline.prune_ratio must be in [0, 1), got {ratio}")
+    def start(self, store: PlainStore, source: nn.Module) -> None:
         self.model = source
         # Which task owns each weight of each pruned layer; -1: free.
         self.owner = {name: torch.full(layer.weight.shape, -1, dtype=torch.int16)
                       for name, layer in masked_layers(source)}
+
+    def restore(self, store: PackNetStore, index: int) -> None:
+        self.model = store.build(index)
+        _, shapes = store.network_layers()
+        for task in range(index + 1):
+            for name, mask in store.owned(task, shapes).items():
+                self.owner[name][mask] = task
 
     def _params(self, model: nn.Module, index: int) -> list[nn.Parameter]:
         """Masked weights, BatchNorm and classifier; biases and other weights only with the first task."""
@@ -91,7 +91,8 @@ class PackNetLearner(BaselineLearner):
                 params.append(p)
         return params
 
-    def _hold(self, layers: dict[str, nn.Module], trainable: dict[str, Tensor]):
+    @staticmethod
+    def _hold(layers: dict[str, nn.Module], trainable: dict[str, Tensor]) -> Callable[[], None]:
         """An after-step hook that puts every weight outside ``trainable`` back to its current value, exactly."""
         held = {name: layer.weight.detach().clone() for name, layer in layers.items()}
 
@@ -100,34 +101,30 @@ class PackNetLearner(BaselineLearner):
                 layer.weight.copy_(torch.where(trainable[name], layer.weight, held[name]))
         return restore
 
-    def learn(self, store: BaselineStore, index: int) -> nn.Module:
-        task, cfg = self.benchmark.tasks[index], self.config.task
+    def learn(self, index: int) -> nn.Module:
         model = self.head_for(self.model.train(), index)
         layers = dict(masked_layers(model))
         params = self._params(model, index)
         free = {name: self.owner[name] == -1 for name in layers}
-        model = self.fit(model, task, cfg, f"task_{index:03d}", index=index, params=params,
-                         after_step=self._hold(layers, free))
+        model = self.train_task(model, index, params=params, after_step=self._hold(layers, free))
         self._prune(layers, free, index)
         mine = {name: self.owner[name] == index for name in layers}
-        retrain = dataclasses.replace(cfg, epochs=self.config.baseline.retrain_epochs, lr=cfg.lr * 0.1)
-        model = self.fit(model, task, retrain, f"task_{index:03d}_retrain", index=index, params=params,
-                         after_step=self._hold(layers, mine))
-        parts = state_parts(model)
-        shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
-        tensors = {"masks": pack_masks(mine), **prefixed("batchnorm", parts["batchnorm"]),
-                   **prefixed("head", parts["head"])}
-        self.save(store, index, model, tensors, network=prefixed("body", parts["body"]),
-                  network_meta={"layers": shapes}, masks=mine)
+        retrain = dataclasses.replace(self.config.task, epochs=self.config.baseline.retrain_epochs,
+                                      lr=self.config.task.lr * 0.1)
+        model = self.train_task(model, index, "_retrain", cfg=retrain, params=params,
+                                after_step=self._hold(layers, mine))
         self.model = model
         return model
 
-    def restore(self, store: BaselineStore, index: int) -> None:
-        self.model = store.build(index)
-        _, shapes = store.network_layers()
-        for task in range(index + 1):
-            for name, mask in store.owned(task, shapes).items():
-                self.owner[name][mask] = task
+    def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
+        layers = dict(masked_layers(model))
+        mine = {name: self.owner[name] == index for name in layers}
+        parts = state_parts(model)
+        tensors = {"masks": pack_masks(mine), **prefixed("batchnorm", parts["batchnorm"]),
+                   **prefixed("head", parts["head"])}
+        shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
+        return self.saved(store, index, tensors, network=prefixed("body", parts["body"]),
+                          network_meta={"layers": shapes}, masks=mine)
 
     @torch.no_grad()
     def _prune(self, layers: dict[str, nn.Module], free: dict[str, Tensor], index: int) -> None:

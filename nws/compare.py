@@ -11,6 +11,9 @@ from typing import Any
 from nws.config import RunConfig
 from nws.data import benchmark_from_config
 from nws.errors import NWSError
+from nws.methods import METHODS
+from nws.report import write_report
+from nws.runner import Runner
 from nws.store import MANIFEST
 
 
@@ -21,11 +24,9 @@ def compare(config: RunConfig, out: str | Path, methods: Sequence[str] | None = 
 
     Every method gets the same benchmark object, seed, backbone and schedules; the baselines share one plain
     backbone trained on the source task (it is the same for all of them: same data, seed and schedule).
-    Refuses to start if any of the run directories already holds a run, so nothing is overwritten.
+    Every method's settings are checked, and any run directory that already holds a run refuses the whole
+    comparison, before anything is written.
     """
-    from nws.baselines import METHODS, make_learner
-    from nws.report import write_report
-
     out = Path(out)
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -35,16 +36,18 @@ def compare(config: RunConfig, out: str | Path, methods: Sequence[str] | None = 
     if taken:
         raise NWSError(f"{taken[0]} already holds a run; choose another output directory")
     benchmark = benchmark_from_config(config.data, config.seed)
+    configs = {m: dataclasses.replace(config, method=m, out=str(out / m)) for m in methods}
+    for m in methods:  # every method's settings, before the first run writes anything
+        Runner(configs[m], benchmark, progress=False)
     runs, seconds = {}, {}
-    source = None  # the plain backbone trained on the source task: trained once, shared by the baselines
+    plain_source = None  # the plain backbone trained on the source task: trained once, shared by the baselines
     for method in methods:
         start = time.perf_counter()
-        run_config = dataclasses.replace(config, method=method, out=str(out / method))
-        shared = {} if method == "nws" else {"pretrained_source": source}
-        learner = make_learner(run_config, benchmark, progress=progress, **shared)
-        runs[method] = learner.run()
-        if method != "nws" and source is None:
-            source = learner.source_network
+        options = {} if method == "nws" else {"plain_source": plain_source}
+        runner = Runner(configs[method], benchmark, progress=progress, **options)
+        runs[method] = runner.run()
+        if method != "nws" and plain_source is None:
+            plain_source = runner.method.source_network
         seconds[method] = time.perf_counter() - start
         if progress:
             print(f"[{method}] average accuracy {100 * runs[method]['average_accuracy']:.2f}% "

@@ -1,0 +1,142 @@
+"""Neural Weight Search as a method: pools pretrained once, each task searched in them and stored as indices.
+
+Source stage: the network is converted to NWS layers and trained on the source task while every pool follows
+its kernels by EMA (``model.init``: entries start as sampled kernels or from N(0, 1)); or ``kmeans``: the plain
+network is trained, then each pool is the k-means of its layer's kernels; or the pools and network of a
+``pretrained`` run are copied. Stored once: ``pools.safetensors`` (shared memory) and ``source.safetensors``
+(the first task's start). Task ``t`` starts from task ``t-1`` rebuilt from its indices (task 0 from the source
+network), its classifier resized, and trains against the frozen pools; its file holds the packed indices,
+BatchNorm and biases (:mod:`nws.taskfile`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from nws.config import ConfigError, RunConfig
+from nws.convert import convert, freeze_pools
+from nws.errors import StoreError
+from nws.methods.base import Context, Method, Saved, task_seed
+from nws.models import create_model
+from nws.pool_sources import pools_from_model
+from nws.sparsity import has_zero_entry, kernel_sparsity
+from nws.store import POOLS, SOURCE, TaskStore, task_file
+from nws.taskfile import ModelSpec, task_bytes
+
+
+def pretrained_spec(path: str, name: str, kwargs: dict[str, Any], pool_size: int, group_size: int,
+                    exclude: list[str]) -> ModelSpec:
+    """The model spec of the pool-pretraining run at ``path``, checked against this run's model settings."""
+    try:
+        spec = TaskStore(path).spec()
+    except StoreError as err:
+        raise ConfigError(f"pretrained: {err}") from None
+    want = (name, kwargs, pool_size, group_size, tuple(exclude))
+    have = (spec.name, spec.kwargs, spec.pool_size, spec.group_size, spec.exclude)
+    if want != have:
+        raise ConfigError(f"pretrained: run {path} has model {have[0]} {have[1]} with pools K={have[2]} g={have[3]} "
+                          f"exclude={list(have[4])}; this config asks for {want[0]} {want[1]} K={want[2]} "
+                          f"g={want[3]} exclude={list(want[4])}")
+    return spec
+
+
+class NWS(Method):
+    name = "nws"
+    store_class = TaskStore
+    distributed = True
+    source_files = (POOLS, SOURCE)
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        m, bench = self.config.model, ctx.benchmark
+        kwargs = {"in_channels": bench.in_channels, **m.kwargs}
+        if self.config.pretrained:
+            self.spec = pretrained_spec(self.config.pretrained, m.name, kwargs, m.pool_size, m.group_size, m.exclude)
+        elif bench.source is None:
+            raise ConfigError("data.source is none: set pretrained: RUN_DIR (pools pretrained by "
+                              "configs/pretrain_pools_imagenet_resnet18.yaml) or choose a data.source")
+        else:
+            self.spec = ModelSpec(m.name, len(bench.source.classes), kwargs, m.pool_size, m.group_size,
+                                  tuple(m.exclude))
+
+    @classmethod
+    def check(cls, config: RunConfig) -> None:
+        if config.pretrained and config.model.init == "kmeans":
+            raise ConfigError("model.init kmeans builds pools here; unset pretrained (it brings its own pools)")
+
+    # -- the source stage
+    def pretrain(self, store: TaskStore | None) -> nn.Module:
+        """Pretrain the pools (EMA) and the network on the source task, or build k-means pools, or take both
+        from the ``pretrained`` run; store both."""
+        if self.config.pretrained:
+            return self._copy_pretrained(store)
+        m, source = self.config.model, self.ctx.benchmark.source
+        model = create_model(m.name, num_classes=self.spec.num_classes, **self.spec.kwargs)
+        if m.init == "kmeans":
+            model = self.ctx.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
+                                 what="training the plain network (then k-means pools) on")
+            plain_accuracy = self.ctx.evaluate(model, source.test)
+            model, report = pools_from_model(model, m.pool_size, m.group_size, seed=self.config.seed,
+                                             exclude=list(m.exclude), zero_entry=m.zero_entry)
+        else:
+            model = convert(model, pool_size=m.pool_size, group_size=m.group_size, exclude=list(m.exclude),
+                            decay=m.decay, eps=m.eps, seed=self.config.seed, init=m.init, zero_entry=m.zero_entry)
+            model = self.ctx.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
+                                 what="pretraining pools on", pretrain=True)
+            freeze_pools(model)
+        if store is not None:
+            store.save_pools(model, self.spec)
+            store.save_source(model, self.spec)
+            self.record_source(store, model)
+            if m.init == "kmeans":
+                store.manifest["source"].update(accuracy_plain=plain_accuracy, pools="kmeans",
+                                                quantisation=[r.to_json() for r in report])
+                store.write_manifest()
+        return model
+
+    def _copy_pretrained(self, store: TaskStore | None) -> nn.Module:
+        """The pools and network of the ``pretrained`` run, copied byte for byte into this run."""
+        source = TaskStore(self.config.pretrained)
+        model = source.load_source()
+        if store is not None:
+            store.write(POOLS, source.read(POOLS))
+            store.manifest["spec"] = source.spec().to_json()
+            store.write(SOURCE, source.read(SOURCE))
+            self.record_source(store, model)
+        return model
+
+    def load_source(self, store: TaskStore) -> nn.Module:
+        return TaskStore(store.root).load_source()
+
+    def record_source(self, store: TaskStore, source: nn.Module) -> None:
+        if not self.config.pretrained:
+            return super().record_source(store, source)
+        record = dict(TaskStore(self.config.pretrained).manifest.get("source") or {})
+        store.manifest["source"] = {**record, "pretrained": str(self.config.pretrained)}
+        store.write_manifest()
+
+    # -- tasks
+    def learn(self, index: int) -> nn.Module:
+        """Task ``index`` from its predecessor rebuilt from storage (task 0: the source network)."""
+        task = self.ctx.benchmark.tasks[index]
+        if index == 0:
+            start = TaskStore(self.config.pretrained or self.ctx.out).load_source()
+        else:
+            start = TaskStore(self.ctx.out).model(index - 1)
+        model = self.head_for(start.train(), index)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return self.ctx.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
+
+    def save(self, store: TaskStore, index: int, model: nn.Module) -> Saved:
+        task = self.ctx.benchmark.tasks[index]
+        spec = dataclasses.replace(self.spec, num_classes=len(task.classes))
+        data, sizes = task_bytes(model, spec, {"index": index, "name": task.name, "classes": list(task.classes)},
+                                 store.pools()[1])
+        return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes})
+
+    def describe(self, rebuilt: nn.Module) -> dict[str, Any]:
+        return {"sparsity": kernel_sparsity(rebuilt)} if has_zero_entry(rebuilt) else {}
