@@ -17,9 +17,9 @@ from nws.cli import main
 from nws.convert import nws_layers
 from nws.models import create_model
 from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
-                              read_checkpoint, reference_module_name)
+                              read_checkpoint, reference_module_name, reference_pools)
 from nws.search import brute_force_nearest
-from nws.store import TaskStore
+from nws.store import TaskStore, layer_shapes
 
 
 def blobs(n_per: int = 200, k: int = 6, d: int = 9, spread: float = 0.05, seed: int = 0):
@@ -241,6 +241,8 @@ def test_import_reference_reproduces_pools_exactly(tmp_path, g):
         if ".pool." not in key:
             assert torch.equal(value, plain[key]), key
     assert isinstance(model.maxpool, nn.Identity) and model.conv1.stride == (2, 2)
+    _, spec, _ = reference_pools(tmp_path / "pretrain.pth")
+    assert spec.group_size == g and layer_shapes(spec.build()) == layer_shapes(model)  # what a run rebuilds
 
 
 def test_import_reference_refuses_a_group_size_off_the_policy():
