@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,19 @@ def _excluded(exclude: Exclude, name: str, module: nn.Module) -> bool:
     if callable(exclude):
         return bool(exclude(name, module))
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def layer_group_size(weight_shape: Sequence[int], group_size: int, group_1x1: bool = False) -> int:
+    """The group size a layer with weight ``(out, in/groups, *kernel)`` gets under the reference's layer policy.
+
+    ``group_size`` (g) applies to convs with a spatial kernel (k x k, k > 1); 1x1 convs and Linear layers
+    (the reference's shortcuts and its 1x1-conv classifier) stay at g = 1 unless ``group_1x1``. A g that
+    does not divide the input channels per conv group falls back to the largest that does (``gcd``), so a
+    depthwise conv (one input channel per group, as in MobileNetV2) always has g = 1, as in the reference.
+    """
+    spatial = math.prod(weight_shape[2:])
+    wanted = group_size if spatial > 1 or group_1x1 else 1
+    return math.gcd(wanted, int(weight_shape[1]))
 
 
 def _searchable(module: nn.Module, **nws) -> NWSLayer:
@@ -39,10 +53,12 @@ def _searchable(module: nn.Module, **nws) -> NWSLayer:
 
 def convert(model: nn.Module, pool_size: int = 512, group_size: int = 1, exclude: Exclude = (),
             decay: float = 0.99, eps: float = 1e-5, seed: int = 0, init: str = "normal",
-            zero_entry: bool = False) -> nn.Module:
+            zero_entry: bool = False, group_1x1: bool = False) -> nn.Module:
     """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by its NWS counterpart, in place.
 
-    The current weights become the temporary weights. ``exclude`` takes module-name patterns
+    The current weights become the temporary weights. Each layer's group size follows
+    :func:`layer_group_size`: ``group_size`` for k x k convs, 1 for 1x1 convs and Linear layers unless
+    ``group_1x1``; ``layer.group_size`` reports what a layer uses. ``exclude`` takes module-name patterns
     (``fnmatch``, e.g. ``["fc", "layer1.*"]``) or a ``(name, module) -> bool`` predicate. Layer ``i`` (in
     module order) gets a pool seeded with ``seed + i``. ``init="normal"`` draws pool entries from a standard
     normal (the reference); ``init="kernels"`` samples them from the layer's own kernels, which starts the
@@ -51,10 +67,13 @@ def convert(model: nn.Module, pool_size: int = 512, group_size: int = 1, exclude
     """
     if init not in ("normal", "kernels"):
         raise ValueError(f"init must be 'normal' or 'kernels', got {init!r}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) in (nn.Conv2d, nn.Linear) and not _excluded(exclude, name, m)]
     for i, (name, module) in enumerate(targets):
-        new = _searchable(module, pool_size=pool_size, group_size=group_size, decay=decay, eps=eps, seed=seed + i)
+        g = layer_group_size(module.weight.shape, group_size, group_1x1)
+        new = _searchable(module, pool_size=pool_size, group_size=g, decay=decay, eps=eps, seed=seed + i)
         if zero_entry:
             new.pool.add_zero_entry()
         if init == "kernels":

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nws.convert import Exclude, convert, nws_layers
+from nws.convert import Exclude, convert, layer_group_size, nws_layers
 from nws.errors import NWSError
 from nws.layers import NWSLayer
 from nws.models import create_model, list_models
@@ -182,18 +182,19 @@ def format_report(rows: list[LayerReport]) -> str:
 
 @torch.no_grad()
 def pools_from_model(model: nn.Module, pool_size: int = 512, group_size: int = 1, iters: int = 25, seed: int = 0,
-                     exclude: Exclude = (), zero_entry: bool = False,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> tuple[nn.Module, list[LayerReport]]:
+                     exclude: Exclude = (), zero_entry: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
+                     group_1x1: bool = False) -> tuple[nn.Module, list[LayerReport]]:
     """Make ``model`` searchable with pools built by k-means of each layer's own grouped kernels.
 
-    ``model`` is converted in place (as :func:`nws.convert` does); a model that is already converted keeps
-    its layers and gets new pools. Layer ``i`` uses seed ``seed + i``. With ``zero_entry`` each pool's entry
-    0 is all zero (sparsification). The pools are frozen; the temporary weights stay the source weights.
-    Returns the model and the per-layer quantisation report (:func:`quantisation_report`).
+    ``model`` is converted in place (as :func:`nws.convert` does, with its group policy: ``group_size`` for
+    k x k convs, 1 for 1x1 convs and Linear layers unless ``group_1x1``); a model that is already converted
+    keeps its layers and gets new pools. Layer ``i`` uses seed ``seed + i``. With ``zero_entry`` each pool's
+    entry 0 is all zero (sparsification). The pools are frozen; the temporary weights stay the source
+    weights. Returns the model and the per-layer quantisation report (:func:`quantisation_report`).
     """
     if not any(True for _ in nws_layers(model)):
         model = convert(model, pool_size=pool_size, group_size=group_size, exclude=exclude, seed=seed,
-                        zero_entry=zero_entry)
+                        zero_entry=zero_entry, group_1x1=group_1x1)
     for i, (_, layer) in enumerate(nws_layers(model)):
         build_pool(layer, iters=iters, seed=seed + i, zero_entry=zero_entry, chunk_elements=chunk_elements)
     return model, quantisation_report(model)
@@ -267,10 +268,12 @@ def model_from_state_dict(arch: str, state: Mapping[str, Tensor], what: str = "c
                           new_head: bool = False, **kwargs: Any) -> nn.Module:
     """An ``nws.models`` network ``arch`` holding ``state`` (strictly: every key must match).
 
-    The class count is read off the classifier's weight unless ``num_classes`` is given; torchvision key
-    names match the builders for resnet18/34 and mobilenet_v2, and vgg16_bn's ``features``. ``new_head``
-    drops the checkpoint's classifier entries (e.g. torchvision vgg16_bn's three-layer head, which the
-    paper's single 1x1 classifier replaces) and keeps the builder's freshly initialised head.
+    The class count is read off the classifier's weight unless ``num_classes`` is given. torchvision key
+    names match the builders for resnet18/34 (with ``bias=True``: torchvision's ``fc`` has a bias), and the
+    ``features`` of mobilenet_v2 and of vgg16_bn (with ``bias=True``: torchvision's convs have biases).
+    ``new_head`` drops the checkpoint's classifier entries (e.g. torchvision vgg16_bn's three-layer head,
+    which the paper's single 1x1 classifier replaces, or mobilenet_v2's ``classifier.1``) and keeps the
+    builder's freshly initialised head.
     """
     if arch not in list_models():
         raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(list_models())}")
@@ -290,8 +293,13 @@ def model_from_state_dict(arch: str, state: Mapping[str, Tensor], what: str = "c
     expected = {k: v for k, v in model.state_dict().items() if not (new_head and k.startswith(f"{head}."))}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
+        hint = ""
+        if not missing and all(k.endswith(".bias") and k[: -len(".bias")] in dict(model.named_modules())
+                               for k in unexpected):
+            hint = ("; its convs or classifier have biases, which the builders leave out as the reference does: "
+                    "add bias: true to the builder arguments if it accepts it")
         raise CheckpointError(f"{what} does not match {arch} (missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                              f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+                              f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}){hint}")
     for key, value in expected.items():
         if state[key].shape != value.shape:
             raise CheckpointError(f"{what}: {key} has shape {tuple(state[key].shape)}, {arch} needs "
@@ -358,8 +366,7 @@ def import_reference(checkpoint: str | os.PathLike | Mapping[str, Any]) -> tuple
             raise CheckpointError(f"{what} lacks the reference layer for {needed} (is it a reference resnet18 "
                                   "pool-pretraining checkpoint?)")
     fc = plain["fc.weight"]
-    plain["fc.weight"] = fc.reshape(fc.shape[0], -1)
-    plain.setdefault("fc.bias", torch.zeros(fc.shape[0], dtype=fc.dtype))
+    plain["fc.weight"] = fc.reshape(fc.shape[0], -1)  # the reference's bias-free 1x1 conv classifier
     settings = _reference_settings(pools, plain, what)
     model = model_from_state_dict(REFERENCE_ARCH, plain, what, num_classes=settings["num_classes"],
                                   in_channels=settings["in_channels"], **REFERENCE_KWARGS)
@@ -386,8 +393,13 @@ def import_reference(checkpoint: str | os.PathLike | Mapping[str, Any]) -> tuple
 
 
 def _reference_settings(pools: dict[str, dict[str, Tensor]], plain: dict[str, Tensor], what: str) -> dict[str, Any]:
-    """Pool size and group size shared by every layer (as our ModelSpec needs), classes and input channels."""
-    sizes, groups = set(), set()
+    """Pool size and group size of the checkpoint, classes and input channels.
+
+    The group size g is read off the k x k convs (``d / (kh * kw)``); every layer must then have the group
+    size our layer policy gives it (:func:`nws.convert.layer_group_size`): the reference's shortcuts and
+    classifier, 1x1 convs, are at g = 1, and a stem whose input channels g does not divide uses their gcd.
+    """
+    sizes, found = set(), {}
     for name, bufs in pools.items():
         if "embed" not in bufs or bufs["embed"].ndim != 2:
             raise CheckpointError(f"{what}: layer {name} has no (d, K) qtz.embed buffer")
@@ -399,14 +411,15 @@ def _reference_settings(pools: dict[str, dict[str, Tensor]], plain: dict[str, Te
         if d % kernel:
             raise CheckpointError(f"{what}: {name}.qtz.embed length {d} is not a multiple of its kernel size {kernel}")
         sizes.add(int(k))
-        cin = weight.shape[1]
-        groups.add((d // kernel, cin))
+        found[name] = (d // kernel, tuple(weight.shape))
     if len(sizes) != 1:
         raise CheckpointError(f"{what}: layers have different pool sizes {sorted(sizes)}; nws needs one")
-    g = max(g for g, _ in groups)
-    if any(math.gcd(g, cin) != gl for gl, cin in groups):
-        raise CheckpointError(f"{what}: the layers' group sizes {sorted({gl for gl, _ in groups})} are not one "
-                              "group size")
+    g = max([gl for gl, shape in found.values() if math.prod(shape[2:]) > 1], default=1)
+    wrong = {name: gl for name, (gl, shape) in found.items() if gl != layer_group_size(shape, g)}
+    if wrong:
+        name, gl = next(iter(wrong.items()))
+        raise CheckpointError(f"{what}: the layers' group sizes are not one policy (g = {g} on the k x k convs, "
+                              f"but {name} has {gl}; 1x1 layers must have 1)")
     return {"pool_size": sizes.pop(), "group_size": g, "num_classes": int(plain["fc.weight"].shape[0]),
             "in_channels": int(plain["conv1.weight"].shape[1])}
 

@@ -70,6 +70,57 @@ def test_group_size_falls_back_to_a_divisor(group_size: int, in_per_group: int, 
     assert layer.num_kernels == 4 * in_per_group // expected
 
 
+def _policy_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 8, 3, bias=False),
+        conv=nn.Conv2d(8, 8, 3, bias=False),
+        pw=nn.Conv2d(8, 16, 1, bias=False),
+        dw=nn.Conv2d(16, 16, 3, groups=16, bias=False),
+        grouped=nn.Conv2d(16, 16, (1, 3), groups=2, bias=False),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(16, 6, bias=False),
+    ))
+
+
+@pytest.mark.parametrize("g, group_1x1, expected", [
+    # stem: 3 inputs; conv: 8; pw: 1x1, 8 inputs; dw: depthwise, 1 input per group; grouped: 1x3, 8 inputs per
+    # group; head: Linear, 16 inputs
+    (2, False, {"stem": 1, "conv": 2, "pw": 1, "dw": 1, "grouped": 2, "head": 1}),
+    (2, True, {"stem": 1, "conv": 2, "pw": 2, "dw": 1, "grouped": 2, "head": 2}),
+    (3, False, {"stem": 3, "conv": 1, "pw": 1, "dw": 1, "grouped": 1, "head": 1}),
+    (4, True, {"stem": 1, "conv": 4, "pw": 4, "dw": 1, "grouped": 4, "head": 4}),
+    (1, True, {"stem": 1, "conv": 1, "pw": 1, "dw": 1, "grouped": 1, "head": 1}),
+])
+def test_convert_group_policy(g: int, group_1x1: bool, expected: dict[str, int]) -> None:
+    """g applies to k x k convs; 1x1 convs and Linear layers stay at 1 unless ``group_1x1``; a g that does not
+    divide a layer's inputs per conv group falls back to their gcd (so depthwise convs are always at 1)."""
+    model = nws.convert(_policy_net(), pool_size=4, group_size=g, group_1x1=group_1x1)
+    layers = dict(nws.nws_layers(model))
+    assert {n: layer.group_size for n, layer in layers.items()} == expected
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        kernel = w[0, 0].numel() if w.ndim > 2 else 1
+        assert layer.pool.dim == expected[name] * kernel
+        assert torch.equal(layer.kernels(), _grouped(w, expected[name]))
+    with pytest.raises(ValueError, match="group_size"):
+        nws.convert(_policy_net(), group_size=0)
+
+
+def test_resnet18_at_group_size_2() -> None:
+    """The reference's ResNet-18 layer policy at g = 2: the 16 3x3 block convs grouped, the 7x7 stem (3 input
+    channels) at gcd(2, 3) = 1, the three 1x1 shortcuts and the classifier at 1."""
+    model = nws.convert(create_model("resnet18", num_classes=10, maxpool=False), pool_size=4, group_size=2)
+    sizes = {n: layer.group_size for n, layer in nws.nws_layers(model)}
+    assert sorted(n for n, g in sizes.items() if g == 2) == sorted(
+        f"layer{s}.{b}.conv{c}" for s in range(1, 5) for b in range(2) for c in (1, 2))
+    assert {n for n, g in sizes.items() if g == 1} == {"conv1", "fc", *(f"layer{s}.0.downsample.0" for s in (2, 3, 4))}
+    # 3 * 64 stem kernels, (1,392,832 - 192 - 172,032) / 2 grouped 3x3 kernels, 172,032 shortcut kernels
+    assert sum(layer.num_kernels for n, layer in nws.nws_layers(model) if n != "fc") == 192 + 610_304 + 172_032
+    assert {layer.pool.dim for n, layer in nws.nws_layers(model)} == {49, 18, 1}
+
+
 CONVS = [
     # in, out, kernel, stride, padding, dilation, groups, bias, group_size
     (4, 6, 3, 1, 0, 1, 1, False, 1),

@@ -53,14 +53,17 @@ def test_register_model_adds_name() -> None:
 
 
 def test_resnet_parameter_counts_match_torchvision() -> None:
+    """torchvision's counts (11,689,512 and 21,797,672) with its classifier bias; 1000 fewer without."""
     r18 = create_model("resnet18")
-    assert _numel(r18) == 11_689_512
+    assert _numel(r18) == 11_689_512 - 1000
+    assert _numel(create_model("resnet18", bias=True)) == 11_689_512
     assert sum(m.weight.numel() for m in r18.modules() if isinstance(m, nn.Conv2d)) == 11_166_912
-    assert _numel(create_model("resnet34")) == 21_797_672
+    assert _numel(create_model("resnet34")) == 21_797_672 - 1000
+    assert _numel(create_model("resnet34", bias=True)) == 21_797_672
 
 
 def test_resnet18_state_dict_layout_is_torchvision() -> None:
-    sd = create_model("resnet18").state_dict()
+    sd = create_model("resnet18", bias=True).state_dict()
     assert len(sd) == 122
     for key in ("conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
                 "layer4.1.bn2.num_batches_tracked", "layer4.0.downsample.1.bias", "fc.weight", "fc.bias"):
@@ -68,6 +71,63 @@ def test_resnet18_state_dict_layout_is_torchvision() -> None:
     assert "layer1.0.downsample.0.weight" not in sd
     assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
     assert all(m.bias is None for m in create_model("resnet18").modules() if isinstance(m, nn.Conv2d))
+    assert set(create_model("resnet18").state_dict()) == set(sd) - {"fc.bias"}
+
+
+def _float_owners(model: nn.Module) -> set[str]:
+    """What each parameter is: a searched weight (conv/linear) or a float kept per task (anything else)."""
+    kinds = set()
+    for module in model.modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and name == "weight":
+                continue
+            kinds.add(f"{type(module).__name__}.{name}")
+    return kinds
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "mobilenet_v2", "vgg16_bn", "convnet"])
+def test_only_batchnorm_is_float_by_default(name: str) -> None:
+    """The reference's networks have no bias anywhere: a task's only float parameters are BatchNorm's."""
+    assert _float_owners(create_model(name, num_classes=NUM_CLASSES)) == {"BatchNorm2d.weight", "BatchNorm2d.bias"}
+
+
+@pytest.mark.parametrize("name, biased", [
+    ("resnet18", {"Linear.bias"}),
+    ("vgg16_bn", {"Linear.bias", "Conv2d.bias"}),
+])
+def test_bias_restores_torchvision_biases(name: str, biased: set[str]) -> None:
+    model = create_model(name, num_classes=NUM_CLASSES, bias=True)
+    assert _float_owners(model) == {"BatchNorm2d.weight", "BatchNorm2d.bias"} | biased
+
+
+def _classifier_input(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(globally pooled features, what the classifier receives) of one forward pass."""
+    seen = {}
+    model.avgpool.register_forward_hook(lambda m, i, o: seen.__setitem__("pooled", o.flatten(1)))
+    model.get_submodule(model.classifier_name).register_forward_pre_hook(lambda m, i: seen.__setitem__("in", i[0]))
+    model(x)
+    return seen["pooled"], seen["in"]
+
+
+def test_dropout_where_the_reference_has_it() -> None:
+    """VGG: dropout 0.2 between the pooled features and the classifier; MobileNetV2 and ResNet: none."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    vgg = create_model("vgg16_bn", num_classes=NUM_CLASSES).train()
+    pooled, seen = _classifier_input(vgg, x)
+    kept = seen != 0
+    assert kept.any() and ((seen == 0) & (pooled != 0)).any()  # some features dropped, not all
+    torch.testing.assert_close(seen[kept], pooled[kept] / 0.8)  # survivors scaled by 1 / (1 - p)
+    with torch.no_grad():
+        pooled, seen = _classifier_input(vgg.eval(), x)
+    assert torch.equal(seen, pooled)
+    for name in ("mobilenet_v2", "resnet18"):
+        model = create_model(name, num_classes=NUM_CLASSES).train()
+        pooled, seen = _classifier_input(model, x)
+        assert torch.equal(seen, pooled), name
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in create_model("mobilenet_v2").modules())
+    assert create_model("mobilenet_v2", dropout=0.2).dropout.p == 0.2
+    assert create_model("vgg16_bn", dropout=0.0).dropout.p == 0.0
 
 
 @pytest.mark.parametrize(
@@ -90,11 +150,11 @@ def test_resnet_rejects_unknown_stem() -> None:
 
 
 def test_mobilenet_v2_depthwise_and_count() -> None:
+    """torchvision's 3,504,872 parameters less its classifier's 1000 biases."""
     model = create_model("mobilenet_v2")
-    assert _numel(model) == 3_504_872
+    assert _numel(model) == 3_504_872 - 1000
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
     assert len(depthwise) == 17
-    assert isinstance(model.dropout, nn.Dropout)
 
 
 def test_mobilenet_v2_stem_stride_and_width() -> None:
@@ -111,6 +171,9 @@ def test_vgg16_bn_features() -> None:
     assert len(convs) == 13
     assert isinstance(model.features[0], nn.Conv2d) and isinstance(model.features[1], nn.BatchNorm2d)
     assert model.classifier.in_features == 512
+    # torchvision vgg16_bn's features (Keras' VGG16 conv base, 14,714,688, plus 8,448 BatchNorm parameters)
+    assert _numel(create_model("vgg16_bn", bias=True).features) == 14_714_688 + 8_448
+    assert _numel(model.features) == 14_714_688 + 8_448 - 4_224  # less the 13 convs' biases
 
 
 def test_convnet_widths() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 
 import pytest
@@ -16,9 +17,9 @@ from nws.cli import main
 from nws.convert import nws_layers
 from nws.models import create_model
 from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
-                              read_checkpoint, reference_module_name)
+                              read_checkpoint, reference_module_name, reference_pools)
 from nws.search import brute_force_nearest
-from nws.store import TaskStore
+from nws.store import TaskStore, layer_shapes
 
 
 def blobs(n_per: int = 200, k: int = 6, d: int = 9, spread: float = 0.05, seed: int = 0):
@@ -78,6 +79,21 @@ def small_convnet(seed: int = 0) -> nn.Module:
     return create_model("convnet", num_classes=4, widths=(8, 16))
 
 
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """The reference's ``o (g i) h w -> (o i) (g h w)``, written independently of the library."""
+    o, cin = w.shape[:2]
+    w = w.reshape(o, g, cin // g, -1).permute(0, 2, 1, 3)
+    return w.reshape(o * (cin // g), -1)
+
+
+def _ungrouped(vectors: torch.Tensor, shape: tuple[int, ...], g: int) -> torch.Tensor:
+    """The reference's ``o i (g h w) -> o (g i) h w`` (its ``rearrange`` of searched kernels into a weight)."""
+    o, cin = shape[:2]
+    spatial = tuple(shape[2:])
+    w = vectors.reshape(o, cin // g, g, *spatial).transpose(1, 2)
+    return w.reshape(shape)
+
+
 def test_pools_from_model_quantises_each_layer():
     model = small_convnet()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")
@@ -93,9 +109,44 @@ def test_pools_from_model_quantises_each_layer():
         assert r.mse == pytest.approx(expected, rel=1e-6)
     first = report[0]
     assert first.kernels == 8 and first.mse == 0.0  # fewer kernels than entries: each kernel is an entry
-    again, _ = pools_from_model(small_convnet(), 32, seed=1)
-    for (_, a), (_, b) in zip(nws_layers(again), nws_layers(model)):
-        assert torch.equal(a.pool.codebook, b.pool.codebook)
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_pools_from_model_are_lloyd_fixed_points(g):
+    """Each pool, checked by brute force against the grouped kernels (grouped here, not by the library): every
+    kernel's nearest entry is the one the layer searches, and every used entry is the mean of its kernels."""
+    model, _ = pools_from_model(small_convnet(), pool_size=16, group_size=g, iters=200, seed=0)
+    dims = {n: layer.pool.dim for n, layer in nws_layers(model)}
+    assert dims == {"features.0": 9, "features.4": 9 * g, "fc": 1}  # 1 input channel; 8; the Linear at g = 1
+    for name, layer in nws_layers(model):
+        w, book = layer.weight.detach(), layer.pool.codebook
+        kernels = _grouped(w, dims[name] // (w[0, 0].numel() if w.ndim > 2 else 1))
+        assign = brute_force_nearest(kernels, book)
+        assert torch.equal(layer.search(), assign), name
+        for j in assign.unique().tolist():
+            torch.testing.assert_close(book[j], kernels[assign == j].double().mean(0).float(), rtol=0, atol=1e-6)
+
+
+def test_pools_from_model_at_group_size_2_by_hand():
+    """Grouped kernels built as copies of three 18-vectors (and a Linear of three values): k-means with K = 3
+    finds exactly those, and every searched weight is the source weight."""
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3, 18, generator=gen)
+    conv_idx = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2, 1, 0, 2, 1])  # (o, i) for 6 outputs x 2 groups of 2 channels
+    values = torch.tensor([-0.5, 0.25, 1.0])
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 3, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(_ungrouped(vectors[conv_idx], (6, 4, 3, 3), 2))
+        net[4].weight.copy_(values[torch.arange(18) % 3].reshape(3, 6))
+    model, report = pools_from_model(net, pool_size=3, group_size=2, seed=0)
+    conv, lin = model[0], model[4]
+    assert (conv.group_size, lin.group_size) == (2, 1)
+    assert sorted(map(tuple, conv.pool.codebook.tolist())) == sorted(map(tuple, vectors.tolist()))
+    assert sorted(lin.pool.codebook.flatten().tolist()) == values.tolist()
+    assert torch.equal(vectors[conv_idx], conv.pool.codebook[conv.search()])
+    assert all(torch.equal(layer.searched_weight(), layer.weight) for layer in (conv, lin))
+    assert [r.mse for r in report] == [0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- the reference's checkpoints
@@ -112,9 +163,15 @@ def reference_name(ours: str) -> str:
     return f"conv{int(stage[5:]) + 1}_x.NwsRes{block}.{part}"
 
 
-def reference_checkpoint(k: int = 8, classes: int = 10, seed: int = 0) -> tuple[dict, dict, nn.Module]:
-    """A checkpoint in the reference layout: ({model, optimizer, scheduler, epochs}, its (d, K) pools, and
-    the plain network whose weights it holds)."""
+def reference_checkpoint(k: int = 8, classes: int = 10, seed: int = 0, group_size: int = 1) -> tuple[dict, dict, nn.Module,
+                                                                                                  dict]:
+    """A checkpoint in the reference layout at group size g: ({model, optimizer, scheduler, epochs}, its (d, K)
+    pools, the plain network whose weights it holds, and the entry each grouped kernel is).
+
+    Layers follow the reference's policy: the 3x3 convs at g, the 1x1 shortcuts and classifier at 1, and the
+    7x7 stem at gcd(g, 3) (the reference cannot build g = 2 there; nws uses 1). Every temporary weight is
+    made of pool entries at random indices, laid out by the reference's rearrangement.
+    """
     gen = torch.Generator().manual_seed(seed)
     net = create_model("resnet18", num_classes=classes, stem="imagenet", maxpool=False)
     for m in net.modules():
@@ -122,24 +179,28 @@ def reference_checkpoint(k: int = 8, classes: int = 10, seed: int = 0) -> tuple[
             m.running_mean.normal_(generator=gen)
             m.running_var.uniform_(0.5, 2, generator=gen)
             m.weight.data.normal_(generator=gen)
-    state, pools = {}, {}
+    state, pools, indices = {}, {}, {}
     for key, value in net.state_dict().items():
         module, _, leaf = key.rpartition(".")
         ref = reference_name(module)
-        if module == "fc" and leaf == "weight":
-            value = value[:, :, None, None]
-        state[f"module.{ref}.{leaf}"] = value
         if leaf == "weight" and isinstance(net.get_submodule(module), (nn.Conv2d, nn.Linear)):
-            d = value[0, 0].numel()
+            shape = value.shape if value.ndim == 4 else (*value.shape, 1, 1)
+            g = {9: group_size, 49: math.gcd(group_size, 3), 1: 1}[shape[2] * shape[3]]
+            d = g * shape[2] * shape[3]
             embed = torch.randn(d, k, generator=gen)
-            pools[module] = embed
+            idx = torch.randint(k, (shape[0] * shape[1] // g,), generator=gen)
+            value = _ungrouped(embed.t()[idx], tuple(shape), g)
+            net.get_submodule(module).weight.data.copy_(value.reshape(net.get_submodule(module).weight.shape))
+            pools[module], indices[module] = embed, idx
             q = f"module.{ref}.qtz."
             state.update({q + "embed": embed, q + "cluster_size": torch.rand(k, generator=gen),
                           q + "embed_avg": torch.randn(d, k, generator=gen), q + "acum_embed_sum": torch.zeros(d, k),
                           q + "acum_embed_onehot_sum": torch.zeros(k)})
+        state[f"module.{ref}.{leaf}"] = value
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [100])
-    return {"model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epochs": 160}, pools, net
+    ckpt = {"model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epochs": 160}
+    return ckpt, pools, net, indices
 
 
 def test_reference_names_follow_the_layout():
@@ -152,26 +213,47 @@ def test_reference_names_follow_the_layout():
 
 @pytest.fixture(scope="module")
 def reference_file(tmp_path_factory):
-    ckpt, pools, net = reference_checkpoint()
+    ckpt, pools, net, _ = reference_checkpoint()
     path = tmp_path_factory.mktemp("ref") / "pretrain.pth"
     torch.save(ckpt, path)
     return path, pools, net
 
 
-def test_import_reference_reproduces_pools_exactly(reference_file):
-    path, pools, net = reference_file
-    model, settings = import_reference(path)
-    assert settings == {"pool_size": 8, "group_size": 1, "num_classes": 10, "in_channels": 3}
+@pytest.mark.parametrize("g", [1, 2])
+def test_import_reference_reproduces_pools_exactly(tmp_path, g):
+    ckpt, pools, net, indices = reference_checkpoint(group_size=g)
+    torch.save(ckpt, tmp_path / "pretrain.pth")
+    model, settings = import_reference(tmp_path / "pretrain.pth")
+    assert settings == {"pool_size": 8, "group_size": g, "num_classes": 10, "in_channels": 3}
     layers = dict(nws_layers(model))
     assert set(layers) == set(pools) and len(layers) == 21
+    codes = nws.encode(model)
     for name, layer in layers.items():
         assert torch.equal(layer.pool.codebook, pools[name].t())  # the (d, K) buffers transposed
         assert not layer.pool.trainable
+        assert layer.group_size == pools[name].shape[0] // layer.weight[0, 0].numel()
+        assert torch.equal(codes[name], indices[name]), name  # the reference's grouped-kernel layout
+    assert {n for n, layer in layers.items() if layer.group_size == 2} == (
+        {f"layer{s}.{b}.conv{c}" for s in range(1, 5) for b in range(2) for c in (1, 2)} if g == 2 else set())
     plain = net.state_dict()
+    assert set(plain) == {k for k in model.state_dict() if ".pool." not in k}  # the classifier has no bias
     for key, value in model.state_dict().items():  # temporary weights, BatchNorm and classifier carried over
         if ".pool." not in key:
             assert torch.equal(value, plain[key]), key
     assert isinstance(model.maxpool, nn.Identity) and model.conv1.stride == (2, 2)
+    _, spec, _ = reference_pools(tmp_path / "pretrain.pth")
+    assert spec.group_size == g and layer_shapes(spec.build()) == layer_shapes(model)  # what a run rebuilds
+
+
+def test_import_reference_refuses_a_group_size_off_the_policy():
+    ckpt, _, _, _ = reference_checkpoint(group_size=2)
+    ckpt["model"]["module.conv3_x.NwsRes0.shortcut.0.qtz.embed"] = torch.zeros(2, 8)  # a 1x1 shortcut at g = 2
+    with pytest.raises(CheckpointError, match="1x1 layers must have 1"):
+        import_reference(ckpt)
+    ckpt, _, _, _ = reference_checkpoint(group_size=2)
+    ckpt["model"]["module.conv2_x.NwsRes1.residual_function.0.qtz.embed"] = torch.zeros(9, 8)  # one 3x3 at g = 1
+    with pytest.raises(CheckpointError, match="not one policy"):
+        import_reference(ckpt)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -187,7 +269,7 @@ def test_import_reference_refuses_code_and_wrong_layouts(tmp_path, reference_fil
     torch.save({"model": {"module.features.0.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not part of the reference"):
         import_reference(tmp_path / "other.pth")
-    ckpt, _, _ = reference_checkpoint()
+    ckpt, _, _, _ = reference_checkpoint()
     ckpt["model"]["module.conv1.0.qtz.embed"] = torch.zeros(49, 9)
     with pytest.raises(CheckpointError, match="pool sizes"):
         import_reference(ckpt)
@@ -210,6 +292,15 @@ def test_model_from_state_dict_strips_prefixes_and_checks_keys():
         model_from_state_dict("convnet", {**net.state_dict(), "extra": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="unknown architecture"):
         model_from_state_dict("nonet", net.state_dict())
+
+
+def test_torchvision_biases_need_bias_true():
+    """torchvision's ResNet has a classifier bias, the reference's (and the builder's default) none."""
+    tv = create_model("resnet18", num_classes=3, bias=True).state_dict()
+    with pytest.raises(CheckpointError, match="bias: true"):
+        model_from_state_dict("resnet18", tv)
+    model = model_from_state_dict("resnet18", tv, bias=True)
+    assert torch.equal(model.fc.bias, tv["fc.bias"])
 
 
 def test_new_head_drops_a_foreign_classifier():
@@ -259,6 +350,51 @@ def test_from_checkpoint_cli_round_trip(tmp_path, capsys):
     assert main([*argv[:2], str(tmp_path / "net.safetensors"), *argv[3:]]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "pools.safetensors").read_bytes() == before
+
+
+RUN = ["--model.pool_size", "16", "--model.kwargs", "{widths: [8, 16]}", "--task.epochs", "1", "--trainer.logger",
+       "none", "--trainer.progress_bar", "false", "--trainer.checkpoint", "false"]
+
+
+def test_group_size_2_from_checkpoint_to_eval(tmp_path, capsys):
+    """g = 2 end to end: k-means pools of a checkpoint, a run from them killed after writing task 1, resumed,
+    and every task evaluated from storage, as recorded."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from nws.store import CRASH_ENV, task_file
+
+    torch.manual_seed(0)
+    save_file(create_model("convnet", num_classes=10, widths=(8, 16)).state_dict(), tmp_path / "net.safetensors")
+    pools = tmp_path / "pools"
+    assert main(["pools", "from-checkpoint", str(tmp_path / "net.safetensors"), "--arch", "convnet", "--kwargs",
+                 "{widths: [8, 16]}", "--pool-size", "16", "--group-size", "2", "--out", str(pools)]) == 0
+    assert "--model.group_size 2" in capsys.readouterr().out
+    books, _ = TaskStore(pools).pools()
+    assert {n: b.shape for n, b in books.items()} == {"features.0": (16, 9), "features.4": (16, 18), "fc": (16, 1)}
+    assert TaskStore(pools).spec().group_size == 2
+
+    out = tmp_path / "run"
+    argv = ["demo", "--out", str(out), "--pretrained", str(pools), "--model.group_size", "2", "--data.num_tasks", "2",
+            *RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: f"{task_file(1)}:written"}
+    killed = subprocess.run([sys.executable, "-m", "nws.cli", *argv], env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    first = (out / task_file(0)).read_bytes()
+    assert main([*argv, "--resume"]) == 0
+    assert (out / task_file(0)).read_bytes() == first  # a finished task is never rewritten
+    store = TaskStore(out)
+    assert store.spec().group_size == 2
+    assert {n: layer.group_size for n, layer in nws_layers(store.model(1))} == {"features.0": 1, "features.4": 2,
+                                                                                  "fc": 1}
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out)]) == 0
+    accs = [float(a) / 100 for a in re.findall(r"accuracy ([\d.]+)%", capsys.readouterr().out)]
+    assert accs == pytest.approx([t["acc_from_storage"] for t in results["tasks"]], abs=5e-5)
+    assert len(accs) == 2
 
 
 def test_import_reference_cli(tmp_path, reference_file, capsys):

@@ -1,7 +1,9 @@
 """Model registry and plain-torch builders (timm style).
 
 Every model exposes ``classifier_name``, the dotted path of its final ``nn.Linear``, so callers can
-find and resize the head with ``model.get_submodule(model.classifier_name)``.
+find and resize the head with ``model.get_submodule(model.classifier_name)``. By default each builder
+follows the reference implementation: the only float parameters besides conv and classifier weights are
+BatchNorm's (no biases), and dropout sits where the reference has it (VGG only); see ``docs/reference.md``.
 """
 from __future__ import annotations
 

@@ -8,7 +8,11 @@ from nws.models.registry import register_model
 
 
 class ConvNet(nn.Module):
-    """Stages of 3x3 conv-BN-ReLU with a 2x2 max-pool between stages, global average pool and ``fc``."""
+    """Stages of 3x3 conv-BN-ReLU with a 2x2 max-pool between stages, global average pool and ``fc``.
+
+    Our own demo model, built like the reference's networks: no conv or classifier bias, so a task's only
+    float parameters are BatchNorm's; no dropout.
+    """
 
     classifier_name = "fc"
 
@@ -22,7 +26,7 @@ class ConvNet(nn.Module):
             in_channels = w
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

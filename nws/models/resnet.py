@@ -37,7 +37,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet of ``BasicBlock`` stages; ``fc`` is the classifier."""
+    """ResNet of ``BasicBlock`` stages; ``fc`` is the classifier.
+
+    As in the reference, the only float parameters besides the searched weights are BatchNorm's: no conv
+    and, unless ``bias``, no classifier has a bias (the reference's classifier is a bias-free 1x1 conv, which
+    equals a bias-free Linear on pooled features). ``bias=True`` gives ``fc`` a bias as torchvision's has, so
+    torchvision checkpoints load strictly. No dropout (the reference has none).
+    """
 
     classifier_name = "fc"
 
@@ -48,6 +54,7 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
         maxpool: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if stem == "imagenet":
@@ -65,7 +72,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(256, layers[2], 2)
         self.layer4 = self._make_layer(512, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(512, num_classes, bias=bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -87,15 +94,17 @@ class ResNet(nn.Module):
 
 @register_model
 def resnet18(
-    num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet", maxpool: bool = True
+    num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet", maxpool: bool = True, bias: bool = False
 ) -> ResNet:
-    """ResNet-18 (11.7M parameters with the imagenet stem and 1000 classes)."""
-    return ResNet((2, 2, 2, 2), num_classes, in_channels, stem, maxpool)
+    """ResNet-18 (11,689,512 parameters with the imagenet stem and 1000 classes, less the classifier's 1000
+    biases unless ``bias``, which loads torchvision checkpoints)."""
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, stem, maxpool, bias)
 
 
 @register_model
 def resnet34(
-    num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet", maxpool: bool = True
+    num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet", maxpool: bool = True, bias: bool = False
 ) -> ResNet:
-    """ResNet-34 (21.8M parameters with the imagenet stem and 1000 classes)."""
-    return ResNet((3, 4, 6, 3), num_classes, in_channels, stem, maxpool)
+    """ResNet-34 (21,797,672 parameters with the imagenet stem and 1000 classes, less the classifier's 1000
+    biases unless ``bias``)."""
+    return ResNet((3, 4, 6, 3), num_classes, in_channels, stem, maxpool, bias)
