@@ -1,7 +1,8 @@
 """Benchmarks as task sequences: a source task for pool pretraining, then the tasks to learn in order.
 
 Known benchmarks (``data.name``): ``digits`` (embedded, no files), ``split_cifar100`` (20 superclass tasks),
-``cub2sketches`` (five fine-grained data sets) and ``imagenet`` (pool pretraining alone, no tasks).
+``cub2sketches`` (five fine-grained data sets), ``split_fashion_mnist`` (five two-class Fashion-MNIST tasks)
+and ``imagenet`` (pool pretraining alone, no tasks).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Benchmark:
     in_channels: int
 
 
-BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "imagenet")
+BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "split_fashion_mnist", "imagenet")
 
 
 def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: str | None = None,
@@ -42,8 +43,9 @@ def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: st
     """The benchmark called ``name`` (data under ``root`` where it needs files).
 
     ``source`` picks the pool-pretraining task (``None``: the benchmark's own default; ``imagenet`` reads
-    ImageNet folders at ``source_root``; ``cifar100``; ``none``), ``num_tasks`` keeps only the first tasks
-    (indices unchanged), ``image_size`` is the input side for image-folder data (default 224).
+    ImageNet folders at ``source_root``; ``cifar100``; ``mnist`` reads MNIST at ``source_root``; ``digits``;
+    ``none``), ``num_tasks`` keeps only the first tasks (indices unchanged), ``image_size`` is the input side
+    for image-folder data (default 224) and Fashion-MNIST (default 28, larger sizes pad).
     """
     if name == "digits":
         from nws.data.digits import digits_benchmark
@@ -62,6 +64,10 @@ def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: st
         from nws.data.folders import cub2sketches
 
         bench = cub2sketches(root, source, source_root, image_size)
+    elif name == "split_fashion_mnist":
+        from nws.data.mnist import split_fashion_mnist
+
+        bench = split_fashion_mnist(root, source, source_root, image_size, seed=seed)
     elif name == "imagenet":
         from nws.data.folders import imagenet
 
