@@ -151,16 +151,31 @@ def cmd_data(argv: Sequence[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     get = sub.add_parser("cifar100", help="download (or use the archive already there), verify and extract CIFAR-100")
     get.add_argument("--root", required=True, help="directory for cifar-100-python/ (and the archive)")
+    for name in ("fashion-mnist", "mnist"):
+        idx = sub.add_parser(name, help=f"verify the official {name} IDX files in a folder, downloading missing ones")
+        idx.add_argument("--root", required=True, help="folder holding (or to hold) the four .gz or gunzipped files")
     check = sub.add_parser("check", help="validate a benchmark's layout and class counts")
     check.add_argument("--root", required=True, help="the benchmark's data root (--data.root of a run)")
-    check.add_argument("--benchmark", default="cub2sketches", choices=["cub2sketches", "split_cifar100", "imagenet"])
+    check.add_argument("--benchmark", default="cub2sketches",
+                       choices=["cub2sketches", "split_cifar100", "split_fashion_mnist", "imagenet"])
     args = parser.parse_args(argv)
     if args.action == "cifar100":
         from nws.data.cifar100 import prepare
 
         print(prepare(args.root)[1])
         return 0
-    if args.benchmark == "split_cifar100":
+    if args.action in ("fashion-mnist", "mnist"):
+        from nws.data import mnist
+
+        print(mnist.prepare(args.root, args.action)[1])
+        return 0
+    if args.benchmark == "split_fashion_mnist":
+        from nws.data import mnist
+
+        data = mnist.load_idx_data(args.root, mnist.FASHION_MNIST, "--root")
+        rows = [{"name": "fashion-mnist", "classes": 10, "train": len(data.labels["train"]),
+                 "test": len(data.labels["test"])}]
+    elif args.benchmark == "split_cifar100":
         from nws.data.cifar100 import load_cifar100
 
         data = load_cifar100(args.root)
