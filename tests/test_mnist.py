@@ -17,6 +17,7 @@ import torch
 
 from nws.cli import main, parse_run_config
 from nws.data import load_benchmark, mnist
+from nws.data.arrays import channel_stats
 from nws.data.digits import load_digits_arrays, mnist_layout
 from nws.data.mnist import FASHION_CLASSES, FASHION_MNIST, MNIST, IDXError
 from nws.models import create_model
@@ -67,8 +68,8 @@ def spec_for(folder: Path, mirrors: tuple[str, ...] = ()) -> mnist.IDXDataSet:
 
 @pytest.fixture
 def official(tmp_path, monkeypatch):
-    """A small stand-in for the official Fashion-MNIST: 20 train and 10 test images per class, registered as
-    the official files (counts and checksums)."""
+    """A small stand-in for the official Fashion-MNIST: 20 train and 10 test images (2 and 1 per class),
+    registered as the official files (counts and checksums)."""
     folder = write_folder(tmp_path / "official", make_arrays({"train": 2, "test": 1}))
     monkeypatch.setattr(mnist, "SPLITS", {"train": 20, "test": 10})
     spec = spec_for(folder)
@@ -314,6 +315,14 @@ def test_padding_to_32_for_the_cifar_stem(fashion):
     assert bench.source.train[0][0].shape == (1, 32, 32)
     with pytest.raises(mnist.NWSError, match="at least 28 .*got 24"):
         load_benchmark("split_fashion_mnist", str(folder), image_size=24)
+
+
+def test_channel_stats_from_histograms_equal_the_float_computation():
+    images = np.random.default_rng(0).integers(0, 256, (50, 3, 7, 5)).astype(np.uint8)
+    mean, std = channel_stats(images)
+    x = images.astype(np.float64) / 255.0
+    assert np.allclose(mean, x.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+    assert np.allclose(std, x.std(axis=(0, 2, 3)), rtol=0, atol=1e-12)
 
 
 def test_digits_in_mnist_layout():
