@@ -112,21 +112,35 @@ def cmd_data(argv: Sequence[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     get = sub.add_parser("cifar100", help="download (or use the archive already there), verify and extract CIFAR-100")
     get.add_argument("--root", required=True, help="directory for cifar-100-python/ (and the archive)")
+    for name in ("fashion-mnist", "mnist"):
+        idx = sub.add_parser(name, help=f"verify the official {name} IDX files in a folder, downloading missing ones")
+        idx.add_argument("--root", required=True, help="folder holding (or to hold) the four .gz or gunzipped files")
     check = sub.add_parser("check", help="validate a benchmark's layout and class counts")
     check.add_argument("--root", required=True, nargs="+", help="the benchmark's data root (--data.root of a "
                        "run); for folders, each task folder (and the source folder)")
     check.add_argument("--benchmark", default="cub2sketches",
-                       choices=["cub2sketches", "split_cifar100", "imagenet", "folders"])
+                       choices=["cub2sketches", "split_cifar100", "split_fashion_mnist", "imagenet", "folders"])
     args = parser.parse_args(argv)
     if args.action == "cifar100":
         from nws.data.cifar100 import prepare
 
         print(prepare(args.root)[1])
         return 0
+    if args.action in ("fashion-mnist", "mnist"):
+        from nws.data import mnist
+
+        print(mnist.prepare(args.root, args.action)[1])
+        return 0
     roots = args.root
     if args.benchmark != "folders" and len(roots) > 1:
         raise UsageError(f"nws data check: --benchmark {args.benchmark} takes one --root")
-    if args.benchmark == "split_cifar100":
+    if args.benchmark == "split_fashion_mnist":
+        from nws.data import mnist
+
+        data = mnist.load_idx_data(roots[0], mnist.FASHION_MNIST, "--root")
+        rows = [{"name": "fashion-mnist", "classes": 10, "train": len(data.labels["train"]),
+                 "test": len(data.labels["test"])}]
+    elif args.benchmark == "split_cifar100":
         from nws.data.cifar100 import load_cifar100
 
         data = load_cifar100(roots[0])

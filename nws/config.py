@@ -75,12 +75,13 @@ class DataConfig:
     root: str | None = None
     num_workers: int = 0
     # Pool-pretraining source: null = the benchmark's default (digits: its source split; split_cifar100 and
-    # cub2sketches: imagenet), or imagenet (folders at source_root), cifar100 (all 100 classes), none; for
-    # `folders`, a folder of the tasks' layout.
+    # cub2sketches: imagenet; split_fashion_mnist: the embedded digits), or imagenet (folders at source_root),
+    # cifar100 (all 100 classes), mnist (files at source_root), digits, none; for `folders`, a folder of the
+    # tasks' layout.
     source: str | None = None
     source_root: str | None = None
     num_tasks: int | None = None  # learn only the first N tasks (null: all)
-    image_size: int | None = None  # input side for image-folder data (null: 224)
+    image_size: int | None = None  # input side: image folders (null: 224), split_fashion_mnist (null: 28, larger pads)
     tasks: list[str] | None = None  # `folders`: the task folders, in order (DIR/{train,test}/<class>/<image>)
 
 

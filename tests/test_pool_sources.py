@@ -19,7 +19,8 @@ from nws.models import create_model
 from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
                               read_checkpoint, reference_module_name, reference_pools)
 from nws.search import brute_force_nearest
-from nws.store import TaskStore, layer_shapes
+from nws.store import TaskStore
+from nws.taskfile import layer_shapes
 
 
 def blobs(n_per: int = 200, k: int = 6, d: int = 9, spread: float = 0.05, seed: int = 0):

@@ -1,8 +1,9 @@
 """Benchmarks as task sequences: a source task for pool pretraining, then the tasks to learn in order.
 
 Known benchmarks (``data.name``): ``digits`` (embedded, no files), ``split_cifar100`` (20 superclass tasks),
-``cub2sketches`` (five fine-grained data sets), ``imagenet`` (pool pretraining alone, no tasks) and
-``folders`` (your own sequence of image-folder tasks, ``data.tasks``).
+``cub2sketches`` (five fine-grained data sets), ``split_fashion_mnist`` (five two-class Fashion-MNIST tasks),
+``imagenet`` (pool pretraining alone, no tasks) and ``folders`` (your own sequence of image-folder tasks,
+``data.tasks``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from nws.data.base import Benchmark, Task
 from nws.errors import NWSError
 
-BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "imagenet", "folders")
+BENCHMARKS = ("digits", "split_cifar100", "cub2sketches", "split_fashion_mnist", "imagenet", "folders")
 
 
 def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: str | None = None,
@@ -21,9 +22,10 @@ def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: st
     """The benchmark called ``name`` (data under ``root`` where it needs files).
 
     ``source`` picks the pool-pretraining task (``None``: the benchmark's own default; ``imagenet`` reads
-    ImageNet folders at ``source_root``; ``cifar100``; ``none``; for ``folders``, a folder), ``num_tasks`` keeps
-    only the first tasks (indices unchanged), ``image_size`` is the input side for image-folder data (default
-    224), ``tasks`` the task folders of ``folders``.
+    ImageNet folders at ``source_root``; ``cifar100``; ``mnist`` reads MNIST at ``source_root``; ``digits``;
+    ``none``; for ``folders``, a folder), ``num_tasks`` keeps only the first tasks (indices unchanged),
+    ``image_size`` is the input side for image-folder data (default 224) and Fashion-MNIST (default 28, larger
+    sizes pad), ``tasks`` the task folders of ``folders``.
     """
     if name == "digits":
         from nws.data.digits import digits_benchmark
@@ -42,6 +44,10 @@ def load_benchmark(name: str, root: str | None = None, seed: int = 0, source: st
         from nws.data.folders import cub2sketches
 
         bench = cub2sketches(root, source, source_root, image_size)
+    elif name == "split_fashion_mnist":
+        from nws.data.mnist import split_fashion_mnist
+
+        bench = split_fashion_mnist(root, source, source_root, image_size, seed=seed)
     elif name == "imagenet":
         from nws.data.folders import imagenet
 

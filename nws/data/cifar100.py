@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
+from nws.data.arrays import ArrayImages, channel_stats
 from nws.data.base import Benchmark, Task
 from nws.data.download import OfflineError, download, md5sum, safe_extract
 from nws.data.transforms import cifar_transforms
@@ -136,27 +134,6 @@ def read_cifar100(folder: Path, full: bool = True) -> CIFAR100:
     if len(parent) != len(pairs):
         raise CIFARError(f"{folder}: a class appears under two superclasses")
     return CIFAR100(images, fine, coarse, fine_names, coarse_names)
-
-
-class ArrayImages(Dataset):
-    """``uint8 (N, C, H, W)`` images with labels, through a transform on each ``(C, H, W)`` tensor."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.images[i]), self.labels[i]
-
-
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of ``uint8 (N, C, H, W)`` images scaled to ``[0, 1]``."""
-    x = images.astype(np.float64) / 255.0
-    return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
 
 
 def _task(name: str, classes: list[str], data: CIFAR100, masks: dict[str, np.ndarray],

@@ -3,6 +3,8 @@
 The images are split per class: 40% form the source task (all 10 digits) that the pools are pretrained
 on; the other 60% form five tasks of two digits each (0/1, 2/3, 4/5, 6/7, 8/9, as in Split-MNIST), each
 split 2:1 into train and test. No image is in two places.
+
+:func:`mnist_layout` brings the same images to MNIST's layout, as the source task of benchmarks on 28x28 data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ TASK_TRAIN_FRACTION = 2 / 3
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
 
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: ``float64 (1797, 8, 8)`` images with values 0-16, and their labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target
+
+
+def mnist_layout(images: np.ndarray) -> np.ndarray:
+    """8x8 digits (values 0-16) as MNIST lays digits out: scaled to 0-255, resized (bilinear) to a 20x20 box
+    and centred in 28x28 with a zero border of 4, as ``uint8 (N, 1, 28, 28)``."""
+    x = torch.from_numpy(images.astype(np.float32))[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = torch.nn.functional.pad(x.clamp(0, 1).mul(255).round().to(torch.uint8), (4, 4, 4, 4))
+    return x.numpy()
+
+
 def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     x = torch.from_numpy(images.astype(np.float32)).reshape(-1, 1, 8, 8) / 16.0
     return TensorDataset((x - 0.5) / 0.5, torch.from_numpy(labels.astype(np.int64)))
@@ -25,10 +44,7 @@ def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
 
 def digits_benchmark(seed: int = 0) -> Benchmark:
     """The source task and the five two-digit tasks, split deterministically by ``seed``."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images, labels = data.images, data.target
+    images, labels = load_digits_arrays()
     rng = np.random.default_rng(seed)
     source, train, test = [], [], []
     for digit in range(10):

@@ -137,6 +137,21 @@ class RandomCrop:
         return x[..., top:top + self.size, left:left + self.size]
 
 
+class PadTo:
+    """Zero-pad a ``(C, H, W)`` tensor on all sides to ``size x size``, centred (an odd remainder goes to the
+    bottom and right); a tensor already that size is returned as it is."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) == (self.size, self.size):
+            return x
+        top, left = (self.size - h) // 2, (self.size - w) // 2
+        return torch.nn.functional.pad(x, (left, self.size - w - left, top, self.size - h - top))
+
+
 class ToTensor:
     """A Pillow image (converted to RGB) as a float ``(3, H, W)`` tensor in ``[0, 1]``."""
 
@@ -215,3 +230,9 @@ def cifar_transforms(mean: Sequence[float], std: Sequence[float], train: bool) -
     if train:
         return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToFloat(), norm])
     return Compose([ToFloat(), norm])
+
+
+def mnist_transforms(mean: Sequence[float], std: Sequence[float], size: int) -> Compose:
+    """MNIST-style ``uint8 (1, 28, 28)`` tensors: zero-padded to ``size`` (the background is 0), then
+    normalised with the given mean and std. No augmentation, as in the Split-(Fashion-)MNIST literature."""
+    return Compose([PadTo(size), ToFloat(), Normalize(mean, std)])
