@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nws.data.base import Benchmark, Task
 from nws.data.arrays import ArrayImages, channel_stats
+from nws.data.base import Benchmark, Task
 from nws.data.download import DownloadError, OfflineError, download, md5sum
 from nws.data.transforms import mnist_transforms
 from nws.errors import NWSError
