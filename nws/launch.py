@@ -171,7 +171,11 @@ SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", 
 
 def _squeue_state(job_id: str) -> str | None:
     """The job's state from squeue (``GONE`` once SLURM has forgotten it), or None if squeue cannot tell now."""
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T", "-j", job_id], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T", "-j", job_id], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
     if proc.returncode == 0 and proc.stdout.split():
         return proc.stdout.split()[0]
     return "GONE" if "Invalid job id" in proc.stderr else None
