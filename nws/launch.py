@@ -130,7 +130,12 @@ def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Pat
             print(f"seed {seed}: SLURM job {job.job_id} -> {seed_dir(out, seed)}", flush=True)
     if not wait:
         return [seed_dir(out, s) for s in seeds]
+    no_accounting = spec is not None and _accounting_error(next(iter(jobs.values())).job_id)
+    if no_accounting:
+        print(f"SLURM keeps no job accounting here ({no_accounting}): job states come from squeue", flush=True)
     for seed, job in jobs.items():
+        if no_accounting:
+            _await_without_accounting(seed, job, folder)
         _wait(seed, job, folder)
     return [seed_dir(out, s) for s in seeds]
 
@@ -146,6 +151,55 @@ def _local_gpus() -> dict:
     ids = [int(v) for v in visible.split(",")] if visible and all(v.strip().isdigit() for v in visible.split(",")) \
         else list(range(count))
     return {"gpus_per_node": len(ids), "visible_gpus": ids}
+
+
+def _accounting_error(job_id: str) -> str | None:
+    """sacct's error where SLURM keeps no job accounting (submitit's job states come from sacct), else None."""
+    try:
+        proc = subprocess.run(["sacct", "-n", "-X", "-o", "JobID", "-j", job_id], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"sacct: {err}"
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return None if proc.returncode == 0 else f"sacct: {lines[-1] if lines else f'exit code {proc.returncode}'}"
+
+
+# squeue states of a job that may still write its result.
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+def _squeue_state(job_id: str) -> str | None:
+    """The job's state from squeue (``GONE`` once SLURM has forgotten it), or None if squeue cannot tell now."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T", "-j", job_id], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode == 0 and proc.stdout.split():
+        return proc.stdout.split()[0]
+    return "GONE" if "Invalid job id" in proc.stderr else None
+
+
+def _await_without_accounting(seed: int, job, folder: Path, grace_s: float = 10.0) -> None:
+    """Wait for a SLURM job without sacct (where submitit would ask it every few seconds, warn each time, and
+    wait forever for a job that died without writing its result): until its result file exists, or squeue
+    says it ended (cancelled, timed out, killed) and no result came within ``grace_s``."""
+    import time
+
+    start = asked = time.monotonic()
+    ended = None
+    while not job.paths.result_pickle.exists():
+        time.sleep(1)
+        now = time.monotonic()
+        if now - asked < min(30.0, max(2.0, (now - start) / 10)):  # squeue less often as the wait grows
+            continue
+        asked, state = now, _squeue_state(job.job_id)
+        if state is not None and state not in SLURM_ACTIVE:
+            ended = ended or (state, now)
+            if now - ended[1] > grace_s:
+                raise LaunchError(f"seed {seed} (job {job.job_id}) ended {ended[0]} without a result; logs in "
+                                  f"{folder}")
 
 
 def _wait(seed: int, job, folder: Path) -> None:
