@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from nws.cli import main, parse_run_config
+from nws.cli import main
+from nws.config import parse_run_config
 from nws.data import load_benchmark, mnist
 from nws.data.arrays import channel_stats
 from nws.data.digits import load_digits_arrays, mnist_layout
