@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +141,14 @@ class Runner:
         """Learn task ``index``, store it, rebuild it from storage alone and record its accuracy from there."""
         task = self.ctx.benchmark.tasks[index]
         seed_everything(task_seed(self.config.seed, index))
+        wall, cpu = time.perf_counter(), time.process_time()
         model = self.method.learn(index)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         acc = self.ctx.evaluate(model, task.test)
         saved = self.method.save(store, index, model)
         entry = {"index": index, "name": task.name, "classes": list(task.classes), **saved.record,
-                 "acc_after_training": acc, "float32_model": float32_bytes(model)}
+                 "acc_after_training": acc, "float32_model": float32_bytes(model),
+                 "train_seconds": round(wall, 3), "train_cpu_seconds": round(cpu, 3)}
         skipped = sum(n for stage, n in self.ctx.skipped_steps.items() if stage.startswith(f"task_{index:03d}"))
         if skipped:
             entry["skipped_steps"] = skipped

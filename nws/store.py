@@ -37,7 +37,8 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Numbers a task entry may carry, and the types of other optional entries.
-_TASK_NUMBERS = ("acc_after_training", "acc_from_storage", "float32_model", "mask_density")
+_TASK_NUMBERS = ("acc_after_training", "acc_from_storage", "float32_model", "mask_density", "train_seconds",
+                 "train_cpu_seconds", "skipped_steps")
 
 
 def task_file(index: int) -> str:

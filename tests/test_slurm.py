@@ -194,5 +194,8 @@ def test_job_cancelled_mid_task_resumes_to_the_uninterrupted_files(tmp_path):
     names = [*kept, "task_001.safetensors"]
     assert {n: (seed_dir / n).read_bytes() for n in names} == {n: (tmp_path / "ref" / n).read_bytes() for n in names}
     results, expected = (json.loads((d / "results.json").read_text()) for d in (seed_dir, tmp_path / "ref"))
-    assert {**results, "config": None} == {**expected, "config": None}
+    timing = ("train_seconds", "train_cpu_seconds")  # how long it took legitimately differs
+    for r in (results, expected):
+        r["config"], r["tasks"] = None, [{k: v for k, v in t.items() if k not in timing} for t in r["tasks"]]
+    assert results == expected
     assert not (seed_dir / "checkpoints").exists()
