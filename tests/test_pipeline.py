@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import lzma
 import re
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from nws.cli import main
 from nws.convert import nws_layers
@@ -34,7 +40,8 @@ def test_results_contract(demo_run):
         assert set(t["bytes"]) == {"indices", "batchnorm", "other"}
     avg = sum(t["acc_from_storage"] for t in results["tasks"]) / 5
     assert results["average_accuracy"] == pytest.approx(avg, abs=1e-12)
-    assert set(results["memory"]) == {"shared", "shared_files", "tasks_total", "float32_model"}
+    assert set(results["memory"]) == {"shared", "shared_files", "tasks_total", "float32_model",
+                                      "reference_equivalent"}
     files = json.loads((demo_run / "manifest.json").read_text())["files"]
     assert results["memory"]["shared"] == files["pools.safetensors"]["size"]
     assert results["memory"]["shared_files"] == {"pools.safetensors": files["pools.safetensors"]["size"]}
@@ -87,3 +94,50 @@ def test_existing_run_is_not_overwritten(demo_run, capsys):
     assert main(["demo", "--out", str(demo_run), *SMALL]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (demo_run / task_file(0)).read_bytes() == before
+
+
+def _torch_saved_size(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return len(buffer.getvalue())
+
+
+def test_reference_equivalent_sizes(demo_run, monkeypatch):
+    """``results.json`` reports beside ours what the reference implementation would store, here computed again
+    the reference's way from the stored run: each task's stored indices as int16, concatenated over layers,
+    written with ``lzma.open(...).write(lzma.compress(...))``; its BatchNorm modules (the rebuilt network's,
+    copied) pickled by ``torch.save``; and the pools as a list of the reference's quantiser modules (a class of
+    its layout, at its import path ``models.quantizer.Quantize``) pickled by ``torch.save``."""
+    results = json.loads((demo_run / "results.json").read_text())
+    store = TaskStore(demo_run)
+    for i, task in enumerate(results["tasks"]):
+        raw = np.concatenate([c.numpy() for c in store.codes(i).values()]).astype(np.int16).tobytes()
+        buffer = io.BytesIO()
+        with lzma.open(buffer, "wb") as f:
+            f.write(lzma.compress(raw))
+        norms = [copy.deepcopy(m).cpu() for m in store.model(i).modules() if isinstance(m, nn.BatchNorm2d)]
+        assert task["reference_bytes"] == {"indices": len(buffer.getvalue()), "batchnorm": _torch_saved_size(norms)}
+
+    class Quantize(nn.Module):
+        def __init__(self, dim: int, n_embed: int):
+            super().__init__()
+            self.dim, self.n_embed, self.decay, self.eps = dim, n_embed, 0.99, 1e-5
+            self.register_buffer("embed", torch.randn(dim, n_embed))
+            self.register_buffer("cluster_size", torch.zeros(n_embed))
+            self.register_buffer("embed_avg", self.embed.clone())
+            self.register_buffer("acum_embed_sum", torch.zeros_like(self.embed))
+            self.register_buffer("acum_embed_onehot_sum", torch.zeros(n_embed))
+
+    Quantize.__module__, Quantize.__qualname__ = "models.quantizer", "Quantize"
+    monkeypatch.setitem(sys.modules, "models", types.ModuleType("models"))
+    monkeypatch.setitem(sys.modules, "models.quantizer", types.SimpleNamespace(Quantize=Quantize))
+    books, _ = store.pools()
+    pools = _torch_saved_size([Quantize(book.shape[1], book.shape[0]) for book in books.values()])
+    reference = results["memory"]["reference_equivalent"]
+    assert abs(reference["pools"] - pools) <= 64  # the class paths differ; torch aligns records to 64 bytes
+    tasks_total = sum(sum(t["reference_bytes"].values()) for t in results["tasks"])
+    assert reference == {"pools": reference["pools"], "tasks_total": tasks_total,
+                         "total": reference["pools"] + tasks_total}
+    assert pools > 3 * sum(4 * book.numel() for book in books.values())  # three d x K buffers per layer
+    assert "As the reference implementation stores it" in (demo_run / "results.md").read_text()
+
