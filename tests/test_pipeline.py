@@ -18,7 +18,7 @@ from torch import nn
 
 from nws.cli import main
 from nws.convert import nws_layers
-from nws.store import TaskStore, task_file
+from nws.store import CRASH_ENV, TaskStore, task_file
 
 SMALL = ["--pretrain.epochs", "2", "--task.epochs", "2", "--model.pool_size", "64", "--trainer.logger", "none"]
 
@@ -141,3 +141,36 @@ def test_reference_equivalent_sizes(demo_run, monkeypatch):
     assert pools > 3 * sum(4 * book.numel() for book in books.values())  # three d x K buffers per layer
     assert "As the reference implementation stores it" in (demo_run / "results.md").read_text()
 
+
+def test_demo_at_group_size_2_runs_stores_resumes_and_evaluates(tmp_path, capsys):
+    """``nws demo --model.group_size 2`` through the command line, its pools pretrained in the run at g = 2
+    (tests/test_pool_sources.py starts a g = 2 run from k-means pools instead): a run killed after writing task
+    1's file, resumed, writes the files of an uninterrupted run, and ``nws eval`` rebuilds every task from them
+    with the accuracies recorded."""
+    import os
+
+    argv = ["--model.group_size", "2", "--model.kwargs", "{widths: [8, 16]}", "--model.pool_size", "16",
+            "--pretrain.epochs", "1", "--task.epochs", "1", "--data.num_tasks", "2", "--trainer.logger", "none",
+            "--trainer.progress_bar", "false"]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(["demo", "--out", str(whole), *argv]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: f"{task_file(1)}:written"}
+    killed = subprocess.run([sys.executable, "-m", "nws.cli", "demo", "--out", str(out), *argv], env=env,
+                            capture_output=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert [t["index"] for t in TaskStore(out).tasks()] == [0]
+    assert main(["demo", "--out", str(out), *argv, "--resume"]) == 0
+    files = json.loads((whole / "manifest.json").read_text())["files"]
+    assert files == json.loads((out / "manifest.json").read_text())["files"]  # sizes and sha256 of every file
+    store = TaskStore(out)
+    books, _ = store.pools()
+    assert store.spec().group_size == 2
+    assert {n: tuple(b.shape) for n, b in books.items()} == {"features.0": (16, 9), "features.4": (16, 18),
+                                                             "fc": (16, 1)}
+    assert {n: layer.group_size for n, layer in nws_layers(store.model(1))} == {"features.0": 1, "features.4": 2,
+                                                                                  "fc": 1}
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out)]) == 0
+    accs = [float(a) / 100 for a in re.findall(r"accuracy ([\d.]+)%", capsys.readouterr().out)]
+    assert accs == pytest.approx([t["acc_from_storage"] for t in results["tasks"]], abs=5e-5) and len(accs) == 2
