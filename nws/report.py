@@ -77,6 +77,11 @@ def markdown_table(results: dict[str, Any]) -> str:
                f"{_kb(memory_total(results))}; " if shared_bytes(results) or method != "individual" else
                f"Memory: tasks {_kb(mem['tasks_total'])}; ")
               + f"{n} float32 networks would take {_kb(n * mem['float32_model'])} ({_kb(mem['float32_model'])} each)."]
+    reference = mem.get("reference_equivalent")
+    if reference:
+        lines.append(f"As the reference implementation stores it (int16 + lzma indices, pickled BatchNorm, whole "
+                     f"quantiser modules; docs/reference.md): pools {_kb(reference['pools'])} + tasks "
+                     f"{_kb(reference['tasks_total'])} = {_kb(reference['total'])}.")
     return "\n".join(lines) + "\n"
 
 

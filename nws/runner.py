@@ -195,7 +195,8 @@ class Runner:
 
 def collect_results(store: RunStore, benchmark: Benchmark, num_workers: int = 0, device: Any = None) -> dict[str, Any]:
     """The ``results.json`` contract, the same for every method: per task what its manifest entry records plus
-    ``acc_final`` (rebuilt from storage and evaluated now); continual metrics; memory."""
+    ``acc_final`` (rebuilt from storage and evaluated now); continual metrics; memory, and where the reader
+    provides it (NWS) ``memory.reference_equivalent``, what the reference implementation would store."""
     tasks = []
     for entry in store.tasks():
         test = benchmark.tasks[entry["index"]].test
@@ -208,10 +209,15 @@ def collect_results(store: RunStore, benchmark: Benchmark, num_workers: int = 0,
     if None in after:  # a run begun before nws recorded it: shared files (never changed) plus the tasks so far
         after = [store.size(shared) + sum(sizes[: i + 1]) for i in range(len(sizes))]
     config = store.manifest.get("config") or {}
+    memory = {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
+              "tasks_total": sum(sizes), "float32_model": max((t["float32_model"] for t in tasks), default=0)}
+    # A reader that can say what the reference implementation would store (NWS's) adds it beside ours.
+    reference = getattr(store, "reference_equivalent", None)
+    figures = reference() if reference is not None else None
+    if figures is not None:
+        memory["reference_equivalent"] = figures
     return {"method": store.method, "seed": config.get("seed"), "config": config,
-            **continual_metrics(tasks), "tasks": tasks,
-            "memory": {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
-                       "tasks_total": sum(sizes), "float32_model": max((t["float32_model"] for t in tasks), default=0)},
+            **continual_metrics(tasks), "tasks": tasks, "memory": memory,
             "memory_after_task": after, "source": store.manifest.get("source")}
 
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from nws.errors import StoreError
 from nws.taskfile import (ModelSpec, is_int, is_number, model_from_source, model_from_task, pack_file,
-                          pools_bytes, read_pools, source_bytes, str_list, task_bytes, task_codes,
-                          unpack_file)
+                          pools_bytes, read_pools, reference_pools_bytes, reference_task_bytes, source_bytes,
+                          str_list, task_bytes, task_codes, unpack_file)
 from nws.taskfile import first_line as _first_line
 
 MANIFEST_VERSION = 1
@@ -382,10 +382,12 @@ class TaskStore(RunStore):
 
     def save_task(self, index: int, model: nn.Module, spec: ModelSpec, name: str, classes: list[str],
                   **record: Any) -> dict[str, int]:
-        """Store task ``index`` (codes, BatchNorm, other state) and list it with ``record``; returns its sizes."""
+        """Store task ``index`` (codes, BatchNorm, other state) and list it with ``record`` and its size as the
+        reference would store it; returns its sizes."""
         task = {"index": index, "name": name, "classes": list(classes)}
         data, sizes = task_bytes(model, spec, task, self.pools()[1])
-        self.add_task({**task, "file": task_file(index), "bytes": sizes, **record}, {task_file(index): data})
+        self.add_task({**task, "file": task_file(index), "bytes": sizes,
+                       "reference_bytes": reference_task_bytes(model), **record}, {task_file(index): data})
         return sizes
 
     def build(self, index: int) -> nn.Module:
@@ -397,6 +399,18 @@ class TaskStore(RunStore):
             raise StoreError(f"{what} holds task {task['index']} ({task['name']}), the manifest lists it as "
                              f"task {index} ({entry['name']})")
         return model
+
+    def reference_equivalent(self) -> dict[str, int] | None:
+        """The run's memory as the reference implementation stores it (``docs/reference.md``, row 6): its pools
+        file for these pools, and every task's indices and BatchNorm (``reference_bytes``, recorded when the task
+        was stored); None when a task lacks that record (stored before nws recorded it)."""
+        tasks = self.tasks()
+        if not all(isinstance(t.get("reference_bytes"), dict) and all(is_int(v) for v in t["reference_bytes"].values())
+                   for t in tasks):
+            return None
+        pools = reference_pools_bytes(self.pools()[0])
+        total = sum(v for t in tasks for v in t["reference_bytes"].values())
+        return {"pools": pools, "tasks_total": total, "total": pools + total}
 
     def codes(self, index: int) -> dict[str, Tensor]:
         """Task ``index``'s pool indices per layer, read from its task file (no model is built)."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import lzma
 import math
 import re
 import struct
@@ -310,3 +312,47 @@ def model_from_source(data: bytes, books: dict[str, Tensor], run_spec: ModelSpec
     return model
 
 
+# ----------------------------------------------------------------------------------- the reference's file sizes
+
+
+def _saved_size(obj: Any) -> int:
+    """Bytes that ``torch.save`` writes for ``obj`` (into memory; nothing is read back)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def reference_task_bytes(model: nn.Module) -> dict[str, int]:
+    """A task's size as the reference implementation stores it (``docs/reference.md``, row 6), computed, never
+    written. ``indices``: every NWS layer's indices as int16, concatenated in module order and lzma-compressed
+    twice, as its ``lzma.open(path, "wb").write(lzma.compress(codes))`` writes them; ``batchnorm``: its
+    ``torch.save`` of the list of the network's BatchNorm modules (as ``nn.BatchNorm2d``, this torch's pickle)."""
+    codes = [c.reshape(-1) for c in encode(model).values()]
+    raw = torch.cat(codes).to(torch.int16).numpy().tobytes() if codes else b""
+    norms = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            norm = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            norm.load_state_dict(m.state_dict())
+            norms.append(norm)
+    return {"indices": len(lzma.compress(lzma.compress(raw))), "batchnorm": _saved_size(norms)}
+
+
+def reference_pools_bytes(books: dict[str, Tensor]) -> int:
+    """The size of the reference implementation's pools file for these pools (``docs/reference.md``, row 6),
+    computed, never written: its ``torch.save`` of one quantiser module per layer, each holding the pool
+    ``embed``, ``embed_avg`` and ``acum_embed_sum`` (``d x K`` each) and ``cluster_size`` and
+    ``acum_embed_onehot_sum`` (``K`` each) in float32, and ``dim``, ``n_embed``, ``decay``, ``eps``. The size
+    depends on the shapes alone. The modules pickled here are plain ``nn.Module`` s: their class path differs
+    from the reference's ``models.quantizer.Quantize`` by a few bytes, which the 64-byte alignment of torch's
+    archive records absorbs or rounds to 64."""
+    quantisers = []
+    for book in books.values():
+        k, d = book.shape
+        q = nn.Module()
+        q.dim, q.n_embed, q.decay, q.eps = d, k, 0.99, 1e-5
+        for name, shape in (("embed", (d, k)), ("cluster_size", (k,)), ("embed_avg", (d, k)),
+                            ("acum_embed_sum", (d, k)), ("acum_embed_onehot_sum", (k,))):
+            q.register_buffer(name, torch.zeros(shape))
+        quantisers.append(q)
+    return _saved_size(quantisers)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,14 @@ TASK_CUB = {**SGD, "epochs": 100, "batch_size": 32, "lr": 0.001, "beta": 0.1, "d
 PRETRAIN = {**SGD, "epochs": 160, "batch_size": 2048, "lr": 0.01, "beta": 0.5, "decay_epochs": [100]}
 MODEL = {"name": "resnet18", "kwargs": {"stem": "imagenet", "maxpool": False}, "pool_size": 512, "group_size": 1,
          "exclude": [], "init": "normal", "decay": 0.99, "eps": 1e-5, "zero_entry": False}
+# MobileNetV2 and VGG16-BN (the reference's funcs/module_funcs.py:7-8,28-29 and its *_adam.sh scripts): Adam(lr)
+# with torch's default betas and eps and no weight decay, x0.1 at half the epochs; momentum and nesterov unused.
+ADAM = {**SGD, "optimizer": "adam", "weight_decay": 0.0}
+TASK_CIFAR_ADAM = {**TASK_CIFAR, **ADAM, "decay_epochs": [50]}
+TASK_CUB_ADAM = {**TASK_CUB, **ADAM, "decay_epochs": [50]}
+# The reference's builders (models/NwsMobileNet.py, models/NwsVGG.py) are nws's defaults: MobileNetV2 with its
+# stride-2 stem (also on 32x32) and no dropout, VGG16-BN with dropout 0.2; no biases (tests/test_models.py).
+ADAM_ARCHS = ("mobilenet_v2", "vgg16_bn")
 TASK_ORDER_CIFAR = ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
                     "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
                     "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
@@ -71,7 +80,8 @@ def test_cub2sketches_config_is_the_reference():
     assert [n for _, n in CUB2SKETCHES] == CUB_CLASSES
 
 
-@pytest.mark.parametrize("name", ["split_cifar100_resnet18.yaml", "cub2sketches_resnet18.yaml"])
+@pytest.mark.parametrize("name", [f"{b}_{a}.yaml" for b in ("split_cifar100", "cub2sketches")
+                                  for a in ("resnet18", *ADAM_ARCHS)])
 def test_paper_configs_give_the_baselines_their_papers_settings(name):
     """PackNet prunes 75% and retrains for half the task's epochs; Piggyback's masks as in its paper."""
     c = load(name)
@@ -79,13 +89,40 @@ def test_paper_configs_give_the_baselines_their_papers_settings(name):
                                         mask_threshold=5e-3, mask_lr=1e-4)
 
 
-def test_pretraining_config_is_the_reference():
-    c = load("pretrain_pools_imagenet_resnet18.yaml")
-    assert dataclasses.asdict(c.model) == MODEL
-    assert stage(c.pretrain) == PRETRAIN and stage(c.task) == TASK_CIFAR
+@pytest.mark.parametrize("arch", ADAM_ARCHS)
+def test_adam_configs_are_the_reference(arch):
+    """MobileNetV2 and VGG16-BN on both benchmarks: the reference's Adam recipe with the benchmark's lr, beta,
+    epochs, batch and precision (its configs/splitcifar.yaml and cub2sketches.yaml), pools from a pool-pretraining
+    run of the same backbone."""
+    model = {**MODEL, "name": arch, "kwargs": {}}
+    pretraining = load(f"pretrain_pools_subimagenet_{arch}.yaml")
+    for name, task, precision in ((f"split_cifar100_{arch}.yaml", TASK_CIFAR_ADAM, "32-true"),
+                                  (f"cub2sketches_{arch}.yaml", TASK_CUB_ADAM, "16-mixed")):
+        c = load(name)
+        assert dataclasses.asdict(c.model) == model and c.model == pretraining.model, name
+        assert stage(c.task) == task and stage(c.pretrain) == PRETRAIN, name
+        assert (c.data.source, c.data.num_tasks, c.data.image_size, c.method) == ("none", None, None, "nws"), name
+        assert c.pretrained == pretraining.out, name
+        t = c.trainer
+        assert (t.precision, t.devices, t.strategy, t.sync_batchnorm, t.logger, t.checkpoint) == \
+            (precision, 1, "auto", False, "csv", True), name
+    assert load(f"split_cifar100_{arch}.yaml").data.name == "split_cifar100"
+    assert load(f"cub2sketches_{arch}.yaml").data.name == "cub2sketches"
+
+
+@pytest.mark.parametrize("name, arch", [("pretrain_pools_imagenet_resnet18.yaml", "resnet18"),
+                                        *((f"pretrain_pools_subimagenet_{a}.yaml", a) for a in ADAM_ARCHS)])
+def test_pretraining_config_is_the_reference(name, arch):
+    """Pool pretraining as the reference's configs/pretrain_kernel_pool.yaml and pretrain_KP.py: 160 epochs,
+    SGD lr 0.01 (x0.1 at epoch 100), batch 2048 over 8 GPUs, DDP, synchronised BatchNorm, fp16 autocast, K 512."""
+    c = load(name)
+    assert dataclasses.asdict(c.model) == ({**MODEL, "name": arch, "kwargs": {}} if arch in ADAM_ARCHS else MODEL)
+    assert stage(c.pretrain) == PRETRAIN
+    assert stage(c.task) == (TASK_CIFAR_ADAM if arch in ADAM_ARCHS else TASK_CIFAR)  # unused: no tasks
     assert (c.data.name, c.pretrained) == ("imagenet", None)
     t = c.trainer
-    assert (t.accelerator, t.devices, t.num_nodes, t.strategy, t.sync_batchnorm) == ("gpu", 8, 1, "ddp", True)
+    assert (t.accelerator, t.devices, t.num_nodes, t.strategy, t.sync_batchnorm, t.precision) == \
+        ("gpu", 8, 1, "ddp", True, "16-mixed")
     assert c.pretrain.batch_size // t.devices == 256
 
 
@@ -104,21 +141,39 @@ TINY = ["--model.pool_size", "16", "--trainer.accelerator", "cpu", "--trainer.de
         "--trainer.progress_bar", "false", "--data.num_workers", "0"]
 
 
+PRETRAINING = {"resnet18": "pretrain_pools_imagenet_resnet18.yaml",
+               **{a: f"pretrain_pools_subimagenet_{a}.yaml" for a in ADAM_ARCHS}}
+
+
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """The ImageNet pool-pretraining config on generated ImageNet folders (4 classes), tiny."""
+def pretraining_runs(tmp_path_factory) -> Callable[[str], Path]:
+    """The pool-pretraining config of a backbone on generated ImageNet folders (4 classes), tiny; each run once."""
     tmp = tmp_path_factory.mktemp("imagenet")
     root = make_image_folders(tmp / "data", [f"n0{i}" for i in range(4)], {"train": 6, "val": 2}, size=(40, 30))
-    out = tmp / "pretrain"
-    assert main(["run", "--config", str(CONFIGS / "pretrain_pools_imagenet_resnet18.yaml"), "--data.root", str(root),
-                 "--out", str(out), "--data.image_size", "32", "--pretrain.epochs", "1", "--pretrain.batch_size", "8",
-                 *TINY]) == 0
-    return out
+    runs: dict[str, Path] = {}
+
+    def run(arch: str) -> Path:
+        if arch not in runs:
+            out = tmp / f"pretrain_{arch}"
+            assert main(["run", "--config", str(CONFIGS / PRETRAINING[arch]), "--data.root", str(root),
+                         "--out", str(out), "--data.image_size", "32", "--pretrain.epochs", "1",
+                         "--pretrain.batch_size", "8", *TINY]) == 0
+            runs[arch] = out
+        return runs[arch]
+
+    return run
 
 
-def test_pretraining_alone_writes_pools_and_network(pretrained):
+@pytest.fixture(scope="module")
+def pretrained(pretraining_runs) -> Path:
+    return pretraining_runs("resnet18")
+
+
+@pytest.mark.parametrize("arch", PRETRAINING)
+def test_pretraining_alone_writes_pools_and_network(pretraining_runs, arch):
+    pretrained = pretraining_runs(arch)
     store = TaskStore(pretrained)
-    assert store.tasks() == [] and store.spec().num_classes == 4 and store.spec().name == "resnet18"
+    assert store.tasks() == [] and store.spec().num_classes == 4 and store.spec().name == arch
     assert store.manifest["source"]["name"] == "imagenet" and 0 <= store.manifest["source"]["accuracy"] <= 1
     assert not (pretrained / "checkpoints").exists()
 
@@ -130,27 +185,40 @@ def cifar_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_split_cifar100_config_end_to_end(pretrained, cifar_root, tmp_path):
-    out = tmp_path / "run"
-    assert main(["run", "--config", str(CONFIGS / "split_cifar100_resnet18.yaml"), "--data.root", str(cifar_root),
-                 "--out", str(out), "--pretrained", str(pretrained), "--data.num_tasks", "2", "--task.epochs", "1",
-                 *TINY]) == 0
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory) -> Path:
+    return make_cub2sketches(tmp_path_factory.mktemp("cub") / "data")
+
+
+# Tasks learned per backbone: ResNet-18 two (task 1 starts from task 0 rebuilt from storage), the others one,
+# which keeps CI short (MobileNetV2 and VGG16-BN take about as long as ResNet-18 on a CPU).
+CIFAR_TASKS = {"resnet18": 2, "mobilenet_v2": 1, "vgg16_bn": 1}
+
+
+@pytest.mark.parametrize("arch", PRETRAINING)
+def test_split_cifar100_config_end_to_end(pretraining_runs, arch, cifar_root, tmp_path):
+    pretrained, out = pretraining_runs(arch), tmp_path / "run"
+    assert main(["run", "--config", str(CONFIGS / f"split_cifar100_{arch}.yaml"), "--data.root", str(cifar_root),
+                 "--out", str(out), "--pretrained", str(pretrained), "--data.num_tasks", str(CIFAR_TASKS[arch]),
+                 "--task.epochs", "1", *TINY]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [t["name"] for t in results["tasks"]] == ["aquatic_mammals", "fish"]
+    assert [t["name"] for t in results["tasks"]] == ["aquatic_mammals", "fish"][: CIFAR_TASKS[arch]]
     assert all(len(t["classes"]) == 5 and t["acc_from_storage"] == t["acc_after_training"] for t in results["tasks"])
     # The run's pools are the pretraining run's, byte for byte.
     assert (out / "pools.safetensors").read_bytes() == (pretrained / "pools.safetensors").read_bytes()
     assert results["source"]["pretrained"] == str(pretrained)
+    assert results["config"]["task"]["optimizer"] == ("sgd" if arch == "resnet18" else "adam")
 
 
-def test_cub2sketches_config_end_to_end(pretrained, tmp_path):
-    root = make_cub2sketches(tmp_path / "data")
+@pytest.mark.parametrize("arch", PRETRAINING)
+def test_cub2sketches_config_end_to_end(pretraining_runs, arch, cub_root, tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "--config", str(CONFIGS / "cub2sketches_resnet18.yaml"), "--data.root", str(root),
-                 "--out", str(out), "--pretrained", str(pretrained), "--data.num_tasks", "1", "--task.epochs", "1",
-                 "--data.image_size", "32", *TINY]) == 0
+    assert main(["run", "--config", str(CONFIGS / f"cub2sketches_{arch}.yaml"), "--data.root", str(cub_root),
+                 "--out", str(out), "--pretrained", str(pretraining_runs(arch)), "--data.num_tasks", "1",
+                 "--task.epochs", "1", "--data.image_size", "32", *TINY]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [(t["name"], len(t["classes"])) for t in results["tasks"]] == [("cubs_cropped", 200)]
+    assert results["config"]["task"]["optimizer"] == ("sgd" if arch == "resnet18" else "adam")
 
 
 def test_pretrained_run_must_match_the_model(pretrained, cifar_root, tmp_path, capsys):

@@ -24,7 +24,7 @@ from nws.models import create_model
 from nws.pool_sources import pools_from_model
 from nws.sparsity import has_zero_entry, kernel_sparsity
 from nws.store import POOLS, SOURCE, TaskStore, task_file
-from nws.taskfile import ModelSpec, task_bytes
+from nws.taskfile import ModelSpec, reference_task_bytes, task_bytes
 
 
 def pretrained_spec(path: str, name: str, kwargs: dict[str, Any], pool_size: int, group_size: int,
@@ -136,7 +136,8 @@ class NWS(Method):
         spec = dataclasses.replace(self.spec, num_classes=len(task.classes))
         data, sizes = task_bytes(model, spec, {"index": index, "name": task.name, "classes": list(task.classes)},
                                  store.pools()[1])
-        return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes})
+        return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes,
+                                                "reference_bytes": reference_task_bytes(model)})
 
     def describe(self, rebuilt: nn.Module) -> dict[str, Any]:
         return {"sparsity": kernel_sparsity(rebuilt)} if has_zero_entry(rebuilt) else {}
