@@ -23,7 +23,7 @@ Indices past the end of a shorter reference layer (a classifier that grew) are c
 
 Format (version 3), all integers unsigned LEB128 varints unless marked::
 
-    b"NWSC" version:u8 crc:u32 crc(layout):u32 crc(reference):u32 crc(pools):u32 crc(codes):u32
+    b"NWSC" version:u8 crc:u32 crc(layout):u32 crc(reference, pools):u32 crc(codes):u32
     per layer, in name order: ref [c [buckets]] [model] [model]
     len(bits) len(stream)/4 bits stream           (bits: tables and raw bits, MSB first; stream: u32 LE)
 
@@ -213,6 +213,9 @@ def neighbour_order(codebook: Tensor | np.ndarray) -> np.ndarray:
     return _neighbour_order(book.shape, book.tobytes())
 
 
+_TINY = np.float32(2.0**-126)  # the smallest normal float32
+
+
 @functools.lru_cache(maxsize=64)
 def _neighbour_order(shape: tuple[int, int], data: bytes, block: int = 64) -> np.ndarray:
     book = np.frombuffer(data, "<f4").reshape(shape)
@@ -231,6 +234,7 @@ def _neighbour_order(shape: tuple[int, int], data: bytes, block: int = 64) -> np
         for j in range(d):
             np.subtract(book[rows, j, None], columns[j][None, :], out=term)
             np.multiply(term, term, out=term)
+            np.copyto(term, 0, where=term < _TINY)  # the same whether or not the CPU flushes subnormals
             total += term
         keys = ((total.view(np.int32) >> shift) << shift) | index
         keys.sort(axis=1)
@@ -264,18 +268,18 @@ def _codes_crc(codes: Mapping[str, np.ndarray], layout: Layout, names: list[str]
     return _crc(*[_index_bytes(codes[name], layout[name][0]) for name in names])
 
 
-def _reference_crc(reference: Mapping[str, np.ndarray], layout: Layout, names: list[str]) -> int:
+def _context_crc(reference: Mapping[str, np.ndarray], pools: Mapping[str, np.ndarray], layout: Layout,
+                 names: list[str]) -> int:
+    """CRC of what the decoder must hold besides the stream: the reference used (its length and indices per
+    layer) and the pools of the layers coded by neighbour ranks."""
     parts: list[bytes | np.ndarray] = []
     for name in names:
         r = reference.get(name)
         parts.append(_varint(0 if r is None else len(r)))
         if r is not None:
             parts.append(_index_bytes(r, layout[name][0]))
+    parts += [np.ascontiguousarray(pools[name], "<f4") for name in names if name in pools]
     return _crc(*parts)
-
-
-def _pools_crc(pools: Mapping[str, np.ndarray], names: list[str]) -> int:
-    return _crc(*[np.ascontiguousarray(pools[name], "<f4") for name in names])
 
 
 # ------------------------------------------------------------------------------------------- encoding
@@ -427,7 +431,7 @@ def pack_codes(codes: Mapping[str, Tensor], pool_sizes: Mapping[str, int] | int,
             coder.encode_reverse(symbols.astype(np.int32), _model(counts))
     stream = coder.get_compressed().astype("<u4")
     packed = np.packbits(np.concatenate(bits)) if bits else np.zeros(0, np.uint8)
-    crcs = [_layout_crc(layout, names), _reference_crc(refs, layout, names), _pools_crc(books, ranked),
+    crcs = [_layout_crc(layout, names), _context_crc(refs, {name: books[name] for name in ranked}, layout, names),
             _codes_crc(arrays, layout, names)]
     body = b"".join([*[c.to_bytes(4, "little") for c in crcs], *header, _varint(packed.size), _varint(stream.size),
                      packed.tobytes(), stream.tobytes()])
@@ -651,7 +655,7 @@ def _read_v3(reader: _Reader, layout: Layout, reference: Mapping[str, Tensor] | 
     crc_stream = int.from_bytes(reader.take(4), "little")
     if crc_stream != _crc(reader.data[reader.pos :]):
         raise CodesError("packed codes are corrupt (CRC mismatch)")
-    crc_layout, crc_ref, crc_pools, crc_codes = (int.from_bytes(reader.take(4), "little") for _ in range(4))
+    crc_layout, crc_context, crc_codes = (int.from_bytes(reader.take(4), "little") for _ in range(3))
     if crc_layout != _layout_crc(layout, names):
         raise CodesError("packed codes are for other layers, pool sizes or layer sizes than expected")
     # The whole header (its counts bounded by the layout) and the reference are checked before decoding.
@@ -666,22 +670,18 @@ def _read_v3(reader: _Reader, layout: Layout, reference: Mapping[str, Tensor] | 
         if len(refs[spec.name]) != spec.n_ref:
             raise CodesError(f"packed codes were coded against a reference of {spec.n_ref} indices for "
                              f"{spec.name}; the reference given has {len(refs[spec.name])}")
-    if crc_ref != _reference_crc(refs, layout, names):
-        raise CodesError("packed codes were coded against another reference than the one given")
+    ranked = [spec.name for spec in specs if spec.new is not None and spec.new.kind == RANK]
+    if ranked and (pools is None or any(name not in pools for name in ranked)):
+        raise CodesError("packed codes were coded with the pools' neighbour ranks; no pools were given")
+    books = {name: _as_float(pools[name]) for name in ranked}
+    if any(book.ndim != 2 or book.shape[0] != layout[name][0] for name, book in books.items()):
+        raise CodesError("the pools given do not match the layout")
+    if crc_context != _context_crc(refs, books, layout, names):
+        raise CodesError("packed codes were coded against another reference or other pools than the ones given")
     for name, r in refs.items():
         if r.size and (r.min() < 0 or r.max() >= layout[name][0]):
             raise CodesError(f"{name}: reference index out of range")
-    ranked = [spec.name for spec in specs if spec.new is not None and spec.new.kind == RANK]
-    orders = {}
-    if ranked:
-        if pools is None or any(name not in pools for name in ranked):
-            raise CodesError("packed codes were coded with the pools' neighbour ranks; no pools were given")
-        books = {name: _as_float(pools[name]) for name in ranked}
-        if any(book.ndim != 2 or book.shape[0] != layout[name][0] for name, book in books.items()):
-            raise CodesError("the pools given do not match the layout")
-        if crc_pools != _pools_crc(books, ranked):
-            raise CodesError("packed codes were coded against other pools than the ones given")
-        orders = {name: neighbour_order(book) for name, book in books.items()}
+    orders = {name: neighbour_order(book) for name, book in books.items()}
     n_bits, n_words = reader.varint(len(reader.data)), reader.varint(len(reader.data))
     decoder = _Decoder(reader.take(n_bits), reader.take(4 * n_words))
     if reader.pos != len(reader.data):

@@ -129,10 +129,10 @@ def test_pack_rejects_out_of_range(bad: int) -> None:
 
 def test_header_costs_a_few_bytes_per_layer() -> None:
     """Names are not stored (the decoder is given the layout and checks its CRC): 20 one-index layers of 16
-    entries, stored as fixed width, take 2 header bytes and 4 bits each (after 5 CRCs)."""
+    entries, stored as fixed width, take 2 header bytes and 4 bits each (after 4 CRCs)."""
     codes = {f"l{i:02d}": torch.tensor([i % 16]) for i in range(20)}
     data = _assert_roundtrip(codes, 16)
-    assert len(data) == len(MAGIC) + 1 + 5 * 4 + 20 * 2 + 1 + 1 + 10
+    assert len(data) == len(MAGIC) + 1 + 4 * 4 + 20 * 2 + 1 + 1 + 10
 
 
 # ------------------------------------------------------------------------------- against a reference
@@ -181,7 +181,7 @@ def test_edge_cases_against_reference() -> None:
         for p in (None, pools):
             data = _assert_roundtrip({"a": x}, K, {"a": r}, p)
             if torch.equal(x, r):
-                assert len(data) == len(MAGIC) + 1 + 5 * 4 + 2 + 2  # nothing changed: a header
+                assert len(data) == len(MAGIC) + 1 + 4 * 4 + 2 + 2  # nothing changed: a header
     # A pool of one entry, an empty layer, a single layer of a single index.
     _assert_roundtrip({"a": torch.zeros(7, dtype=torch.long)}, 1, {"a": torch.zeros(7, dtype=torch.long)})
     _assert_roundtrip({"a": torch.zeros(0, dtype=torch.long), "b": torch.tensor([3])}, 4,
@@ -383,7 +383,7 @@ def test_reference_is_checked_before_decoding() -> None:
     shorter = {**reference, "conv1": reference["conv1"][:-1]}
     _raises_codes_error(data, layout, shorter, pools, match="reference of 400 indices for conv1")
     other = {**reference, "conv1": reference["conv1"].flip(0)}
-    _raises_codes_error(data, layout, other, pools, match="another reference")
+    _raises_codes_error(data, layout, other, pools, match="another reference or other pools")
     # A reference for a layer the stream coded alone is not used.
     out = unpack_codes(data, layout, {**reference, "alone": torch.zeros(30, dtype=torch.long)}, pools)
     assert torch.equal(out["alone"], unpack_codes(data, layout, reference, pools)["alone"])
@@ -393,18 +393,18 @@ def test_pools_are_checked_before_decoding() -> None:
     data, layout, reference, pools = _sample()
     _raises_codes_error(data, layout, reference, None, match="no pools")
     moved = {**pools, "conv1": pools["conv1"] + 1e-3}
-    _raises_codes_error(data, layout, reference, moved, match="other pools")
+    _raises_codes_error(data, layout, reference, moved, match="another reference or other pools")
     _raises_codes_error(data, layout, reference, {**pools, "conv1": pools["conv1"][:10]}, match="do not match")
 
 
 def _v3_crafted(layout: dict, layers: bytes, bits: bytes = b"", codes: dict | None = None) -> bytes:
     """A format 3 stream with a hand-written layer header and no reference; the CRCs are those of
     ``layout`` and ``codes``."""
-    from nws.packing import _codes_crc, _crc, _layout_crc, _reference_crc
+    from nws.packing import _codes_crc, _context_crc, _crc, _layout_crc
 
     names = sorted(layout)
     arrays = {n: np.asarray(v) for n, v in (codes or {}).items()}
-    crcs = [_layout_crc(layout, names), _reference_crc({}, layout, names), _crc(),
+    crcs = [_layout_crc(layout, names), _context_crc({}, {}, layout, names),
             _codes_crc(arrays, layout, names) if codes else 0]
     body = b"".join(c.to_bytes(4, "little") for c in crcs) + layers + _varint(len(bits)) + _varint(0) + bits
     return MAGIC + bytes([VERSION]) + _crc(body).to_bytes(4, "little") + body
