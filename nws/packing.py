@@ -60,7 +60,7 @@ RAW = 0  # format 2: mode of a layer stored as fixed-width indices
 
 # Models of a group of new indices (format 3).
 FIXED, HISTOGRAM, PRIOR, RANK = 0, 1, 2, 3
-RANK_MAX_ENTRIES = 2048  # larger pools are not ranked (their neighbour table would take K*K memory)
+RANK_MAX_ENTRIES = 1024  # larger pools are not ranked (a neighbour table takes 2 K^2 bytes)
 PRIOR_WEIGHTS = 32  # prior weights 0, 1, 2, 4, ..., 2**30
 
 Layout = Mapping[str, tuple[int, int]]

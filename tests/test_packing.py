@@ -443,3 +443,16 @@ def test_crafted_counts_beyond_the_layout_are_refused() -> None:
     reference = {"a": torch.arange(5)}
     _raises_codes_error(_v3_crafted(layout, _varint((1 << 31) + 2)), layout, reference, match="out of range")
     _raises_codes_error(_v3_crafted(layout, b"\x01" + _varint(6)), layout, reference, match="out of range")
+
+
+def test_large_pools_are_not_ranked() -> None:
+    """Pools above RANK_MAX_ENTRIES entries are not ranked (their neighbour table would be too large), so
+    their codes decode without the pools."""
+    from nws.packing import RANK_MAX_ENTRIES
+
+    k = 2 * RANK_MAX_ENTRIES
+    rng = np.random.default_rng(17)
+    r = torch.from_numpy(rng.integers(0, k, 3000))
+    x = torch.where(torch.from_numpy(rng.random(3000) < 0.1), (r + 1) % k, r)
+    data = pack_codes({"a": x}, k, {"a": r}, {"a": torch.randn(k, 9)})
+    assert torch.equal(unpack_codes(data, {"a": (k, 3000)}, {"a": r})["a"], x)
