@@ -22,7 +22,7 @@ The coder is checked against 1.05 * (b) + 100 bytes per task. Last, the time to 
 indices and rebuild its weights, coded alone and against the source with ranks (the pools' neighbour tables
 computed once per process, "cold", or already there).
 
-    python benchmarks/bench_codes.py [--run runs/demo] [--cache ~/.cache/nws-bench]
+    python -m benchmarks.bench_codes [--run runs/demo] [--cache ~/.cache/nws-bench] [--task-steps N]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import nws
-from benchmarks.fashion_sequence import FASHION_ROOT, resnet18, sequence
+from benchmarks.fashion_sequence import FASHION_ROOT, Settings, resnet18, sequence
 from nws import packing
 from nws.models import create_model
 from nws.store import TaskStore
@@ -122,6 +122,45 @@ def conditional(label: str, source: Codes, tasks: list[Codes], pools: dict[str, 
           f"{min(c / e for _, c, e in worst):.3f} to {max(c / e for _, c, e in worst):.3f})")
 
 
+def breakdown(source: Codes, tasks: list[Codes], pools: dict[str, torch.Tensor]) -> None:
+    """Where a task's bytes go when coded against the source (mean per task), beside the estimate's two
+    terms; and what conditioning the changed/unchanged flags on the pools would have saved."""
+    parts = np.zeros(6)
+    for codes in tasks:
+        for name, indices in codes.items():
+            x, r = packing._as_array(indices), packing._as_array(source[name])
+            k, book = pools[name].shape[0], pools[name].numpy()
+            m = min(len(x), len(r))
+            changed = np.flatnonzero(x[:m] != r[:m])
+            flags = m * packing._binary_entropy(len(changed) / m) if m else 0.0
+            gaps = packing._bucket_plan(np.diff(changed, prepend=-1))[3] if 0 < len(changed) < m else 0.0
+            total = []
+            for pool in (book, None):
+                plan, _ = packing._layer_plan(x, k, r, pool)
+                total.append(sum(len(b) for b in plan.bits) + sum(
+                    packing._ideal_bits(np.bincount(sym, minlength=len(p)), p.astype(float))
+                    for sym, p in plan.segments if len(p) > 1))
+            # Flags given the old entry's distance to its nearest other pool entry (8 equal classes).
+            dist = ((book[:, None, :].astype(np.float64) - book[None, :, :]) ** 2).sum(-1)
+            np.fill_diagonal(dist, np.inf)
+            near = dist.min(1)[r[:m]]
+            cls = np.searchsorted(np.quantile(near, np.linspace(0, 1, 9)[1:-1]), near)
+            flag = np.zeros(m, bool)
+            flag[changed] = True
+            context = sum((cls == c).sum() * packing._binary_entropy(flag[cls == c].mean()) for c in np.unique(cls))
+            new = np.concatenate([x[changed], x[m:]])
+            parts += [flags, gaps, nws.entropy_bits(new, k), total[0] - gaps, total[1] - gaps, context]
+    parts /= 8 * len(tasks)
+    print("\nWhere the bytes go, against the source (mean per task, bytes; tables included, headers not):")
+    print("| part | estimate (b) | coder |")
+    print("|---|---|---|")
+    print(f"| which indices changed | {parts[0]:,.0f} (m h(p)) | {parts[1]:,.0f} (gaps) |")
+    print(f"| their new indices | {parts[2]:,.0f} (entropy) | {parts[3]:,.0f} (with ranks), "
+          f"{parts[4]:,.0f} (without pools) |")
+    print(f"Flags conditioned on the old entry's distance to its nearest pool neighbour (8 classes): "
+          f"{parts[5]:,.0f} B, against m h(p) {parts[0]:,.0f} B.")
+
+
 def demo_sequence(run: Path | None) -> tuple[Codes, list[Codes], dict[str, torch.Tensor]]:
     """Source indices, every task's indices and the pools of a demo run (run first if not given)."""
     if run is None:
@@ -146,31 +185,35 @@ def skewed(n: int, k: int, kind: str, rng: np.random.Generator) -> torch.Tensor:
 def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rounds: int = 7) -> None:
     """Decode a ResNet-18 task's indices (layout, reference and pools checked first) and rebuild its
     weights, interleaved: coded alone; against the source with ranks, neighbour tables cached (warm) or
-    computed in the call (cold)."""
+    computed in the call (cold); against the source without pools."""
     model = nws.convert(resnet18(2), pool_size=512)
     for name, layer in nws.nws_layers(model):
         layer.pool.codebook.copy_(pools[name])
     nws.freeze_pools(model).eval()
     sizes = {n: book.shape[0] for n, book in pools.items()}
+    with_ranks = packed(task, sizes, source, pools)
     variants = {"coded alone": (packed(task, sizes), None, None, False),
-                "against the source, ranks, warm": (packed(task, sizes, source, pools), source, pools, False),
-                "against the source, ranks, cold": (packed(task, sizes, source, pools), source, pools, True),
+                "against the source, ranks, warm": (with_ranks, source, pools, False),
+                "against the source, ranks, cold": (with_ranks, source, pools, True),
                 "against the source, no pools": (packed(task, sizes, source), source, None, False)}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for _ in range(rounds):
         for label, (data, reference, books, cold) in variants.items():
             if cold:
                 packing._neighbour_order.cache_clear()
             start = time.perf_counter()
-            nws.decode(model, nws.unpack_codes(data, nws.code_layout(model), reference, books))
-            times[label].append(time.perf_counter() - start)
-    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (median and min over {rounds} "
+            codes = nws.unpack_codes(data, nws.code_layout(model), reference, books)
+            unpacked = time.perf_counter()
+            nws.decode(model, codes)
+            times[label].append((unpacked - start, time.perf_counter() - start))
+    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (ms, median and min over {rounds} "
           "interleaved runs):")
-    print("| coding | bytes | median ms | min ms |")
-    print("|---|---|---|---|")
+    print("| coding | bytes | unpack, median | unpack + rebuild, median | unpack + rebuild, min |")
+    print("|---|---|---|---|---|")
     for label, values in times.items():
-        print(f"| {label} | {len(variants[label][0]):,} | {1000 * statistics.median(values):.0f} "
-              f"| {1000 * min(values):.0f} |")
+        unpack, total = zip(*values)
+        print(f"| {label} | {len(variants[label][0]):,} | {1000 * statistics.median(unpack):.0f} "
+              f"| {1000 * statistics.median(total):.0f} | {1000 * min(total):.0f} |")
 
 
 def main() -> None:
@@ -180,10 +223,13 @@ def main() -> None:
                         help="where the trained ResNet-18 Fashion-MNIST sequence is kept")
     parser.add_argument("--fashion-root", type=Path, default=FASHION_ROOT,
                         help="directory of the Fashion-MNIST IDX files (Debian: dataset-fashion-mnist)")
+    parser.add_argument("--task-steps", type=int, default=Settings.task_steps,
+                        help="training steps per task of the ResNet-18 sequence")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    fashion = sequence(args.cache, args.fashion_root)  # trains (slowly) only when not cached
+    # Trained (slowly: an hour or more on 2 cores) only when not in the cache.
+    fashion = sequence(args.cache, args.fashion_root, Settings(task_steps=args.task_steps))
     source, tasks, pools = demo_sequence(args.run)
     sizes = {n: book.shape[0] for n, book in pools.items()}
     compare("Demo task 0 (trained, digits convnet)", tasks[0], sizes)
@@ -195,9 +241,11 @@ def main() -> None:
         compare(f"ResNet-18, indices ~ {kind}", codes, {n: 512 for n in layers})
 
     conditional(f"Demo ({len(tasks)} tasks, digits convnet, K 512)", source, tasks, pools)
+    breakdown(source, tasks, pools)
     fashion_pools, fashion_source, fashion_tasks = fashion
     conditional(f"ResNet-18 on Fashion-MNIST ({len(fashion_tasks)} tasks, CIFAR stem, K 512)", fashion_source,
                 fashion_tasks, fashion_pools)
+    breakdown(fashion_source, fashion_tasks, fashion_pools)
     decode_times(fashion_source, fashion_tasks[-1], fashion_pools)
 
 
