@@ -18,9 +18,11 @@ task decodes from the shared files and its own), or the previous task's (a chain
 - (c) int16 + lzma (the reference implementation);
 - the coder, against each reference, with the pools (neighbour ranks) and, against the source, without.
 
-The coder is checked against 1.05 * (b) + 100 bytes per task. Last, the time to decode a ResNet-18 task's
-indices and rebuild its weights, coded alone and against the source with ranks (the pools' neighbour tables
-computed once per process, "cold", or already there).
+The coder is checked against 1.05 * (b) + 100 bytes per task, and its bytes against the source are split
+into the estimate's two parts (which indices changed, their new indices), beside what conditioning the
+changed/unchanged flags on the pools would give. Last, the time to decode a ResNet-18 task's indices and
+rebuild its weights, coded alone and against the source (with ranks: the pools' neighbour tables computed
+in the call, "cold", as the first task a process decodes; or already there, "warm").
 
     python -m benchmarks.bench_codes [--run runs/demo] [--cache ~/.cache/nws-bench] [--task-steps N]
 """
@@ -201,19 +203,21 @@ def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rou
         for label, (data, reference, books, cold) in variants.items():
             if cold:
                 packing._neighbour_order.cache_clear()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             codes = nws.unpack_codes(data, nws.code_layout(model), reference, books)
             unpacked = time.perf_counter()
             nws.decode(model, codes)
-            times[label].append((unpacked - start, time.perf_counter() - start))
-    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (ms, median and min over {rounds} "
-          "interleaved runs):")
-    print("| coding | bytes | unpack, median | unpack + rebuild, median | unpack + rebuild, min |")
-    print("|---|---|---|---|---|")
+            times[label].append((unpacked - start, time.perf_counter() - start, time.process_time() - cpu))
+    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (ms; median and min over {rounds} "
+          "interleaved runs; CPU time of the process beside the wall time):")
+    print("| coding | bytes | unpack, median | unpack + rebuild, median | unpack + rebuild, min "
+          "| unpack + rebuild, CPU median |")
+    print("|---|---|---|---|---|---|")
     for label, values in times.items():
-        unpack, total = zip(*values)
+        unpack, total, cpu = zip(*values)
         print(f"| {label} | {len(variants[label][0]):,} | {1000 * statistics.median(unpack):.0f} "
-              f"| {1000 * statistics.median(total):.0f} | {1000 * min(total):.0f} |")
+              f"| {1000 * statistics.median(total):.0f} | {1000 * min(total):.0f} "
+              f"| {1000 * statistics.median(cpu):.0f} |")
 
 
 def main() -> None:
