@@ -6,7 +6,7 @@ and header included, beside the per-layer empirical entropy (the bound without a
 ResNet-18 (ImageNet stem, 1000 classes, K 512) whose indices follow skewed distributions.
 
 Coded against a reference (``nws.pack_codes(codes, sizes, reference, pools)``), for every task of two real
-sequences: the demo's (digits convnet; its tasks read from a run directory, or a fresh ``nws demo`` run) and
+sequences: the demo's (digits convnet; its tasks read from run directories, or a fresh ``nws demo`` run) and
 a ResNet-18 sequence trained on Fashion-MNIST (``benchmarks/fashion_sequence.py``: CIFAR stem, K 512,
 pools sampled from a trained source network and frozen, each task trained from the previous one rebuilt
 from its indices; cached under ``--cache``). References: the source network's indices (the default: every
@@ -24,7 +24,7 @@ changed/unchanged flags on the pools would give. Last, the time to decode a ResN
 rebuild its weights, coded alone and against the source (with ranks: the pools' neighbour tables computed
 in the call, "cold", as the first task a process decodes; or already there, "warm").
 
-    python -m benchmarks.bench_codes [--run runs/demo] [--cache ~/.cache/nws-bench] [--task-steps N]
+    python -m benchmarks.bench_codes [--run runs/demo ...] [--cache ~/.cache/nws-bench] [--task-steps N]
 """
 
 from __future__ import annotations
@@ -187,7 +187,10 @@ def skewed(n: int, k: int, kind: str, rng: np.random.Generator) -> torch.Tensor:
 def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rounds: int = 7) -> None:
     """Decode a ResNet-18 task's indices (layout, reference and pools checked first) and rebuild its
     weights, interleaved: coded alone; against the source with ranks, neighbour tables cached (warm) or
-    computed in the call (cold); against the source without pools."""
+    computed in the call (cold); against the source without pools. One thread (decoding is NumPy's, single
+    threaded), so that on a busy machine a second thread's waits do not dominate the figures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model = nws.convert(resnet18(2), pool_size=512)
     for name, layer in nws.nws_layers(model):
         layer.pool.codebook.copy_(pools[name])
@@ -208,8 +211,8 @@ def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rou
             unpacked = time.perf_counter()
             nws.decode(model, codes)
             times[label].append((unpacked - start, time.perf_counter() - start, time.process_time() - cpu))
-    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (ms; median and min over {rounds} "
-          "interleaved runs; CPU time of the process beside the wall time):")
+    print(f"\nDecode a ResNet-18 task's indices and rebuild its weights (ms, one thread; median and min over "
+          f"{rounds} interleaved runs; CPU time of the process beside the wall time):")
     print("| coding | bytes | unpack, median | unpack + rebuild, median | unpack + rebuild, min "
           "| unpack + rebuild, CPU median |")
     print("|---|---|---|---|---|---|")
@@ -218,11 +221,13 @@ def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rou
         print(f"| {label} | {len(variants[label][0]):,} | {1000 * statistics.median(unpack):.0f} "
               f"| {1000 * statistics.median(total):.0f} | {1000 * min(total):.0f} "
               f"| {1000 * statistics.median(cpu):.0f} |")
+    torch.set_num_threads(threads)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=None, help="a demo run directory (default: run the demo)")
+    parser.add_argument("--run", type=Path, nargs="*", default=[],
+                        help="demo run directories (default: run the demo)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "nws-bench",
                         help="where the trained ResNet-18 Fashion-MNIST sequence is kept")
     parser.add_argument("--fashion-root", type=Path, default=FASHION_ROOT,
@@ -234,7 +239,8 @@ def main() -> None:
 
     # Trained (slowly: an hour or more on 2 cores) only when not in the cache.
     fashion = sequence(args.cache, args.fashion_root, Settings(task_steps=args.task_steps))
-    source, tasks, pools = demo_sequence(args.run)
+    demos = [(run, *demo_sequence(run)) for run in args.run or [None]]
+    _, source, tasks, pools = demos[0]
     sizes = {n: book.shape[0] for n, book in pools.items()}
     compare("Demo task 0 (trained, digits convnet)", tasks[0], sizes)
     model = nws.convert(create_model("resnet18", num_classes=1000), pool_size=512)
@@ -244,8 +250,9 @@ def main() -> None:
         codes = {n: skewed(layer.num_kernels, 512, kind, rng) for n, layer in layers.items()}
         compare(f"ResNet-18, indices ~ {kind}", codes, {n: 512 for n in layers})
 
-    conditional(f"Demo ({len(tasks)} tasks, digits convnet, K 512)", source, tasks, pools)
-    breakdown(source, tasks, pools)
+    for run, source, tasks, pools in demos:
+        conditional(f"Demo {run or ''} ({len(tasks)} tasks, digits convnet, K 512)", source, tasks, pools)
+        breakdown(source, tasks, pools)
     fashion_pools, fashion_source, fashion_tasks = fashion
     conditional(f"ResNet-18 on Fashion-MNIST ({len(fashion_tasks)} tasks, CIFAR stem, K 512)", fashion_source,
                 fashion_tasks, fashion_pools)
