@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import constriction
 import numpy as np
@@ -284,12 +284,15 @@ def _context_crc(reference: Mapping[str, np.ndarray], pools: Mapping[str, np.nda
 
 # ------------------------------------------------------------------------------------------- encoding
 
+@dataclass
 class _Plan:
-    """What one group of symbols adds to the stream: header bytes, bits, rANS segments, and its cost."""
+    """What a layer or a group of symbols adds to the stream: header bytes, bits, rANS segments (symbols and
+    the histogram or probabilities they are coded under), and its cost in bits."""
 
-    def __init__(self, header: bytes = b"", bits: list[np.ndarray] | None = None,
-                 segments: list[tuple[np.ndarray, np.ndarray]] | None = None, cost: float = 0.0) -> None:
-        self.header, self.bits, self.segments, self.cost = header, bits or [], segments or [], cost
+    header: bytes = b""
+    bits: list[np.ndarray] = field(default_factory=list)
+    segments: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    cost: float = 0.0
 
 
 def _ideal_bits(counts: np.ndarray, probabilities: np.ndarray) -> float:
