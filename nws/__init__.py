@@ -11,7 +11,7 @@ from nws.codes import code_layout, decode, encode
 from nws.convert import commitment_loss, convert, freeze_pools, materialize, nws_layers, update_pools
 from nws.errors import NWSError
 from nws.layers import NWSConv2d, NWSLayer, NWSLinear
-from nws.packing import entropy_bits, pack_codes, unpack_codes
+from nws.packing import conditional_entropy_bits, entropy_bits, pack_codes, unpack_codes
 from nws.pool import KernelPool
 from nws.pool_sources import import_reference, kmeans, pools_from_model
 from nws.search import brute_force_nearest, nearest
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KernelPool", "NWSConv2d", "NWSError", "NWSLayer", "NWSLinear", "brute_force_nearest", "code_layout",
-    "commitment_loss", "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference",
+    "commitment_loss", "conditional_entropy_bits", "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference",
     "kernel_sparsity", "kmeans", "materialize", "nearest", "nws_layers", "pack_codes", "pools_from_model",
     "sparsity_loss", "unpack_codes", "update_pools",
 ]
