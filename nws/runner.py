@@ -211,9 +211,7 @@ def collect_results(store: RunStore, benchmark: Benchmark, num_workers: int = 0,
     config = store.manifest.get("config") or {}
     memory = {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
               "tasks_total": sum(sizes), "float32_model": max((t["float32_model"] for t in tasks), default=0)}
-    # A reader that can say what the reference implementation would store (NWS's) adds it beside ours.
-    reference = getattr(store, "reference_equivalent", None)
-    figures = reference() if reference is not None else None
+    figures = store.reference_equivalent()  # what the reference implementation would store (NWS runs)
     if figures is not None:
         memory["reference_equivalent"] = figures
     return {"method": store.method, "seed": config.get("seed"), "config": config,

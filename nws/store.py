@@ -326,6 +326,10 @@ class RunStore:
         """Task ``index``'s network from the files alone."""
         raise NotImplementedError
 
+    def reference_equivalent(self) -> dict[str, int] | None:
+        """What the NWS reference implementation would store for this run (None: not an NWS run)."""
+        return None
+
     def model(self, index: int) -> nn.Module:
         """Task ``index``'s network rebuilt from storage alone (cached, eval mode)."""
         if index not in self._cache:
