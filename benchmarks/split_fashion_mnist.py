@@ -13,13 +13,20 @@
 3. **Report**: ``nws report`` of every finished final run (means and standard deviations over seeds), and
    ``tuning.md``: the validation accuracy and loss of every grid point and the chosen values.
 
+``--grid wide`` adds two points per method beyond the top of the main grid (:data:`EDGE`: on the short
+schedule every method's best point was the main grid's largest learning rate). Grid points already trained
+are reused; its choices go to ``tune/<method>_wide.json``, its final runs to ``seed<S>/wide/<method>`` (a
+method whose choice did not change keeps its main run) and its report to ``report_wide/`` and
+``tuning_wide.md``.
+
 Every stage skips what is finished and resumes what was interrupted, so the command can simply be run
 again; ``--methods`` splits the work between processes (the shared source networks are made under a lock).
 Arguments the driver does not know are settings for the config (``--data.root DIR``, ``--task.epochs 1``).
 
     python benchmarks/split_fashion_mnist.py --config configs/split_fashion_mnist_convnet.yaml \\
         --data.root /usr/share/datasets/fashion-mnist --trainer.progress_bar false \\
-        --out /tmp/results_runs/convnet --seeds 1993 1994 1995 [--methods nws packnet] [--stage tune|final|report|all]
+        --out /tmp/results_runs/convnet --seeds 1993 1994 1995 [--methods nws packnet] [--stage tune|final|report|all] \
+        [--grid main|wide]
 """
 
 from __future__ import annotations
@@ -56,7 +63,21 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     **{m: [{"task.lr": lr} for lr in LRS] for m in ("nws", "finetune", "individual", "packnet")},
     "piggyback": [{"task.lr": lr, "baseline.mask_lr": mlr} for lr in (0.01, 0.05) for mlr in (0.001, 0.01, 0.1)],
 }
+# Two more points per method past the main grid's top: the learning rate continued (x2, x2.5); for Piggyback
+# one step up on each axis from its best main point (task lr 0.05 -> 0.2; mask lr 0.1 -> 0.3).
+EDGE: dict[str, list[dict[str, float]]] = {
+    **{m: [{"task.lr": 0.2}, {"task.lr": 0.5}] for m in ("nws", "finetune", "individual", "packnet")},
+    "piggyback": [{"task.lr": 0.2, "baseline.mask_lr": 0.1}, {"task.lr": 0.05, "baseline.mask_lr": 0.3}],
+}
 VALIDATION_FRACTION = 0.2
+
+
+def grid_points(method: str, grid: str) -> list[dict[str, float]]:
+    return GRIDS[method] + (EDGE[method] if grid == "wide" else [])
+
+
+def tune_file(out: Path, method: str, grid: str) -> Path:
+    return out / "tune" / (f"{method}.json" if grid == "main" else f"{method}_{grid}.json")
 
 
 def with_values(config: RunConfig, values: dict[str, float], **top: Any) -> RunConfig:
@@ -140,9 +161,9 @@ def plain_source(path: Path, bench: Benchmark) -> torch.nn.Module:
     return FinetuneStore(path).source(len(bench.source.classes))
 
 
-def tune(config: RunConfig, method: str, out: Path) -> dict[str, Any]:
-    """Every grid point of ``method`` on the validation split; writes and returns ``tune/<method>.json``."""
-    file = out / "tune" / f"{method}.json"
+def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[str, Any]:
+    """Every grid point of ``method`` on the validation split; writes and returns its :func:`tune_file`."""
+    file = tune_file(out, method, grid)
     if file.is_file():
         return json.loads(file.read_text())
     bench = benchmark_from_config(config.data, config.seed)
@@ -153,7 +174,7 @@ def tune(config: RunConfig, method: str, out: Path) -> dict[str, Any]:
     else:
         top, options = {}, {"plain_source": plain_source(source_run(config, bench, seed_dir, "plain"), bench)}
     points = []
-    for values in GRIDS[method]:
+    for values in grid_points(method, grid):
         cfg = with_values(config, values, method=method, out=str(out / "tune" / method / label(values)), **top)
         results, wall, cpu = run_once(cfg, val, **options)
         model = method_class(method).store_class(cfg.out).model(0)
@@ -173,11 +194,21 @@ def tune(config: RunConfig, method: str, out: Path) -> dict[str, Any]:
     return record
 
 
-def final(config: RunConfig, method: str, seed: int, out: Path) -> Path:
+def final_dir(out: Path, method: str, seed: int, grid: str) -> Path:
+    """The run of ``method`` with the values ``grid`` chose: ``seed<S>/<method>``, or for another grid whose
+    choice differs from the main grid's, ``seed<S>/<grid>/<method>``."""
+    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
+    main = tune_file(out, method, "main")
+    same = grid == "main" or (main.is_file() and json.loads(main.read_text())["chosen"] == chosen)
+    return out / f"seed{seed}" / (method if same else f"{grid}/{method}")
+
+
+def final(config: RunConfig, method: str, seed: int, out: Path, grid: str = "main") -> Path:
     """``method`` with its chosen values on the whole benchmark for ``seed``."""
-    chosen = json.loads((out / "tune" / f"{method}.json").read_text())["chosen"]
+    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
     seed_dir = out / f"seed{seed}"
-    cfg = with_values(config, chosen, method=method, seed=seed, out=str(seed_dir / method))
+    run_dir = final_dir(out, method, seed, grid)
+    cfg = with_values(config, chosen, method=method, seed=seed, out=str(run_dir))
     bench = benchmark_from_config(cfg.data, seed)
     options = {} if method == "nws" else {"plain_source": plain_source(source_run(cfg, bench, seed_dir, "plain"), bench)}
     results, wall, cpu = run_once(cfg, bench, **options)
@@ -186,16 +217,16 @@ def final(config: RunConfig, method: str, seed: int, out: Path) -> Path:
               f"({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
     tuned_pools = seed_dir / "source_nws" / POOLS
     if method == "nws" and tuned_pools.is_file():
-        same = tuned_pools.read_bytes() == (seed_dir / method / POOLS).read_bytes()
+        same = tuned_pools.read_bytes() == (run_dir / POOLS).read_bytes()
         print(f"[final nws] seed {seed}: pools byte-identical to those the grid points used: {same}", flush=True)
-    return seed_dir / method
+    return run_dir
 
 
-def tuning_markdown(out: Path) -> str:
+def tuning_markdown(out: Path, grid: str = "main") -> str:
     """The grid of every tuned method: validation accuracy and loss per point, the chosen point in bold."""
     lines = []
     for method in METHODS:
-        file = out / "tune" / f"{method}.json"
+        file = tune_file(out, method, grid)
         if not file.is_file():
             continue
         record = json.loads(file.read_text())
@@ -209,13 +240,21 @@ def tuning_markdown(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path) -> None:
-    runs = sorted(d for d in out.glob("seed*/*") if d.name in METHODS and (d / RESULTS).is_file())
+def report(out: Path, grid: str = "main") -> None:
+    """The report of every finished final run of ``grid``'s choices, and its tuning table."""
+    seeds = sorted(int(d.name[4:]) for d in out.glob("seed*") if d.name[4:].isdigit())
+    runs = []
+    for seed in seeds:
+        for method in METHODS:
+            if tune_file(out, method, grid).is_file() and (final_dir(out, method, seed, grid) / RESULTS).is_file():
+                runs.append(final_dir(out, method, seed, grid))
+    suffix = "" if grid == "main" else f"_{grid}"
     if runs:
-        write_report(runs, out / "report")
-        print((out / "report" / "report.md").read_text().split("\n\n![")[0])
-    (out / "tuning.md").write_text(tuning_markdown(out))
-    print(tuning_markdown(out))
+        write_report(runs, out / f"report{suffix}")
+        print((out / f"report{suffix}" / "report.md").read_text().split("\n\n![")[0])
+    text = tuning_markdown(out, grid)
+    (out / f"tuning{suffix}.md").write_text(text)
+    print(text)
 
 
 def main() -> None:
@@ -226,6 +265,8 @@ def main() -> None:
     parser.add_argument("--tune-seed", type=int, default=None, help="the seed of the tuning (default: the first)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--stage", choices=("tune", "final", "report", "all"), default="all")
+    parser.add_argument("--grid", choices=("main", "wide"), default="main",
+                        help="wide: the main grid and two points per method past its top (EDGE)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time comparable across runs)")
     args, settings = parser.parse_known_args()
     torch.set_num_threads(args.threads)
@@ -233,13 +274,13 @@ def main() -> None:
     tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
     if args.stage in ("tune", "all"):
         for method in args.methods:
-            tune(with_values(config, {}, seed=tune_seed), method, args.out)
+            tune(with_values(config, {}, seed=tune_seed), method, args.out, args.grid)
     if args.stage in ("final", "all"):
         for seed in args.seeds:
             for method in args.methods:
-                final(config, method, seed, args.out)
+                final(config, method, seed, args.out, args.grid)
     if args.stage in ("report", "all"):
-        report(args.out)
+        report(args.out, args.grid)
 
 
 if __name__ == "__main__":
