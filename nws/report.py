@@ -5,7 +5,8 @@
 differ only in their seed (mean and standard deviation over seeds), and writes ``report.md``,
 ``summary.json`` and plots (PNG and SVG, matplotlib without a display): accuracy per task by method,
 memory against the number of tasks (extrapolated to 100 tasks), accuracy against memory, and for NWS runs
-the use of the pools per layer and task.
+the use of the pools per layer and task. Where every run records each task's training time (process CPU and
+wall seconds), ``report.md`` also has a table of them per task and method.
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ class Group:
     memory_after_task: list[float] = field(default_factory=list)
     shared: float = 0.0
     float32_model: float = 0.0
+    train_cpu_seconds: list[tuple[float, float]] = field(default_factory=list)  # empty unless every run has them
+    train_seconds: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[Any]:
@@ -223,7 +226,17 @@ class Group:
                 "forgetting": ms(self.forgetting), "memory": ms(self.memory),
                 "memory_after_task": self.memory_after_task,
                 f"memory_at_{EXTRAPOLATE_TO}_tasks": extrapolate(self.memory_after_task, self.shared),
-                "float32_model": self.float32_model}
+                "float32_model": self.float32_model,
+                "train_cpu_seconds": [ms(x) for x in self.train_cpu_seconds],
+                "train_seconds": [ms(x) for x in self.train_seconds]}
+
+
+def _task_times(members: list[Run], key: str, n: int) -> list[tuple[float, float]]:
+    """Mean and standard deviation over the runs of each task's ``key`` (seconds); empty when a run lacks it
+    (runs written before nws recorded training times)."""
+    if not all(key in t for r in members for t in r.results["tasks"]):
+        return []
+    return [_mean_std([float(r.results["tasks"][i][key]) for r in members]) for i in range(n)]
 
 
 def aggregate(runs: list[Run]) -> list[Group]:
@@ -257,7 +270,9 @@ def aggregate(runs: list[Run]) -> list[Group]:
             memory=_mean_std([memory_total(r.results) for r in members]),
             memory_after_task=[float(np.mean([a[i] for a in after])) for i in range(n)],
             shared=float(np.mean([shared_bytes(r.results) for r in members])),
-            float32_model=float(np.mean([r.results["memory"]["float32_model"] for r in members]))))
+            float32_model=float(np.mean([r.results["memory"]["float32_model"] for r in members])),
+            train_cpu_seconds=_task_times(members, "train_cpu_seconds", n),
+            train_seconds=_task_times(members, "train_seconds", n)))
     rank = {m: i for i, m in enumerate(ORDER)}
     groups.sort(key=lambda g: (rank.get(g.method, len(ORDER)), g.label))
     return groups
@@ -281,6 +296,22 @@ def comparison_table(groups: list[Group]) -> str:
                 _size(g.memory[0]) + (f" ± {_size(g.memory[1])}" if n > 1 else ""),
                 _size(extrapolate(g.memory_after_task, g.shared))]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def time_table(groups: list[Group]) -> str:
+    """Markdown: each task's training time by method, process CPU seconds with wall seconds in brackets (means
+    over seeds), their mean per task and their total; only the groups whose runs record them."""
+    timed = [g for g in groups if g.train_cpu_seconds and g.train_seconds]
+    if not timed:
+        return ""
+    head = ["method", "runs"] + timed[0].task_names + ["mean per task", "total"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in timed:
+        cpu, wall = [c[0] for c in g.train_cpu_seconds], [w[0] for w in g.train_seconds]
+        cells = [f"{c:.0f} ({w:.0f})" for c, w in zip(cpu, wall)]
+        cells += [f"{np.mean(cpu):.0f} ({np.mean(wall):.0f})", f"{sum(cpu):.0f} ({sum(wall):.0f})"]
+        lines.append("| " + " | ".join([g.label, str(len(g.runs))] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -481,6 +512,10 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
              "points) and the memory needed to serve every task" + (", mean ± standard deviation over seeds" if
                                                                      any(len(g.runs) > 1 for g in groups) else "")
              + ".", "", comparison_table(groups)]
+    times = time_table(groups)
+    if times:
+        lines += ["Training time per task: process CPU seconds (wall seconds in brackets), mean over seeds. CPU "
+                  "time is the figure to compare on a shared machine; wall time depends on its load.", "", times]
     for g in groups:
         lines.append(f"- **{g.label}**: {len(g.runs)} run(s) (seeds {', '.join(map(str, g.seeds))}): "
                      + ", ".join(str(r.path) for r in g.runs))

@@ -17,7 +17,8 @@ from nws.convert import nws_layers
 from nws.data.digits import digits_benchmark
 from nws.errors import NWSError
 from nws.metrics import continual_metrics, extrapolate
-from nws.report import aggregate, comparison_table, find_runs, markdown_table, pool_usage, write_report
+from nws.report import (aggregate, comparison_table, find_runs, markdown_table, pool_usage, time_table,
+                        write_report)
 from nws.runner import run
 from nws.store import TaskStore
 
@@ -80,6 +81,26 @@ def test_seed_aggregation_mean_and_std(tmp_path):
     assert single.acc_final[0] == (0.5, 0.0) and single.memory == (120.0, 0.0)
     table = comparison_table(groups)
     assert "75.00 ± 25.00" in table and "| nws | 1 | 50.00 | 50.00 |" in table
+
+
+def test_training_time_per_task_mean_over_seeds(tmp_path):
+    for seed, (cpu, wall) in enumerate([([10.0, 20.0], [30.0, 50.0]), ([20.0, 42.0], [40.0, 72.0])]):
+        results = fake_results("piggyback", seed, [1.0, 1.0], [1.0, 1.0], 10)
+        for task, c, w in zip(results["tasks"], cpu, wall):
+            task.update(train_cpu_seconds=c, train_seconds=w)
+        write_run(tmp_path / f"piggyback_{seed}", results)
+    write_run(tmp_path / "old" / "finetune", fake_results("finetune", 0, [1.0, 1.0], [1.0, 1.0], 10))  # no times
+    groups = aggregate(find_runs([tmp_path, tmp_path / "old"]))
+    piggyback = next(g for g in groups if g.method == "piggyback")
+    assert piggyback.train_cpu_seconds == [(15.0, math.sqrt(50)), (31.0, math.sqrt(242))]
+    assert piggyback.train_seconds[1] == (61.0, math.sqrt(242))
+    assert next(g for g in groups if g.method == "finetune").train_seconds == []
+    table = time_table(groups)
+    assert "| piggyback | 2 | 15 (35) | 31 (61) | 23 (48) | 46 (96) |" in table and "finetune" not in table
+    summary = write_report([tmp_path, tmp_path / "old"], tmp_path / "report")
+    assert summary["groups"][0]["train_cpu_seconds"][0] == {"mean": 15.0, "std": math.sqrt(50)}
+    assert "| piggyback | 2 | 15 (35) |" in (tmp_path / "report" / "report.md").read_text()
+    assert time_table(aggregate(find_runs([tmp_path / "old"]))) == ""
 
 
 def test_report_rejects_missing_and_malformed_runs(tmp_path, capsys):

@@ -1,0 +1,287 @@
+"""Split-Fashion-MNIST: NWS and every baseline, each tuned on the same budget, then run for several seeds.
+
+1. **Tune** (seed ``--tune-seed``): every method gets the same number of grid points (:data:`GRIDS`; the
+   config's own values included), each trained with the config's task schedule on 80% of the first task's
+   training images and scored on the other 20% (seeded, stratified by class; normalised with the 80%'s
+   statistics). The point with the highest validation accuracy wins; equal accuracies go to the lower
+   validation loss. The source stage is shared: NWS's grid points start from one source-only NWS run
+   (``pretrained:``), the baselines' from one plain network trained on the source task (``plain_source``).
+2. **Final**: every method with its chosen values on the full protocol (all five tasks, the official test
+   images), one run directory per method and seed. The baselines of a seed share one plain source network;
+   an NWS run pretrains its own pools (so its config is a plain ``nws run`` one; on the tuning seed its pools
+   are checked to be byte-identical to those the grid points used).
+3. **Report**: ``nws report`` of every finished final run (means and standard deviations over seeds), and
+   ``tuning.md``: the validation accuracy and loss of every grid point and the chosen values.
+
+``--grid wide`` adds two points per method beyond the top of the main grid (:data:`EDGE`: on the short
+schedule every method's best point was the main grid's largest learning rate). Grid points already trained
+are reused; its choices go to ``tune/<method>_wide.json``, its final runs to ``seed<S>/wide/<method>`` (a
+method whose choice did not change keeps its main run) and its report to ``report_wide/`` and
+``tuning_wide.md``.
+
+Every stage skips what is finished and resumes what was interrupted, so the command can simply be run
+again; ``--methods`` splits the work between processes (the shared source networks are made under a lock).
+Arguments the driver does not know are settings for the config (``--data.root DIR``, ``--task.epochs 1``).
+
+    python benchmarks/split_fashion_mnist.py --config configs/split_fashion_mnist_convnet.yaml \\
+        --data.root /usr/share/datasets/fashion-mnist --trainer.progress_bar false \\
+        --out /tmp/results_runs/convnet --seeds 1993 1994 1995 [--methods nws packnet] [--stage tune|final|report|all] \
+        [--grid main|wide]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from nws.config import RunConfig, parse_run_config, validate
+from nws.data import Benchmark, benchmark_from_config
+from nws.data.mnist import array_task, image_side
+from nws.methods import METHODS, method_class
+from nws.methods.finetune import FinetuneStore
+from nws.report import write_report
+from nws.runner import RESULTS, Runner
+from nws.store import MANIFEST, POOLS
+
+LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
+# Six points per method: the task learning rate, and for Piggyback (whose task lr trains only its classifier
+# and BatchNorm) two task learning rates times three Adam learning rates of its mask scores.
+GRIDS: dict[str, list[dict[str, float]]] = {
+    **{m: [{"task.lr": lr} for lr in LRS] for m in ("nws", "finetune", "individual", "packnet")},
+    "piggyback": [{"task.lr": lr, "baseline.mask_lr": mlr} for lr in (0.01, 0.05) for mlr in (0.001, 0.01, 0.1)],
+}
+# Two more points per method past the main grid's top: the learning rate continued (x2, x2.5); for Piggyback
+# one step up on each axis from its best main point (task lr 0.05 -> 0.2; mask lr 0.1 -> 0.3).
+EDGE: dict[str, list[dict[str, float]]] = {
+    **{m: [{"task.lr": 0.2}, {"task.lr": 0.5}] for m in ("nws", "finetune", "individual", "packnet")},
+    "piggyback": [{"task.lr": 0.2, "baseline.mask_lr": 0.1}, {"task.lr": 0.05, "baseline.mask_lr": 0.3}],
+}
+VALIDATION_FRACTION = 0.2
+
+
+def grid_points(method: str, grid: str) -> list[dict[str, float]]:
+    return GRIDS[method] + (EDGE[method] if grid == "wide" else [])
+
+
+def tune_file(out: Path, method: str, grid: str) -> Path:
+    return out / "tune" / (f"{method}.json" if grid == "main" else f"{method}_{grid}.json")
+
+
+def with_values(config: RunConfig, values: dict[str, float], **top: Any) -> RunConfig:
+    """``config`` with dotted ``values`` (``task.lr``, ``baseline.mask_lr``) and top-level settings replaced."""
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in values.items():
+        group, name = key.split(".")
+        groups.setdefault(group, {})[name] = value
+    return validate(dataclasses.replace(config, **top, **{g: dataclasses.replace(getattr(config, g), **v)
+                                                          for g, v in groups.items()}))
+
+
+def label(values: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in values.items())
+
+
+def validation_benchmark(bench: Benchmark, image_size: int | None, seed: int,
+                         fraction: float = VALIDATION_FRACTION) -> Benchmark:
+    """The source task and one task: the first task's training images split, stratified by class and seeded,
+    into training (``1 - fraction``) and validation (``fraction``, as the task's test set)."""
+    task = bench.tasks[0]
+    images, labels = task.train.images.numpy(), task.train.labels.numpy()
+    rng = np.random.default_rng(seed)
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: round(fraction * np.sum(labels == c))]
+                          for c in np.unique(labels)])
+    is_val = np.zeros(len(labels), bool)
+    is_val[val] = True
+    split = {"train": ~is_val, "test": is_val}
+    tuned = array_task(f"{task.name} validation", task.classes, {s: images[m] for s, m in split.items()},
+                       {s: labels[m] for s, m in split.items()}, image_side(image_size))
+    return Benchmark(source=bench.source, tasks=[tuned], in_channels=bench.in_channels)
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, data) -> float:
+    model.eval()
+    total = 0.0
+    for x, y in DataLoader(data, batch_size=500):
+        total += float(F.cross_entropy(model(x), y, reduction="sum"))
+    return total / len(data)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def run_once(config: RunConfig, benchmark: Benchmark, **options: Any) -> tuple[dict[str, Any], float, float]:
+    """Run ``config`` unless its directory holds finished results (resume an interrupted one); returns the
+    results and the wall and CPU seconds this call took."""
+    out = Path(config.out)
+    wall, cpu = time.perf_counter(), time.process_time()
+    if (out / RESULTS).is_file():
+        return json.loads((out / RESULTS).read_text()), 0.0, 0.0
+    resume = (out / MANIFEST).is_file()
+    if out.exists() and not resume:
+        shutil.rmtree(out)  # a start that stopped before its manifest
+    results = Runner(config, benchmark, **options).run(resume=resume)
+    return results, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def source_run(config: RunConfig, bench: Benchmark, seed_dir: Path, kind: str) -> Path:
+    """A run of the source stage alone (no tasks), made once per seed: ``source_nws`` (pools and network) or
+    ``source_plain`` (the baselines' plain network). Its wall and CPU seconds go to ``source.json`` in it."""
+    out = seed_dir / f"source_{kind}"
+    with locked(seed_dir / f".source_{kind}.lock"):
+        if not (out / "source.json").is_file():
+            method = "nws" if kind == "nws" else "finetune"
+            cfg = with_values(config, {}, method=method, out=str(out), pretrained=None)
+            _, wall, cpu = run_once(cfg, Benchmark(bench.source, [], bench.in_channels))
+            (out / "source.json").write_text(json.dumps({"train_seconds": round(wall, 3),
+                                                         "train_cpu_seconds": round(cpu, 3)}))
+            print(f"[source {kind}] seed {config.seed}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    return out
+
+
+def plain_source(path: Path, bench: Benchmark) -> torch.nn.Module:
+    return FinetuneStore(path).source(len(bench.source.classes))
+
+
+def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[str, Any]:
+    """Every grid point of ``method`` on the validation split; writes and returns its :func:`tune_file`."""
+    file = tune_file(out, method, grid)
+    if file.is_file():
+        return json.loads(file.read_text())
+    bench = benchmark_from_config(config.data, config.seed)
+    val = validation_benchmark(bench, config.data.image_size, config.seed)
+    seed_dir = out / f"seed{config.seed}"
+    if method == "nws":
+        top, options = {"pretrained": str(source_run(config, bench, seed_dir, "nws"))}, {}
+    else:
+        top, options = {}, {"plain_source": plain_source(source_run(config, bench, seed_dir, "plain"), bench)}
+    points = []
+    for values in grid_points(method, grid):
+        cfg = with_values(config, values, method=method, out=str(out / "tune" / method / label(values)), **top)
+        results, wall, cpu = run_once(cfg, val, **options)
+        model = method_class(method).store_class(cfg.out).model(0)
+        point = {"values": values, "val_accuracy": results["tasks"][0]["acc_final"],
+                 "val_loss": mean_loss(model, val.tasks[0].test),
+                 "train_seconds": results["tasks"][0]["train_seconds"],
+                 "train_cpu_seconds": results["tasks"][0]["train_cpu_seconds"]}
+        points.append(point)
+        print(f"[tune {method}] {label(values)}: validation accuracy {100 * point['val_accuracy']:.2f}%, "
+              f"loss {point['val_loss']:.4f} ({point['train_cpu_seconds']:.0f} s CPU)", flush=True)
+    best = max(points, key=lambda p: (p["val_accuracy"], -p["val_loss"]))
+    record = {"method": method, "seed": config.seed, "validation": f"{VALIDATION_FRACTION:g} of "
+              f"{bench.tasks[0].name}'s training images ({len(val.tasks[0].test)} of {len(bench.tasks[0].train)})",
+              "points": points, "chosen": best["values"]}
+    file.write_text(json.dumps(record, indent=1))
+    print(f"[tune {method}] chosen {label(best['values'])}", flush=True)
+    return record
+
+
+def final_dir(out: Path, method: str, seed: int, grid: str) -> Path:
+    """The run of ``method`` with the values ``grid`` chose: ``seed<S>/<method>``, or for another grid whose
+    choice differs from the main grid's, ``seed<S>/<grid>/<method>``."""
+    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
+    main = tune_file(out, method, "main")
+    same = grid == "main" or (main.is_file() and json.loads(main.read_text())["chosen"] == chosen)
+    return out / f"seed{seed}" / (method if same else f"{grid}/{method}")
+
+
+def final(config: RunConfig, method: str, seed: int, out: Path, grid: str = "main") -> Path:
+    """``method`` with its chosen values on the whole benchmark for ``seed``."""
+    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
+    seed_dir = out / f"seed{seed}"
+    run_dir = final_dir(out, method, seed, grid)
+    cfg = with_values(config, chosen, method=method, seed=seed, out=str(run_dir))
+    bench = benchmark_from_config(cfg.data, seed)
+    options = {} if method == "nws" else {"plain_source": plain_source(source_run(cfg, bench, seed_dir, "plain"), bench)}
+    results, wall, cpu = run_once(cfg, bench, **options)
+    if wall:
+        print(f"[final {method}] seed {seed}: average accuracy {100 * results['average_accuracy']:.2f}% "
+              f"({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
+    tuned_pools = seed_dir / "source_nws" / POOLS
+    if method == "nws" and tuned_pools.is_file():
+        same = tuned_pools.read_bytes() == (run_dir / POOLS).read_bytes()
+        print(f"[final nws] seed {seed}: pools byte-identical to those the grid points used: {same}", flush=True)
+    return run_dir
+
+
+def tuning_markdown(out: Path, grid: str = "main") -> str:
+    """The grid of every tuned method: validation accuracy and loss per point, the chosen point in bold."""
+    lines = []
+    for method in METHODS:
+        file = tune_file(out, method, grid)
+        if not file.is_file():
+            continue
+        record = json.loads(file.read_text())
+        if not lines:
+            lines += [f"Validation: {record['validation']}, seed {record['seed']}.", "",
+                      "| method | grid point | validation accuracy | validation loss | CPU s |", "|---|---|---|---|---|"]
+        for p in record["points"]:
+            mark = "**" if p["values"] == record["chosen"] else ""
+            lines.append(f"| {method} | {mark}{label(p['values'])}{mark} | {mark}{100 * p['val_accuracy']:.2f}%{mark} "
+                         f"| {p['val_loss']:.4f} | {p['train_cpu_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path, grid: str = "main") -> None:
+    """The report of every finished final run of ``grid``'s choices, and its tuning table."""
+    seeds = sorted(int(d.name[4:]) for d in out.glob("seed*") if d.name[4:].isdigit())
+    runs = []
+    for seed in seeds:
+        for method in METHODS:
+            if tune_file(out, method, grid).is_file() and (final_dir(out, method, seed, grid) / RESULTS).is_file():
+                runs.append(final_dir(out, method, seed, grid))
+    suffix = "" if grid == "main" else f"_{grid}"
+    if runs:
+        write_report(runs, out / f"report{suffix}")
+        print((out / f"report{suffix}" / "report.md").read_text().split("\n\n![")[0])
+    text = tuning_markdown(out, grid)
+    (out / f"tuning{suffix}.md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993])
+    parser.add_argument("--tune-seed", type=int, default=None, help="the seed of the tuning (default: the first)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--stage", choices=("tune", "final", "report", "all"), default="all")
+    parser.add_argument("--grid", choices=("main", "wide"), default="main",
+                        help="wide: the main grid and two points per method past its top (EDGE)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time comparable across runs)")
+    args, settings = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    config = parse_run_config(["--config", args.config, *settings])
+    tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
+    if args.stage in ("tune", "all"):
+        for method in args.methods:
+            tune(with_values(config, {}, seed=tune_seed), method, args.out, args.grid)
+    if args.stage in ("final", "all"):
+        for seed in args.seeds:
+            for method in args.methods:
+                final(config, method, seed, args.out, args.grid)
+    if args.stage in ("report", "all"):
+        report(args.out, args.grid)
+
+
+if __name__ == "__main__":
+    main()
