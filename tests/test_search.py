@@ -158,21 +158,58 @@ def test_bounded_search_random_walk(one_thread: None) -> None:
         w[rows[6:]] = 2 * torch.randn(3, d, generator=g)
         got = search(w, codebook)
         assert torch.equal(got, brute_force_nearest(w, codebook)), f"step {step}"
+        assert torch.equal(search.searched, codebook[got.long()])
         searched.append(search.last_searched)
     # Kernels at a duplicated entry (a quarter of the pool) tie with its copy and are always searched again.
     assert searched[0] == n and sum(searched[1:]) < 0.75 * n * len(searched[1:])
 
 
-def test_bounded_search_redoes_everything_when_the_pool_moves() -> None:
+def test_bounded_search_moving_pool_random_walk(one_thread: None) -> None:
+    """Kernels and pool entries both move every step (as in pool pretraining: SGD on the kernels, an EMA of
+    the assigned kernels on the entries), with snaps onto entries, exact midpoints and jumps: the search
+    equals brute force on every step, and the drift bounds spare most kernels a search."""
+    g = _gen(9)
+    n, k, d = 600, 64, 9
+    codebook = _dyadic((k, d), g)
+    codebook[48:] = codebook[:16]
+    w = codebook[torch.randint(k, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
+    search = BoundedSearch(chunk_elements=4096)
+    searched = []
+    for step in range(400):
+        w -= 0.002 * torch.randn(n, d, generator=g)
+        if step % 50 == 25:  # a jump of the whole pool: everything is searched again, still exact
+            codebook = codebook + 0.5 * torch.randn(k, d, generator=g)
+        elif step % 7:
+            idx = brute_force_nearest(w, codebook)
+            target = torch.zeros_like(codebook).index_add_(0, idx, w)
+            count = torch.zeros(k).index_add_(0, idx, torch.ones(n))[:, None]
+            used = count[:, 0] > 0
+            codebook[used] = 0.99 * codebook[used] + 0.01 * target[used] / count[used]
+        rows = torch.randint(n, (9,), generator=g)
+        i, j = torch.randint(k, (2, 3), generator=g)
+        w[rows[:3]] = codebook[i]
+        w[rows[3:6]] = (codebook[i] + codebook[j]) / 2
+        w[rows[6:]] = 2 * torch.randn(3, d, generator=g)
+        got = search(w, codebook)
+        assert torch.equal(got.long(), brute_force_nearest(w, codebook)), f"step {step}"
+        assert torch.equal(search.searched, codebook[got.long()])
+        searched.append(search.last_searched)
+    assert searched[0] == n and sum(searched[1:]) < 0.5 * n * len(searched[1:])
+
+
+def test_bounded_search_pool_changes() -> None:
     g = _gen(8)
     codebook, x = torch.randn(32, 9, generator=g), torch.randn(500, 9, generator=g)
     search = BoundedSearch()
     search(x, codebook)
-    codebook[3] = x[0]
-    assert torch.equal(search(x, codebook, frozen=False), brute_force_nearest(x, codebook))
     assert search.last_searched == 500
-    search(x, codebook, frozen=False)
-    assert search.last_searched == 500  # a pool that may move is searched in full every time
     search(x, codebook)
-    search(x, codebook)
-    assert search.last_searched < 25  # frozen and nothing moved: all but near-ties are proved at once
+    assert search.last_searched < 25  # nothing moved: all but near-ties are proved at once
+    codebook[3] = x[0]
+    assert torch.equal(search(x, codebook).long(), brute_force_nearest(x, codebook))
+    assert torch.equal(search.searched, codebook[search.indices.long()])  # the entries moved: gathered again
+    codebook = -codebook
+    assert torch.equal(search(x, codebook).long(), brute_force_nearest(x, codebook))
+    codebook[5] = float("nan")
+    assert torch.equal(search(x, codebook).long(), brute_force_nearest(x, codebook))
+    assert search.last_searched == 500  # a movement that is not finite: everything is searched again
