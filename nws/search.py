@@ -366,12 +366,12 @@ class BoundedSearch:
         for start in range(0, n, block):
             part = slice(start, start + block)
             torch.linalg.vector_norm(x[part, None, :] - self.codebook[cand[part]], dim=2, out=dist[part])
-        dist.mul_(1 + SLACK)
         best, pos = dist.min(dim=1)
         dist.scatter_(1, pos[:, None], float("inf"))
-        second = dist.min(dim=1).values
+        # Computed distances, rounded up for the winner and down for the others.
+        best, second = best * (1 + SLACK), dist.min(dim=1).values * (1 - SLACK)
         outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
-        ok = (best * (1 + SLACK) < outside) & (best * (1 + SLACK) < second * (1 - SLACK))
+        ok = (best < outside) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
             found = cand[done, pos[done]]
