@@ -201,17 +201,15 @@ class BoundedSearch:
 
     Per kernel it keeps its entry ``a`` (``indices``; ``searched`` holds the entries themselves), its
     position at its last search (``anchor``, stored in half precision, the rounding charged to the bounds),
-    the ``c`` entries that ranked first there (``cand``, ``a`` among them), lower bounds on the distance from
-    there to every other entry (``l``) and to every entry outside ``cand`` (``l_out``), and
-    ``h = (l - |anchor - p_a|) / 2``. ``drift`` sums, over the calls, the largest movement of any entry in
-    each call (Hamerly's bound for moving centres), so no entry has moved more than ``P = drift - drift0``
-    since a kernel was anchored at ``drift0``. A kernel now at ``x``, ``m = |x - anchor|`` away, provably
-    keeps ``a`` if ``|x - p_a| + m + P < l``; while the pool stays put, the pass over all kernels checks the
-    weaker ``m < h`` first, which needs no entry, and ``|x - p_a|`` is measured only where that fails. A
-    kernel that fails is measured against its candidates: every other entry is at least ``l_out - m - P``
-    away, so the nearest candidate is the answer if it is nearer than that. Only kernels that fail all tests
-    get a full search, which finds their new candidates. Vectors of length 1 are searched in full every call,
-    by binary search.
+    the ``c`` entries that ranked first there (``cand``, ``a`` among them), and lower bounds on the distance
+    from there to every other entry (``l``) and to every entry outside ``cand`` (``l_out``). ``drift`` sums,
+    over the calls, the largest movement of any entry in each call (Hamerly's bound for moving centres), so
+    no entry has moved more than ``P = drift - drift0`` since a kernel was anchored at ``drift0``. A kernel
+    now at ``x``, ``m = |x - anchor|`` away, provably keeps ``a`` if ``|x - p_a| + m + P < l``: one pass over
+    all kernels, their anchors and entries. A kernel that fails is measured against its candidates: every
+    other entry is at least ``l_out - m - P`` away, so the nearest candidate is the answer if it is nearer
+    than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
+    length 1 are searched in full every call, by binary search.
     """
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, candidates: int = CANDIDATES,
@@ -224,12 +222,10 @@ class BoundedSearch:
         self.searched: Tensor | None = None  # (N, d) the current entries themselves
         self.anchor: Tensor | None = None    # (N, d) where each kernel was last searched (fp16)
         self.lower: Tensor | None = None     # (N,) drift0 + l
-        self.half: Tensor | None = None      # (N,) drift0 + h
         self.cand: Tensor | None = None      # (N, c) candidate entries (int16 where the pool allows)
         self.rest: Tensor | None = None      # (N,) drift0 + l_out
         self.codebook: Tensor | None = None  # the pool at the last call
         self.drift = 0.0                     # sum over calls of the largest movement of an entry
-        self.last_checked = 0   # kernels that failed the test of the pass over all kernels, in the last call
         self.last_searched = 0  # kernels searched again (among candidates or in full) in the last call
         self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
@@ -242,21 +238,18 @@ class BoundedSearch:
         entries = self.codebook[found]
         anchor = x.to(self.anchor_dtype)
         rounding = _distance(anchor, x)
-        lower = (lower - rounding) * (1 - SLACK)
-        rest = (rest - rounding) * (1 - SLACK)
-        half = (lower - (_distance(x, entries) + rounding) * (1 + SLACK)) * 0.5
+        lower = (lower - rounding) * (1 - SLACK) + self.drift
+        rest = (rest - rounding) * (1 - SLACK) + self.drift
         found = found.to(torch.int32)
         if rows is None:
-            self.indices, self.searched, self.anchor = found, entries, anchor
-            self.lower, self.half, self.rest = lower + self.drift, half + self.drift, rest + self.drift
+            self.indices, self.searched, self.anchor, self.lower, self.rest = found, entries, anchor, lower, rest
             self.cand = cand.to(self.cand_dtype)
             return
         self.indices[rows] = found
         self.searched[rows] = entries
         self.anchor[rows] = anchor
-        self.lower[rows] = lower + self.drift
-        self.half[rows] = half + self.drift
-        self.rest[rows] = rest + self.drift
+        self.lower[rows] = lower
+        self.rest[rows] = rest
         if cand is not None:
             self.cand[rows] = cand.to(self.cand_dtype)
 
@@ -270,7 +263,7 @@ class BoundedSearch:
         self._setup(x, codebook)
         indices, lower, cand, rest = _scan(x, codebook, self.chunk_elements, self.candidates)
         self._store(None, x, indices, lower, rest, cand)
-        self.last_checked = self.last_searched = self.last_full = len(x)
+        self.last_searched = self.last_full = len(x)
         return self.indices
 
     def prime(self, indices: Tensor, codebook: Tensor) -> None:
@@ -303,7 +296,7 @@ class BoundedSearch:
         self.codebook.copy_(codebook)
         # Rebase the drift once it is of the order of the pool's scale, so it never swamps the bounds' precision.
         if self.drift > float(torch.linalg.vector_norm(codebook, dim=1).mean()):
-            for bound in (self.lower, self.half, self.rest):
+            for bound in (self.lower, self.rest):
                 bound.mul_(1 - SLACK).sub_(self.drift * (1 + SLACK))
             self.drift = 0.0
         return True
@@ -313,12 +306,11 @@ class BoundedSearch:
         return bound * (1 - SLACK) - self.drift * (1 + SLACK)
 
     def _pass(self, x: Tensor, pool_moved: bool) -> Tensor:
-        """The pass over all kernels, in cache-sized blocks; returns the rows it does not prove and leaves
-        ``m`` in ``self._moved``. A pool that stayed put: ``m < h``. A pool that moved: the entries are
-        gathered again on the way (they moved) and ``|x - p_a| + m + P < l`` is checked."""
+        """The pass over all kernels, in cache-sized blocks (entries gathered again on the way if the pool
+        moved): the rows not proved by ``|x - p_a| + m + P < l``; leaves ``m`` in ``self._moved``."""
         n, d = x.shape
         moved = torch.empty(n, dtype=x.dtype, device=x.device)
-        dist = torch.empty(n, dtype=x.dtype, device=x.device) if pool_moved else None
+        dist = torch.empty(n, dtype=x.dtype, device=x.device)
         ones = torch.ones(d, dtype=x.dtype, device=x.device)
         u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
         by_product = _unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
@@ -335,25 +327,15 @@ class BoundedSearch:
 
         for start in range(0, n, block):
             part = slice(start, min(n, start + block))
-            sqdist(part, self.anchor, moved)
             if pool_moved:
                 torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
-                sqdist(part, self.searched, dist)
+            sqdist(part, self.searched, dist)
+            sqdist(part, self.anchor, moved)
         # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
         scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
-        moved.mul_(scale).sqrt_()
-        self._moved = moved
+        self._moved = moved.mul_(scale).sqrt_()
         # Written so that a NaN anywhere counts as a failed proof.
-        if pool_moved:
-            ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
-        else:
-            ok = moved < self._penalty(self.half)
-        return ok.logical_not_().nonzero().squeeze(1)
-
-    def _entry_test(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
-        """Positions (in ``rows``) of the rows not proved by ``|x - p_a| + m + P < l``."""
-        dist = _distance(x, self.searched[rows])
-        ok = (dist + moved) * (1 + SLACK) < self._penalty(self.lower[rows])
+        ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
@@ -391,7 +373,7 @@ class BoundedSearch:
         else:
             self.codebook, self.searched = codebook.clone(), codebook[indices]
         self.indices = indices
-        self.last_checked = self.last_searched = self.last_full = len(x)
+        self.last_searched = self.last_full = len(x)
         return indices
 
     @torch.no_grad()
@@ -418,14 +400,10 @@ class BoundedSearch:
                     return self._every_time(x, codebook)
                 return self._full(x, codebook)
             rows = self._pass(x, moved)
-            self.last_checked = len(rows)
             full = 0
             if len(rows):
-                xr, m = x[rows], self._moved[rows]
-                if not moved:
-                    left = self._entry_test(rows, xr, m)
-                    rows, xr, m = rows[left], xr[left], m[left]
-                left = self._by_candidates(rows, xr, m)
+                xr = x[rows]
+                left = self._by_candidates(rows, xr, self._moved[rows])
                 if len(left):
                     found, lower, cand, rest = _scan(xr[left], codebook, self.chunk_elements, self.candidates)
                     self._store(rows[left], xr[left], found, lower, rest, cand)
