@@ -295,7 +295,7 @@ def search_state_mb(model: nn.Module) -> float:
     total = 0
     for _, layer in nws.nws_layers(model):
         s = layer._search
-        for t in (s.indices, s.anchor, s.lower, s.half, s.cand, s.rest, s.codebook):
+        for t in (s.indices, s.anchor, s.lower, s.cand, s.rest, s.codebook):
             if t is not None:  # (length-1 kernels keep no bounds)
                 total += t.numel() * t.element_size()
     return total / 2**20
@@ -320,14 +320,14 @@ def memory() -> None:
     print(f"| **search extra memory: state + working** | - | - | **{state + work:.1f}** | - |")
 
 
-def scaling(data: tuple[Tensor, Tensor], rounds: int) -> None:
-    print("\nCost as the pool grows (decoded start, round-robin with plain after 10 warm-up pairs):")
+def scaling(data: tuple[Tensor, Tensor], rounds: int, warmup: int) -> None:
+    print(f"\nCost as the pool grows (decoded start, step pairs with plain, {rounds} after {warmup} warm-up pairs):")
     print("| K | (a) plain | (c) shipped | ratio | full exact search of all layers |\n|---|---|---|---|---|")
     for k in (128, 256, 512, 1024, 2048, 4096):
         plain = plain_model()
         model = decoded(nws_model(plain, k))
         copy_weights(plain, model)
-        rows = pairs(plain, model, Batches(data, seed=2), 10 + rounds)[10:]
+        rows = pairs(plain, model, Batches(data, seed=2), warmup + rounds)[warmup:]
         kernels = [layer.kernels().detach() for _, layer in nws.nws_layers(model)]
         books = [layer.pool.codebook for _, layer in nws.nws_layers(model)]
         start = time.perf_counter()
@@ -389,7 +389,7 @@ def main() -> None:
     if "memory" in parts:
         memory()
     if "scaling" in parts:
-        scaling(data, rounds)
+        scaling(data, rounds, 10 if rounds > 3 else 1)
 
 
 if __name__ == "__main__":
