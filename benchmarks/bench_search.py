@@ -1,17 +1,23 @@
-"""Cost of NWS training against plain training: ResNet-18 (CIFAR stem), batch 32, 32x32, K 512, g 1.
+"""Cost of NWS training against plain training, over whole tasks and during pool pretraining, on real images.
 
-Times one SGD step (lr 0.01, momentum 0.9, nesterov, wd 4e-5; beta 0.5) for
-  (a) the plain network (ordinary Conv2d/Linear),
-  (b) NWS with the reference implementation's search (full distance matrix and one-hot matrix per layer per
-      forward),
-  (c) NWS as shipped (bounded incremental search of the frozen pools),
-measured round-robin in one process so machine noise hits all three alike, after warm-up. The NWS models
-start as a task does: from weights decoded from indices (the previous task), pools frozen. Then the peak
-memory of one step of each, the search's own state and working memory, and how the cost grows with the
-pool size and the layer size.
+ResNet-18 (CIFAR stem, one input channel), K 512, g 1, batch 32, SGD (lr 0.01, momentum 0.9, nesterov, weight
+decay 4e-5), beta 0.5, learning Fashion-MNIST T-shirt vs trouser (padded to 32x32), a fresh batch every step.
+Every ratio is the median, over step pairs, of NWS step time / plain step time: the two networks take the same
+batch one after the other in one process, so machine noise hits both alike. One life cycle, in order:
+  (1) pool pretraining: the pools move (EMA update after every step), from pools sampled from the kernels;
+  (2) task 0: pools frozen, starting from the pretrained weights, which are not on their entries;
+  (3) task 1: starting from task 0's weights rebuilt from its indices (every kernel on its entry), a long run
+      shown in windows, to see that the cost stays where it settles.
+Then the search variants side by side on a decoded start: plain, NWS with an exact chunked search of every
+kernel every step (``nearest``), NWS as shipped, NWS with the reference implementation's search (full
+distance matrix, argmin and one-hot product per layer per forward); the memory of each; and how the cost
+grows with the pool size and the layer size.
 
-    python benchmarks/bench_search.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/bench_search.py --quick    # fewer rounds
+Needs the Fashion-MNIST IDX files (Debian: ``apt-get install dataset-fashion-mnist``; or ``--data DIR``).
+
+    python benchmarks/bench_search.py            # full run
+    python benchmarks/bench_search.py --quick    # a smoke run: a few steps of each part
+    python benchmarks/bench_search.py --threads 1 --clock cpu   # on a machine shared with other work
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import gzip
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,75 +41,217 @@ import nws
 from nws.models import create_model
 from nws.search import BoundedSearch, nearest
 
+DATA = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = (0, 1)  # T-shirt/top, trouser
 
-class ReferenceSearch:
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped), as in the MNIST distribution: magic, dimensions, then unsigned bytes."""
+    data = gzip.decompress(path.read_bytes())
+    if data[:2] != b"\0\0" or data[2] != 8:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root: Path = DATA) -> tuple[Tensor, Tensor]:
+    """Training images of the two classes, scaled to [-1, 1] and padded to 32x32, and their labels 0/1."""
+    images = read_idx(root / "train-images-idx3-ubyte.gz")
+    labels = read_idx(root / "train-labels-idx1-ubyte.gz")
+    keep = np.isin(labels, CLASSES)
+    x = torch.from_numpy(images[keep].astype(np.float32) / 127.5 - 1.0)
+    y = torch.from_numpy((labels[keep] == CLASSES[1]).astype(np.int64))
+    return F.pad(x, (2, 2, 2, 2), value=-1.0)[:, None], y
+
+
+class Batches:
+    """A fresh random batch of 32 every call (seeded)."""
+
+    def __init__(self, data: tuple[Tensor, Tensor], seed: int = 0):
+        self.x, self.y = data
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        i = torch.randint(len(self.y), (32,), generator=self.gen)
+        return self.x[i], self.y[i]
+
+
+class ExactSearch:
+    """A fair baseline: the exact chunked search (:func:`nws.nearest`) of every kernel on every forward."""
+
+    last_searched = last_full = 0
+
+    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+        indices = nearest(x, codebook)
+        self.searched = codebook[indices]
+        self.last_searched = self.last_full = len(x)
+        return indices
+
+    def prime(self, indices: Tensor, codebook: Tensor) -> None:
+        pass
+
+
+class ReferenceSearch(ExactSearch):
     """The reference implementation's search: ``|x|^2 - 2 x E + |E|^2`` for all kernels and entries, argmin,
-    and a one-hot matrix times the pool, on every forward (same interface as :class:`BoundedSearch`)."""
+    and the searched kernels as a one-hot matrix times the pool, on every forward."""
 
-    last_rows = None
-    last_searched = 0
-
-    def __call__(self, x: Tensor, codebook: Tensor, frozen: bool = True, current: Tensor | None = None) -> Tensor:
-        with torch.no_grad():
-            dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)[None]
-            indices = dist.argmin(1)
-            onehot = F.one_hot(indices, codebook.shape[0]).to(x.dtype)
-            (onehot @ codebook).sum()  # the reference builds the searched kernels from the one-hot matrix
-        self.last_searched = len(x)
+    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+        dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)[None]
+        indices = dist.argmin(1)
+        self.searched = F.one_hot(indices, codebook.shape[0]).to(x.dtype) @ codebook
+        self.last_searched = self.last_full = len(x)
         return indices
 
 
-def make_models(pool_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+def plain_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    plain = create_model("resnet18", num_classes=10, stem="cifar")
-    shipped = nws.convert(copy.deepcopy(plain), pool_size=pool_size, init="kernels", seed=seed)
-    nws.freeze_pools(shipped)
-    nws.decode(shipped, nws.encode(shipped))  # a task starts from weights rebuilt from indices
-    with torch.no_grad():  # the plain network starts from the same weights
-        for (_, p), (_, q) in zip(plain.named_parameters(), nws.materialize(shipped).named_parameters()):
+    return create_model("resnet18", num_classes=2, in_channels=1, stem="cifar")
+
+
+def nws_model(plain: nn.Module, pool_size: int = 512, seed: int = 0) -> nn.Module:
+    """``plain`` converted, its pools sampled from its own kernels (trainable)."""
+    return nws.convert(copy.deepcopy(plain), pool_size=pool_size, init="kernels", seed=seed)
+
+
+def decoded(model: nn.Module) -> nn.Module:
+    """Freeze the pools and rebuild the weights from the indices: how a task after the first starts."""
+    nws.freeze_pools(model)
+    nws.decode(model, nws.encode(model))
+    return model
+
+
+def copy_weights(plain: nn.Module, model: nn.Module) -> None:
+    """Give the plain network the searched weights of ``model`` (same start, so the same work per step)."""
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), nws.materialize(model).parameters()):
             p.copy_(q)
-    reference = copy.deepcopy(shipped)
-    for _, layer in nws.nws_layers(reference):
-        layer._search = ReferenceSearch()
-    for _, layer in nws.nws_layers(shipped):
-        layer._search = BoundedSearch()
-    return plain, reference, shipped
+
+
+CLOCK = time.perf_counter  # --clock cpu: process time, for one thread on a busy machine
 
 
 class Stepper:
-    """One SGD training step of a model on fixed random batches."""
+    """One SGD training step; for NWS, the commitment loss and (pools trainable) the EMA pool update."""
 
-    def __init__(self, model: nn.Module, beta: float, batches: list[tuple[Tensor, Tensor]]):
-        self.model, self.beta, self.batches, self.i = model.train(), beta, batches, 0
+    def __init__(self, model: nn.Module, nws_loss: bool):
+        self.model, self.nws_loss = model.train(), nws_loss
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-5)
 
-    def __call__(self) -> float:
-        x, y = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        start = time.perf_counter()
+    def __call__(self, x: Tensor, y: Tensor) -> float:
+        start = CLOCK()
         loss = F.cross_entropy(self.model(x), y)
-        if self.beta:
-            loss = loss + self.beta * nws.commitment_loss(self.model)
+        if self.nws_loss:
+            loss = loss + 0.5 * nws.commitment_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return time.perf_counter() - start
+        if self.nws_loss:
+            nws.update_pools(self.model)
+        return CLOCK() - start
 
 
-def batches(n: int = 8, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(10, (32,), generator=g)) for _ in range(n)]
+def search_counts(model: nn.Module) -> tuple[int, int, int]:
+    """Over the layers whose kernels are longer than 1 (length-1 kernels are searched in full every step, by
+    binary search): kernels searched again in the last call, searched in full, and all their kernels."""
+    layers = [layer for _, layer in nws.nws_layers(model) if layer.pool.dim > 1]
+    return (sum(layer._search.last_searched for layer in layers), sum(layer._search.last_full for layer in layers),
+            sum(layer.num_kernels for layer in layers))
 
 
-def round_robin(steppers: dict[str, Stepper], rounds: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for step in steppers.values():
-            step()
+Row = tuple[float, float, int, int]  # plain time, NWS time, kernels searched again, of them in full
+
+
+def pairs(plain: nn.Module, model: nn.Module, batches: Batches, steps: int) -> list[Row]:
+    """``steps`` training steps of both networks on the same fresh batches, which one goes first alternating."""
+    a, b = Stepper(plain, False), Stepper(model, True)
+    out = []
+    for i in range(steps):
+        x, y = batches()
+        if i % 2:
+            tb, ta = b(x, y), a(x, y)
+        else:
+            ta, tb = a(x, y), b(x, y)
+        out.append((ta, tb, *search_counts(model)[:2]))
+    return out
+
+
+def ratio(rows: list[Row]) -> float:
+    return statistics.median(r[1] / r[0] for r in rows)
+
+
+def shares(rows: list[Row], total: int) -> str:
+    return " | ".join(f"{100 * statistics.mean(r[i] for r in rows) / total:.2f}%" for i in (2, 3))
+
+
+HEADER = ("| steps measured | NWS / plain (median of step ratios) | plain (median) | NWS (median) | kernels "
+          "searched again per step | of them in full |\n|---|---|---|---|---|---|")
+
+
+def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: int) -> None:
+    plain = plain_model()
+    model = nws_model(plain)
+    total = search_counts(model)[2]
+    print(f"\nKernels counted: the {total:,} kernels of length 9 (3x3 convs); the length-1 kernels of the 1x1 "
+          "convs and the classifier are searched in full every step, by binary search.")
+    batches = Batches(data)
+    stages = [("(1) pool pretraining, pools moving", warmup, measured),
+              ("(2) task 0, off-entry start (the pretrained weights), pools frozen", warmup, measured),
+              ("(3) task 1, decoded start (task 0's weights rebuilt from its indices)", warmup, long)]
+    for i, (title, warm, steps) in enumerate(stages):
+        if i == 1:
+            nws.freeze_pools(model)
+        elif i == 2:
+            decoded(model)
+        copy_weights(plain, model)
+        start = time.perf_counter()
+        rows = pairs(plain, model, batches, warm + steps)
+        done = rows[warm:]
+        print(f"\n{title}: {warm} warm-up steps, then {steps} step pairs ({time.perf_counter() - start:.0f} s)")
+        print(HEADER)
+        print(f"| {steps} | **{ratio(done):.3f}x** | {1000 * statistics.median(r[0] for r in done):.0f} ms | "
+              f"{1000 * statistics.median(r[1] for r in done):.0f} ms | {shares(done, total)} |")
+        if i == 2:
+            print("\nThe same run in windows:\n| steps | NWS / plain | kernels searched again | of them in full |"
+                  "\n|---|---|---|---|")
+            edges = [warm] + [e for e in (100, 200, 300, 500, 1000) if warm < e < warm + steps] + [warm + steps]
+            for lo, hi in zip(edges, edges[1:]):
+                print(f"| {lo}-{hi} | {ratio(rows[lo:hi]):.3f}x | {shares(rows[lo:hi], total)} |")
+
+
+def variant_models(pool_size: int = 512) -> dict[str, nn.Module]:
+    plain = plain_model()
+    shipped = decoded(nws_model(plain, pool_size))
+    copy_weights(plain, shipped)
+    models = {"a plain": plain}
+    for name, search in (("b NWS, exact chunked search of every kernel every step", ExactSearch),
+                         ("c NWS, shipped", BoundedSearch),
+                         ("d NWS, reference implementation's search", ReferenceSearch)):
+        model = copy.deepcopy(shipped)
+        for _, layer in nws.nws_layers(model):
+            layer._search = search()
+        nws.decode(model, nws.encode(shipped))
+        models[name] = model
+    return models
+
+
+def variants(data: tuple[Tensor, Tensor], rounds: int, warmup: int) -> None:
+    models = variant_models()
+    steppers = {name: Stepper(m, not name.startswith("a")) for name, m in models.items()}
+    batches = Batches(data, seed=1)
     times: dict[str, list[float]] = {name: [] for name in steppers}
-    for _ in range(rounds):
+    for i in range(warmup + rounds):
+        x, y = batches()
         for name, step in steppers.items():
-            times[name].append(step())
-    return times
+            t = step(x, y)
+            if i >= warmup:
+                times[name].append(t)
+    print(f"\nSearch variants, decoded start, {rounds} rounds after {warmup} warm-up rounds (round-robin):")
+    print("| variant | time per step (median) | ratio to (a), median of per-round ratios |\n|---|---|---|")
+    base = times["a plain"]
+    for name, ts in times.items():
+        per_round = statistics.median(t / b for t, b in zip(ts, base))
+        print(f"| {name} | {1000 * statistics.median(ts):.0f} ms | {per_round:.3f}x |")
 
 
 def rss_mb(field: str) -> float:
@@ -113,8 +263,8 @@ def rss_mb(field: str) -> float:
 
 def _fresh(code: str) -> float:
     out = subprocess.run([sys.executable, "-c", "import benchmarks.bench_search as b, torch; "
-                          "torch.set_num_threads(2); " + code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                          f"torch.set_num_threads({torch.get_num_threads()}); " + code], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     return float(out.stdout.split()[-1])
 
 
@@ -128,15 +278,15 @@ def release() -> float:
 
 def step_peak_mb(variant: str) -> float:
     """Peak resident memory of 3 training steps above the built model, in a fresh process (Linux)."""
-    return _fresh(f"m = b.make_models(512)[{'abc'.index(variant)}]; s = b.Stepper(m, "
-                  f"{0.0 if variant == 'a' else 0.5}, b.batches(2)); base = b.release(); "
-                  "[s() for _ in range(3)]; print(b.rss_mb('VmHWM') - base)")
+    return _fresh(f"m = list(b.variant_models().values())[{'abcd'.index(variant)}]; s = b.Stepper(m, "
+                  f"{variant != 'a'}); x = torch.randn(32, 1, 32, 32); y = torch.randint(2, (32,)); "
+                  "base = b.release(); [s(x, y) for _ in range(3)]; print(b.rss_mb('VmHWM') - base)")
 
 
 def search_peak_mb() -> float:
     """Peak working memory of searching every layer of the shipped model after its weights moved."""
-    return _fresh("m = b.make_models(512)[2]; s = b.Stepper(m, 0.5, b.batches(2)); s(); "
-                  "layers = [l for _, l in b.nws.nws_layers(m)]; "
+    return _fresh("m = b.variant_models()['c NWS, shipped']; x = torch.randn(32, 1, 32, 32); "
+                  "b.Stepper(m, True)(x, torch.randint(2, (32,))); layers = [l for _, l in b.nws.nws_layers(m)]; "
                   "[l.weight.data.add_(1e-3 * torch.randn_like(l.weight)) for l in layers]; base = b.release(); "
                   "[l._searched() for l in layers]; print(b.rss_mb('VmHWM') - base)")
 
@@ -145,91 +295,101 @@ def search_state_mb(model: nn.Module) -> float:
     total = 0
     for _, layer in nws.nws_layers(model):
         s = layer._search
-        for t in (s.indices, s.anchor, s.lower, s.codebook, getattr(s, "nbr", None), getattr(s, "radius", None),
-                  getattr(s, "columns", None)):
-            if isinstance(t, Tensor):
+        for t in (s.indices, s.anchor, s.lower, s.cand, s.rest, s.codebook):
+            if t is not None:  # (length-1 kernels keep no bounds)
                 total += t.numel() * t.element_size()
     return total / 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    rounds, warmup = (6, 3) if args.quick else (20, 5)
-    data = batches()
-    plain, reference, shipped = make_models(512)
-    steppers = {"a plain": Stepper(plain, 0.0, data), "b NWS, reference search": Stepper(reference, 0.5, data),
-                "c NWS, shipped": Stepper(shipped, 0.5, data)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-18 (CIFAR stem), batch 32, 32x32, "
-          f"K 512, g 1; {rounds} rounds after {warmup} warm-up rounds")
-    times = round_robin(steppers, rounds, warmup)
-    base = times["a plain"]
-    print("\n| variant | time per step (median) | ratio to (a), median of per-round ratios |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, base)]
-        print(f"| {name} | {1000 * statistics.median(ts):.0f} ms | {statistics.median(ratios):.3f}x |")
-    searched = [l._search.last_searched for _, l in nws.nws_layers(shipped)]
-    total = sum(l.num_kernels for _, l in nws.nws_layers(shipped))
-    print(f"\n(c) kernels searched again in the last step: {sum(searched):,} of {total:,} "
-          f"({100 * sum(searched) / total:.1f}%), the rest proved by the bounds")
-
-    peaks = {v: step_peak_mb(v) for v in "abc"}
+def memory() -> None:
+    peaks = {v: step_peak_mb(v) for v in "abcd"}
+    models = variant_models()
+    shipped = models["c NWS, shipped"]
+    Stepper(shipped, True)(torch.randn(32, 1, 32, 32), torch.randint(2, (32,)))
     state, work = search_state_mb(shipped), search_peak_mb()
     q = sum(layer.weight.numel() * 4 for _, layer in nws.nws_layers(shipped)) / 2**20
-    print("\n| memory (MB) | (a) plain | (b) reference | (c) shipped |")
-    print("|---|---|---|---|")
-    print(f"| peak of 3 training steps above the built model | {peaks['a']:.0f} | {peaks['b']:.0f} | {peaks['c']:.0f} |")
-    print(f"| NWS extra: minus (a) | - | {peaks['b'] - peaks['a']:.0f} | {peaks['c'] - peaks['a']:.0f} |")
-    print(f"| searched weights the convolutions use (any NWS) | - | {q:.0f} | {q:.0f} |")
-    print(f"| search state kept between steps | - | 0 | {state:.1f} |")
-    print(f"| search working memory (peak while searching all layers) | - | - | {work:.1f} |")
-    print(f"| **search extra memory: state + working** | - | - | **{state + work:.1f}** |")
-
-    print("\nCost as the pool grows (ResNet-18, one step each, round-robin with plain):")
-    print("| K | (a) plain | (c) shipped | ratio | full exact search of all layers |")
+    print("\n| memory (MB) | (a) plain | (b) exact every step | (c) shipped | (d) reference |")
     print("|---|---|---|---|---|")
+    print(f"| peak of 3 training steps above the built model | {peaks['a']:.0f} | {peaks['b']:.0f} | "
+          f"{peaks['c']:.0f} | {peaks['d']:.0f} |")
+    print(f"| NWS extra: minus (a) | - | {peaks['b'] - peaks['a']:.0f} | {peaks['c'] - peaks['a']:.0f} | "
+          f"{peaks['d'] - peaks['a']:.0f} |")
+    print(f"| searched weights the convolutions use (any NWS) | - | {q:.0f} | {q:.0f} | {q:.0f} |")
+    print(f"| search state kept between steps | - | 0 | {state:.1f} | 0 |")
+    print(f"| search working memory (peak while searching all layers) | - | - | {work:.1f} | - |")
+    print(f"| **search extra memory: state + working** | - | - | **{state + work:.1f}** | - |")
+
+
+def scaling(data: tuple[Tensor, Tensor], rounds: int, warmup: int) -> None:
+    print(f"\nCost as the pool grows (decoded start, step pairs with plain, {rounds} after {warmup} warm-up pairs):")
+    print("| K | (a) plain | (c) shipped | ratio | full exact search of all layers |\n|---|---|---|---|---|")
     for k in (128, 256, 512, 1024, 2048, 4096):
-        p, _, s = make_models(k)
-        t = round_robin({"a": Stepper(p, 0.0, data), "c": Stepper(s, 0.5, data)}, max(3, rounds // 4), 2)
-        kernels = [layer.kernels().detach() for _, layer in nws.nws_layers(s)]
-        books = [layer.pool.codebook for _, layer in nws.nws_layers(s)]
+        plain = plain_model()
+        model = decoded(nws_model(plain, k))
+        copy_weights(plain, model)
+        rows = pairs(plain, model, Batches(data, seed=2), warmup + rounds)[warmup:]
+        kernels = [layer.kernels().detach() for _, layer in nws.nws_layers(model)]
+        books = [layer.pool.codebook for _, layer in nws.nws_layers(model)]
         start = time.perf_counter()
         for x, book in zip(kernels, books):
             nearest(x, book)
         full = time.perf_counter() - start
-        ratio = statistics.median([c / a for c, a in zip(t["c"], t["a"])])
-        print(f"| {k} | {1000 * statistics.median(t['a']):.0f} ms | {1000 * statistics.median(t['c']):.0f} ms | "
-              f"{ratio:.3f}x | {1000 * full:.0f} ms |")
+        print(f"| {k} | {1000 * statistics.median(r[0] for r in rows):.0f} ms | "
+              f"{1000 * statistics.median(r[1] for r in rows):.0f} ms | {ratio(rows):.3f}x | {1000 * full:.0f} ms |")
 
-    print("\nCost as the layer grows (one 3x3 conv, K 512, 20 SGD steps of a random regression, search time per step):")
-    print("| layer | kernels | reference search | shipped search | full exact search |")
-    print("|---|---|---|---|---|")
+    print("\nCost as the layer grows (one 3x3 conv, K 512, 20 SGD steps of a random regression, search time "
+          "per step after 5):")
+    print("| layer | kernels | reference search | exact chunked search | shipped search |\n|---|---|---|---|---|")
     for ch in (64, 128, 256, 512):
-        rows = []
-        for search in (ReferenceSearch(), BoundedSearch(), "full"):
+        spent = []
+        for search in (ReferenceSearch(), ExactSearch(), BoundedSearch()):
             torch.manual_seed(0)
             layer = nws.convert(nn.Conv2d(ch, ch, 3, padding=1, bias=False), pool_size=512, init="kernels")
-            layer.pool.freeze()
-            nws.decode(layer, nws.encode(layer))
+            decoded(layer)
             x = torch.randn(8, ch, 8, 8)
             opt = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9)
-            spent = 0.0
+            total = 0.0
             for i in range(20):
                 opt.zero_grad()
                 layer(x).pow(2).mean().backward()
                 opt.step()
                 kernels = layer.kernels().detach()
                 start = time.perf_counter()
-                if search == "full":
-                    nearest(kernels, layer.pool.codebook)
-                else:
-                    search(kernels, layer.pool.codebook)
-                spent += time.perf_counter() - start if i >= 5 else 0.0
-            rows.append(spent / 15)
-        print(f"| {ch}->{ch} | {ch * ch:,} | {1000 * rows[0]:.1f} ms | {1000 * rows[1]:.1f} ms | {1000 * rows[2]:.1f} ms |")
+                search(kernels, layer.pool.codebook)
+                total += time.perf_counter() - start if i >= 5 else 0.0
+            spent.append(total / 15)
+        print(f"| {ch}->{ch} | {ch * ch:,} | {1000 * spent[0]:.1f} ms | {1000 * spent[1]:.1f} ms | "
+              f"{1000 * spent[2]:.1f} ms |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each part")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the Fashion-MNIST IDX .gz files")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by the wall clock or by this process's CPU time (one thread on a busy machine)")
+    parser.add_argument("--only", choices=("cycle", "variants", "memory", "scaling"), action="append",
+                        help="run only these parts (repeatable)")
+    args = parser.parse_args()
+    if not (args.data / "train-images-idx3-ubyte.gz").exists():
+        sys.exit(f"no Fashion-MNIST in {args.data}: apt-get install dataset-fashion-mnist, or pass --data")
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    parts = args.only or ["cycle", "variants", "memory", "scaling"]
+    warmup, measured, long, rounds = (10, 10, 20, 3) if args.quick else (60, 40, 300, 10)
+    data = fashion_mnist(args.data)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; ResNet-18 (CIFAR stem), batch 32, "
+          f"K 512, g 1; Fashion-MNIST {len(data[1]):,} images (T-shirt vs trouser), a fresh batch every step")
+    if "cycle" in parts:
+        life_cycle(data, warmup, measured, long)
+    if "variants" in parts:
+        variants(data, rounds, 3)
+    if "memory" in parts:
+        memory()
+    if "scaling" in parts:
+        scaling(data, rounds, 10 if rounds > 3 else 1)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ class NWSLayer(nn.Module):
         self.group_size = math.gcd(group_size, in_per_group)
         kernel = math.prod(self.weight.shape[2:])
         self.pool = KernelPool(pool_size, self.group_size * kernel, decay=decay, eps=eps, seed=seed)
-        self._search = BoundedSearch()
-        self._qk: Tensor | None = None  # searched kernels (N, d), kept in step with the search
+        self._search = BoundedSearch()  # keeps the searched kernels in step with the temporary weight
         self._forward: tuple | None = None  # (weight key, searched weight) of the last forward
 
     @property
@@ -80,15 +79,8 @@ class NWSLayer(nn.Module):
 
     def _searched(self) -> tuple[Tensor, Tensor]:
         """Current indices and searched weight; only kernels that may have changed entry are searched again."""
-        search, book = self._search, self.pool.codebook
-        current = self._qk if self._qk is not None and self._qk.shape == (self.num_kernels, book.shape[1]) else None
-        indices = search(self.kernels().detach(), book, frozen=not self.pool.trainable, current=current)
-        if search.last_rows is None or self._qk is None:
-            self._qk = book[indices]
-        elif len(search.last_rows):
-            rows = search.last_rows
-            self._qk[rows] = book[indices[rows]]
-        return indices, self.weight_from_kernels(self._qk).to(self.weight.dtype)
+        indices = self._search(self.kernels().detach(), self.pool.codebook)
+        return indices, self.weight_from_kernels(self._search.searched).to(self.weight.dtype)
 
     def forward_searched_weight(self) -> Tensor:
         """The searched weight of the most recent forward (searched again if the weight changed since)."""
@@ -117,11 +109,8 @@ class NWSLayer(nn.Module):
             raise ValueError(f"expected {self.num_kernels} indices, got shape {tuple(indices.shape)}")
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.pool.num_entries):
             raise ValueError(f"indices out of range for a pool of {self.pool.num_entries} entries")
-        entries = self.pool.codebook[indices]
-        self.weight.copy_(self.weight_from_kernels(entries))
-        if not self.pool.trainable:
-            self._search.prime(indices, self.pool.codebook)
-            self._qk = entries
+        self.weight.copy_(self.weight_from_kernels(self.pool.codebook[indices]))
+        self._search.prime(indices, self.pool.codebook)
 
 
 class NWSConv2d(nn.Conv2d, NWSLayer):

@@ -2,23 +2,28 @@
 
 :func:`nearest` ranks entries with one matrix product per chunk of rows, ``|p|^2 - 2 x.p``; a rigorous
 floating-point error bound flags the rows whose winner rounding could have changed, and only those are
-re-ranked with exact distances. :class:`BoundedSearch` keeps the assignments of slowly moving kernels to a
-*frozen* pool and proves most of them still hold with triangle-inequality bounds (as Hamerly's and Elkan's
-k-means do), searching only the kernels whose bounds fail. Both always equal :func:`brute_force_nearest`,
-the definition of the search.
+re-ranked with exact distances. :class:`BoundedSearch` keeps the assignments of slowly moving kernels and
+proves most of them still hold with triangle-inequality bounds (Hamerly's k-means), searching only the
+kernels whose bounds fail. The pool may move too (pool pretraining): the entries' movement is accumulated
+and taken off the bounds, as Hamerly's k-means does for moving centres. Both always equal
+:func:`brute_force_nearest`, the definition of the search.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 # Rows per chunk are chosen so a chunk's distance matrix holds about this many floats (4 MB in fp32).
 CHUNK_ELEMENTS = 1 << 20
-# Relative safety factor on every bound (far above the fp32 rounding of a distance, ~1e-6).
+# Rows per block of the per-call bound check: a block of this many floats stays in cache.
+CHECK_ELEMENTS = 1 << 17
+# Relative safety factor on every bound (far above the rounding of a distance, ~1e-6 in fp32).
 SLACK = 1e-4
-# Nearest other entries kept per pool entry: where a kernel may have moved to, the bounds look here first.
-NEIGHBOURS = 16
+# Entries kept per kernel from its last full search: where it may have moved to, the bounds look here first.
+CANDIDATES = 4
 
 
 def exact_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
@@ -53,203 +58,356 @@ def _search_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _nearest_1d(x: Tensor, codebook: Tensor) -> Tensor | None:
+    """Vectors of length 1: a binary search among the sorted distinct entries, each standing for its lowest
+    index; ``None`` if the pool is not finite. Equal to :func:`brute_force_nearest`: the float64 distance
+    it compares is monotone on each side of ``x``, so the nearest is one of the two values around ``x``
+    unless rounding ties it with the next one out (then, and for rows that are not finite, brute force)."""
+    values = codebook[:, 0]
+    if not bool(torch.isfinite(values).all()):
+        return None
+    ordered, order = torch.sort(values, stable=True)
+    distinct, counts = torch.unique_consecutive(ordered, return_counts=True)
+    first = order[torch.cumsum(counts, 0) - counts]  # stable sort: the first of a run has the lowest index
+    top = len(distinct) - 1
+    v = x[:, 0].contiguous()
+    pos = torch.searchsorted(distinct, v)
+    lo, hi = (pos - 1).clamp(0, top), pos.clamp(max=top)
+    v64, d64 = v.double(), distinct.double()
+    d_lo, d_hi = (v64 - d64[lo]) ** 2, (v64 - d64[hi]) ** 2
+    out = torch.where(d_hi < d_lo, first[hi], first[lo])
+    out = torch.where(d_hi == d_lo, torch.minimum(first[lo], first[hi]), out)
+    best = torch.minimum(d_lo, d_hi)
+    doubtful = ~torch.isfinite(v)
+    doubtful |= (lo > 0) & ((v64 - d64[(lo - 1).clamp_min(0)]) ** 2 == best)
+    doubtful |= (hi < top) & ((v64 - d64[(hi + 1).clamp(max=top)]) ** 2 == best)
+    rows = doubtful.nonzero().squeeze(1)
+    if len(rows):
+        out[rows] = brute_force_nearest(x[rows], codebook)
+    return out
+
+
+def _scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0) -> tuple[Tensor, ...]:
+    """The chunked search of :func:`nearest` (``x`` and ``codebook`` already in the search dtype).
+
+    With ``candidates = c > 0`` returns ``(index, lower, cand, rest)``: ``lower`` bounds the distance to every
+    other entry from below, ``cand`` ``(n, c)`` holds the ``c`` entries ranked first (the nearest among
+    them) and ``rest`` bounds the distance to every entry outside ``cand`` from below.
+    """
+    n, d = x.shape
+    k = codebook.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=x.device)
+    if candidates:
+        c = min(candidates, k)
+        lower = torch.empty(n, dtype=x.dtype, device=x.device)
+        rest = torch.empty(n, dtype=x.dtype, device=x.device)
+        cand = torch.empty(n, c, dtype=torch.long, device=x.device)
+    if n == 0:
+        return (out, lower, cand, rest) if candidates else (out,)
+    sq = codebook.pow(2).sum(1)
+    norm = sq.sqrt()
+    u = _unit_roundoff(x.dtype, x.is_cuda)
+    # Bound on the rounding error of |p|^2 - 2 x.p with dot products of length d (gamma_{d+2}), doubled.
+    gamma = 2.0 * (d + 2) * u / (1.0 - (d + 2) * u)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+
+    def below(value: Tensor, entry: Tensor, xn: Tensor, xnorm: Tensor) -> Tensor:
+        """Lower bound on the distance to every entry whose approximate value is at least ``value``: such an
+        entry closer than that lies within ``r`` (the computed distance) of ``x``, so ``|p| <= |x| + r``."""
+        r = (value + xn).clamp_min(0).sqrt()
+        err = gamma * ((xnorm + norm[entry]) ** 2 + (2 * xnorm + r * (1 + SLACK)) ** 2)
+        return torch.where(torch.isinf(value), inf, (value + xn - err).clamp_min(0).sqrt() * (1 - SLACK))
+
+    rows = max(1, chunk_elements // k)
+    for start in range(0, n, rows):
+        xc = x[start : start + rows]
+        approx = torch.addmm(sq, xc, codebook.T, alpha=-2.0)
+        if candidates:
+            values, ranked = approx.topk(min(c + 1, k), dim=1, largest=False)
+            best, arg = values[:, 0], ranked[:, 0]
+            second, arg2 = (values[:, 1], ranked[:, 1]) if k > 1 else (torch.full_like(best, inf), arg)
+        else:
+            best, arg = approx.min(dim=1)
+            approx.scatter_(1, arg[:, None], float("inf"))
+            second, arg2 = approx.min(dim=1)
+        xn = xc.pow(2).sum(1)
+        xnorm = xn.sqrt()
+        # Any entry that truly beats (or ties) the computed winner lies within its distance r, so its
+        # norm is at most |x| + r; the two rounding errors together bound how far apart they can look.
+        radius = (best + xn).clamp_min(0).sqrt()
+        slack = gamma * ((xnorm + norm[arg]) ** 2 + (2 * xnorm + radius) ** 2) + 1e-30
+        # Rows that are not finite are settled by brute force too.
+        ambiguous = ((second <= best + slack) | ~torch.isfinite(best) | ~torch.isfinite(xn)).nonzero().squeeze(1)
+        if ambiguous.numel():
+            arg = arg.clone()
+            arg[ambiguous] = brute_force_nearest(xc[ambiguous], codebook)
+        out[start : start + rows] = arg
+        if candidates:
+            low = below(second, arg2, xn, xnorm)
+            outside = below(values[:, c], ranked[:, c], xn, xnorm) if k > c else torch.full_like(low, inf)
+            # A re-ranked winner may lie outside the candidates: no bound holds for those rows.
+            low[ambiguous] = 0.0
+            outside[ambiguous] = 0.0
+            lower[start : start + rows] = low
+            rest[start : start + rows] = outside
+            cand[start : start + rows] = ranked[:, :c]
+    return (out, lower, cand, rest) if candidates else (out,)
+
+
 @torch.no_grad()
-def nearest(x: Tensor, codebook: Tensor, chunk_elements: int = CHUNK_ELEMENTS,
-            with_bound: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def nearest(x: Tensor, codebook: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Index of the nearest codebook row for every row of ``x`` (exact; ties to the lowest index).
 
-    Works in chunks of rows, so extra memory stays near ``chunk_elements`` floats whatever ``len(x)``.
-    With ``with_bound``, also returns for each row a lower bound on its distance to every *other* entry.
-    Runs in fp32 (fp64 for fp64 inputs), without autograd, whatever the autocast state.
+    Works in chunks of rows, so extra memory stays near ``chunk_elements`` floats whatever ``len(x)``; vectors
+    of length 1 are found by binary search. Runs in fp32 (fp64 for fp64 inputs), without autograd, whatever
+    the autocast state.
     """
     dtype = _search_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         x = x.detach().to(dtype)
         codebook = codebook.detach().to(dtype)
-        n, d = x.shape
-        out = torch.empty(n, dtype=torch.long, device=x.device)
-        bound = torch.empty(n, dtype=dtype, device=x.device)
-        if n == 0:
-            return (out, bound) if with_bound else out
-        sq = codebook.pow(2).sum(1)
-        norm = sq.sqrt()
-        u = _unit_roundoff(dtype, x.is_cuda)
-        # Bound on the rounding error of |p|^2 - 2 x.p with dot products of length d (gamma_{d+2}), doubled.
-        gamma = 2.0 * (d + 2) * u / (1.0 - (d + 2) * u)
-        rows = max(1, chunk_elements // codebook.shape[0])
-        for start in range(0, n, rows):
-            xc = x[start : start + rows]
-            approx = torch.addmm(sq, xc, codebook.T, alpha=-2.0)
-            best, arg = approx.min(dim=1)
-            approx.scatter_(1, arg[:, None], float("inf"))
-            second, arg2 = approx.min(dim=1)
-            xn = xc.pow(2).sum(1)
-            xnorm = xn.sqrt()
-            # Any entry that truly beats (or ties) the computed winner lies within its distance r, so its
-            # norm is at most |x| + r; the two rounding errors together bound how far apart they can look.
-            radius = (best + xn).clamp_min(0).sqrt()
-            slack = gamma * ((xnorm + norm[arg]) ** 2 + (2 * xnorm + radius) ** 2) + 1e-30
-            ambiguous = (second <= best + slack).nonzero().squeeze(1)
-            if ambiguous.numel():
-                arg[ambiguous] = brute_force_nearest(xc[ambiguous], codebook)
-            out[start : start + rows] = arg
-            # Lower bound on the distance to every other entry: the true runner-up's approximate value is at
-            # least `second`, and it lies within the computed runner-up's distance r2, so |p| <= |x| + r2.
-            r2 = (second + xn).clamp_min(0).sqrt()
-            err2 = gamma * ((xnorm + norm[arg2]) ** 2 + (2 * xnorm + r2 * (1 + SLACK)) ** 2)
-            low = (second + xn - err2).clamp_min(0).sqrt() * (1 - SLACK)
-            low[ambiguous] = 0.0
-            bound[start : start + rows] = low
-    return (out, bound) if with_bound else out
+        if x.shape[1] == 1 and len(codebook):
+            found = _nearest_1d(x, codebook)
+            if found is not None:
+                return found
+        return _scan(x, codebook, chunk_elements)[0]
+
+
+def _distance(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise ``|x - y|`` of a few rows, rounded up (``y`` may be of a lower precision)."""
+    return torch.linalg.vector_norm(x - y, dim=1) * (1 + SLACK)
+
+
+def _neighbours(codebook: Tensor, count: int, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each entry and its ``count - 1`` nearest other entries ``(K, count)``, and lower bounds on its distance
+    to its nearest other entry and to every entry outside the list (exact distances, float64)."""
+    k = codebook.shape[0]
+    order, gap, outside = [], [], []
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=codebook.device)
+    step = max(1, chunk_elements // (2 * k))
+    for start in range(0, k, step):
+        dist = exact_sqdist(codebook[start : start + step], codebook).sqrt_()
+        dist[torch.arange(len(dist)), torch.arange(start, start + len(dist))] = -1.0  # the entry itself first
+        values, where = dist.topk(min(count + 1, k), dim=1, largest=False)
+        order.append(where[:, :count])
+        gap.append(values[:, 1] if k > 1 else inf.expand(len(dist)))
+        outside.append(values[:, count] if k > count else inf.expand(len(dist)))
+    bound = [(torch.cat(b) * (1 - SLACK)).to(codebook.dtype) for b in (gap, outside)]
+    return torch.cat(order), bound[0], bound[1]
 
 
 class BoundedSearch:
-    """Exact search for kernels that move a little between calls, against a pool that stays put.
+    """Exact search for kernels that move a little between calls, in a pool that stays put or moves a little.
 
-    Per kernel it keeps its entry ``a``, its position at its last search (``anchor``, stored in half
-    precision, the rounding charged to the bound) and a lower bound ``lower`` on the distance from there to
-    every other entry. A kernel now at ``x``, ``m = |x - anchor|`` away, provably keeps ``a`` if
-    ``|x - p_a| + m < lower``. A kernel that fails this is checked against ``a``'s nearest entries: every entry
-    outside them is at least ``R_a - |x - p_a|`` away (``R_a`` their radius around ``p_a``), so if the best of
-    them beats that, it is the answer. Only kernels that fail both get a full search. While the pool moves
-    (pretraining), every call is a full search.
+    Per kernel it keeps its entry ``a`` (``indices``; ``searched`` holds the entries themselves), its
+    position at its last search (``anchor``, stored in half precision, the rounding charged to the bounds),
+    the ``c`` entries that ranked first there (``cand``, ``a`` among them), and lower bounds on the distance
+    from there to every other entry (``l``) and to every entry outside ``cand`` (``l_out``). ``drift`` sums,
+    over the calls, the largest movement of any entry in each call (Hamerly's bound for moving centres), so
+    no entry has moved more than ``P = drift - drift0`` since a kernel was anchored at ``drift0``. A kernel
+    now at ``x``, ``m = |x - anchor|`` away, provably keeps ``a`` if ``|x - p_a| + m + P < l``: one pass over
+    all kernels, their anchors and entries. A kernel that fails is measured against its candidates: every
+    other entry is at least ``l_out - m - P`` away, so the nearest candidate is the answer if it is nearer
+    than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
+    length 1 are searched in full every call, by binary search.
     """
 
-    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, neighbours: int = NEIGHBOURS):
-        self.chunk_elements, self.neighbours = chunk_elements, neighbours
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, candidates: int = CANDIDATES,
+                 check_elements: int = CHECK_ELEMENTS):
+        self.chunk_elements, self.candidates, self.check_elements = chunk_elements, candidates, check_elements
         self.reset()
 
     def reset(self) -> None:
-        self.indices: Tensor | None = None  # (N,) current entries (int32)
-        self.anchor: Tensor | None = None   # (N, d) where each kernel was last searched (fp16)
-        self.lower: Tensor | None = None    # (N,) lower bound on the distance from anchor to every other entry
-        self.codebook: Tensor | None = None
-        self.last_searched = 0              # kernels searched (by neighbours or fully) in the last call
-        self.last_rows: Tensor | None = None  # rows whose entry may have changed; None means all
+        self.indices: Tensor | None = None   # (N,) current entries (int32)
+        self.searched: Tensor | None = None  # (N, d) the current entries themselves
+        self.anchor: Tensor | None = None    # (N, d) where each kernel was last searched (fp16)
+        self.lower: Tensor | None = None     # (N,) drift0 + l
+        self.cand: Tensor | None = None      # (N, c) candidate entries (int16 where the pool allows)
+        self.rest: Tensor | None = None      # (N,) drift0 + l_out
+        self.codebook: Tensor | None = None  # the pool at the last call
+        self.drift = 0.0                     # sum over calls of the largest movement of an entry
+        self.last_searched = 0  # kernels searched again (among candidates or in full) in the last call
+        self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
 
-    @torch.no_grad()
-    def _neighbour_table(self, codebook: Tensor) -> None:
-        """Each entry's nearest other entries, and a lower bound on its distance to all the rest."""
-        k = codebook.shape[0]
-        m = min(self.neighbours, k - 1)
-        step = max(1, self.chunk_elements // (8 * k))
-        near, order = [], []
-        for start in range(0, k, step):
-            dist = exact_sqdist(codebook[start : start + step], codebook).sqrt_()
-            dist[torch.arange(len(dist)), torch.arange(start, start + len(dist))] = float("inf")
-            values, where = dist.topk(min(m + 1, k - 1), dim=1, largest=False)
-            near.append(values)
-            order.append(where)
-        near_t, order_t = torch.cat(near), torch.cat(order)
-        self.columns = codebook.T.contiguous()
-        self.nbr = torch.cat([torch.arange(k, device=codebook.device)[:, None], order_t[:, :m]], dim=1).int()
-        outer = near_t[:, m] if near_t.shape[1] > m else torch.full((k,), float("inf"), dtype=near_t.dtype,
-                                                                     device=near_t.device)
-        self.radius = (outer * (1 - SLACK)).to(codebook.dtype)
-        self.gap = (near_t[:, 0] * (1 - SLACK)).to(codebook.dtype) if k > 1 else torch.full(
-            (k,), float("inf"), dtype=codebook.dtype, device=codebook.device)
-
-    def _set_anchor(self, rows: Tensor | None, x: Tensor, lower: Tensor) -> None:
-        """Anchor ``rows`` (all if None) at ``x``; the half-precision rounding of the anchor comes off ``lower``."""
+    def _store(self, rows: Tensor | None, x: Tensor, found: Tensor, lower: Tensor, rest: Tensor,
+               cand: Tensor | None = None) -> None:
+        """Anchor ``rows`` (all if None) at ``x``, now nearest to entries ``found``, every other entry at least
+        ``lower`` away and every entry outside ``cand`` (None: unchanged) at least ``rest`` away; the
+        half-precision rounding of the anchor comes off the bounds."""
+        entries = self.codebook[found]
         anchor = x.to(self.anchor_dtype)
-        lower = lower - torch.linalg.vector_norm(anchor.to(x.dtype) - x, dim=1)
+        rounding = _distance(anchor, x)
+        lower = (lower - rounding) * (1 - SLACK) + self.drift
+        rest = (rest - rounding) * (1 - SLACK) + self.drift
+        found = found.to(torch.int32)
         if rows is None:
-            self.anchor, self.lower = anchor, lower.to(x.dtype)
-        else:
-            self.anchor[rows] = anchor
-            self.lower[rows] = lower.to(self.lower.dtype)
+            self.indices, self.searched, self.anchor, self.lower, self.rest = found, entries, anchor, lower, rest
+            self.cand = cand.to(self.cand_dtype)
+            return
+        self.indices[rows] = found
+        self.searched[rows] = entries
+        self.anchor[rows] = anchor
+        self.lower[rows] = lower
+        self.rest[rows] = rest
+        if cand is not None:
+            self.cand[rows] = cand.to(self.cand_dtype)
 
-    def _full(self, x: Tensor, codebook: Tensor, bounds: bool) -> Tensor:
+    def _setup(self, x: Tensor, codebook: Tensor) -> None:
+        self.reset()
         self.codebook = codebook.clone()
-        self.last_searched, self.last_rows = len(x), None
-        if not bounds:
-            self.indices, self.anchor, self.lower = nearest(x, codebook, self.chunk_elements).int(), None, None
-            return self.indices
-        indices, lower = nearest(x, codebook, self.chunk_elements, with_bound=True)
-        self.indices = indices.int()
         self.anchor_dtype = torch.float16 if x.dtype == torch.float32 else torch.float32
-        self._set_anchor(None, x, lower)
-        self._neighbour_table(codebook)
+        self.cand_dtype = torch.int16 if codebook.shape[0] <= torch.iinfo(torch.int16).max else torch.int32
+
+    def _full(self, x: Tensor, codebook: Tensor) -> Tensor:
+        self._setup(x, codebook)
+        indices, lower, cand, rest = _scan(x, codebook, self.chunk_elements, self.candidates)
+        self._store(None, x, indices, lower, rest, cand)
+        self.last_searched = self.last_full = len(x)
         return self.indices
 
     def prime(self, indices: Tensor, codebook: Tensor) -> None:
         """Start from kernels known to sit exactly on their entries (a task decoded from its indices), without
-        searching: each kernel's bound is its entry's distance to the nearest other entry. The bounds are
-        set up at the next call, so decoding itself stays a gather."""
+        searching: each kernel's candidates are its entry and the entry's nearest other entries. The bounds
+        are set up at the next call, so decoding itself stays a gather."""
         self.primed = (indices.detach().clone(), codebook.detach().clone())
 
     @torch.no_grad()
     def _prime(self, indices: Tensor, codebook: Tensor) -> None:
-        codebook = codebook.to(_search_dtype(codebook))
-        if self.codebook is None or not torch.equal(self.codebook, codebook):
-            self._neighbour_table(codebook)
-        self.codebook = codebook.clone()
-        self.indices = indices.to(codebook.device, torch.int32).clone()
-        self.anchor_dtype = torch.float16 if codebook.dtype == torch.float32 else torch.float32
-        self._set_anchor(None, codebook[self.indices], self.gap[self.indices])
-        self.last_searched, self.last_rows = 0, None
+        found = indices.to(codebook.device, torch.long)
+        entries = codebook[found]
+        self._setup(entries, codebook)
+        if codebook.shape[1] == 1:
+            self.indices, self.searched = found.int(), entries
+            return
+        nbr, gap, outside = _neighbours(codebook, min(self.candidates, codebook.shape[0]), self.chunk_elements)
+        self._store(None, entries, found, gap[found], outside[found], nbr[found])
 
-    def _by_neighbours(self, rows: Tensor, x: Tensor, codebook: Tensor, dist: Tensor) -> Tensor:
-        """Resolve ``rows`` among their entry's neighbours where the radius proves it; returns the rest."""
-        cand = self.nbr[self.indices[rows]]                           # (n, m+1), the entry first
-        d = torch.zeros(cand.shape, dtype=x.dtype, device=x.device)  # distances, one coordinate at a time
-        for j, column in enumerate(self.columns):
-            d.add_((x[:, j, None] - column[cand]).pow_(2))
-        d.sqrt_()
-        best, pos = d.min(dim=1)
-        d.scatter_(1, pos[:, None], float("inf"))
-        second = d.min(dim=1).values
-        outside = self.radius[cand[:, 0]] - dist                      # every other entry is farther than this
-        ok = (best * (1 + SLACK) < outside) & (best * (1 + SLACK) < second * (1 - SLACK))
-        done = ok.nonzero().squeeze(1)
-        self.indices[rows[done]] = cand[done, pos[done]]
-        self._set_anchor(rows[done], x[done], torch.minimum(second[done], outside[done]) * (1 - SLACK))
-        return (~ok).nonzero().squeeze(1)
+    def _account_drift(self, codebook: Tensor) -> bool | None:
+        """Account for the pool's movement since the last call: True if it moved, False if not, None if the
+        movement is not finite (then everything is searched again)."""
+        if torch.equal(self.codebook, codebook):
+            return False
+        step = torch.linalg.vector_norm(codebook.double() - self.codebook.double(), dim=1).max()
+        step = float(step) * (1 + SLACK)
+        if not math.isfinite(step):
+            return None
+        self.drift += step
+        self.codebook.copy_(codebook)
+        # Rebase the drift once it is of the order of the pool's scale, so it never swamps the bounds' precision.
+        if self.drift > float(torch.linalg.vector_norm(codebook, dim=1).mean()):
+            for bound in (self.lower, self.rest):
+                bound.mul_(1 - SLACK).sub_(self.drift * (1 + SLACK))
+            self.drift = 0.0
+        return True
 
-    def _update(self, part: slice, x: Tensor, codebook: Tensor, current: Tensor | None, offset: int) -> Tensor:
-        """Check the kernels in ``part``; search again those whose bounds fail. Returns their row numbers."""
-        xs = x[part]
-        entries = codebook[self.indices[part]] if current is None else current[part].to(x.dtype)
-        dist = torch.linalg.vector_norm(xs - entries, dim=1)
-        moved = torch.linalg.vector_norm(xs - self.anchor[part], dim=1)
+    def _penalty(self, bound: Tensor) -> Tensor:
+        """A stored bound with the drift since its kernel was anchored taken off."""
+        return bound * (1 - SLACK) - self.drift * (1 + SLACK)
+
+    def _pass(self, x: Tensor, pool_moved: bool) -> Tensor:
+        """The pass over all kernels, in cache-sized blocks (entries gathered again on the way if the pool
+        moved): the rows not proved by ``|x - p_a| + m + P < l``; leaves ``m`` in ``self._moved``."""
+        n, d = x.shape
+        moved = torch.empty(n, dtype=x.dtype, device=x.device)
+        dist = torch.empty(n, dtype=x.dtype, device=x.device)
+        ones = torch.ones(d, dtype=x.dtype, device=x.device)
+        u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+        by_product = _unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
+        block = max(1, self.check_elements // d)
+        buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
+
+        def sqdist(part: slice, y: Tensor, out: Tensor) -> None:
+            diff = buf[: part.stop - part.start]
+            torch.sub(x[part], y[part], out=diff)
+            if by_product:  # the squares summed by a product with a vector of ones: the fastest way
+                torch.mv(diff.square_(), ones, out=out[part])
+            else:
+                torch.sum(diff.square_(), dim=1, out=out[part])
+
+        for start in range(0, n, block):
+            part = slice(start, min(n, start + block))
+            if pool_moved:
+                torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
+            sqdist(part, self.searched, dist)
+            sqdist(part, self.anchor, moved)
+        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
+        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
+        self._moved = moved.mul_(scale).sqrt_()
         # Written so that a NaN anywhere counts as a failed proof.
-        stale = ((dist + moved) * (1 + SLACK) < self.lower[part]).logical_not_().nonzero().squeeze(1)
-        if len(stale):
-            rows, sub = stale + offset, xs[stale]
-            rest = self._by_neighbours(rows, sub, codebook, dist[stale])
-            if len(rest):
-                idx, low = nearest(sub[rest], codebook, self.chunk_elements, with_bound=True)
-                self.indices[rows[rest]] = idx.int()
-                self._set_anchor(rows[rest], sub[rest], low)
-            return rows
-        return stale
+        ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
+        return ok.logical_not_().nonzero().squeeze(1)
+
+    def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
+        """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
+        positions (in ``rows``) of the rest."""
+        cand = self.cand[rows].long()
+        n, c = cand.shape
+        dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
+        block = max(1, self.chunk_elements // (c * x.shape[1]))
+        for start in range(0, n, block):
+            part = slice(start, start + block)
+            torch.linalg.vector_norm(x[part, None, :] - self.codebook[cand[part]], dim=2, out=dist[part])
+        best, pos = dist.min(dim=1)
+        dist.scatter_(1, pos[:, None], float("inf"))
+        # Computed distances, rounded up for the winner and down for the others.
+        best, second = best * (1 + SLACK), dist.min(dim=1).values * (1 - SLACK)
+        outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
+        ok = (best < outside) & (best < second)
+        done = ok.nonzero().squeeze(1)
+        if len(done):
+            found = cand[done, pos[done]]
+            self._store(rows[done], x[done], found, torch.minimum(second[done], outside[done]), outside[done])
+        return ok.logical_not_().nonzero().squeeze(1)
+
+    def _every_time(self, x: Tensor, codebook: Tensor) -> Tensor:
+        """A full search every call (vectors of length 1: by binary search; a pool that is not finite: no
+        bounds hold)."""
+        indices = nearest(x, codebook, self.chunk_elements).int()
+        same = (self.indices is not None and self.indices.shape == indices.shape and self.searched is not None
+                and self.codebook is not None and self.codebook.shape == codebook.shape
+                and self.codebook.device == codebook.device and torch.equal(self.codebook, codebook))
+        if same:
+            rows = (indices != self.indices).nonzero().squeeze(1)
+            self.searched[rows] = codebook[indices[rows]]
+        else:
+            self.codebook, self.searched = codebook.clone(), codebook[indices]
+        self.indices = indices
+        self.last_searched = self.last_full = len(x)
+        return indices
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, codebook: Tensor, frozen: bool = True, current: Tensor | None = None) -> Tensor:
-        """Nearest-entry indices (int32) of ``x`` ``(N, d)``; ``frozen`` says the pool will not move.
-
-        ``current`` may pass ``codebook[indices]`` of the previous call (the caller's searched kernels), which
-        saves gathering them.
-        """
+    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+        """Nearest-entry indices (int32) of ``x`` ``(N, d)`` in ``codebook`` ``(K, d)``; ``searched`` holds
+        the entries at those indices."""
         x = x.detach().to(_search_dtype(x))
         codebook = codebook.detach().to(x.dtype)
-        if self.primed is not None:
-            indices, book = self.primed
-            self.primed = None
-            if frozen and book.shape == codebook.shape and torch.equal(book.to(codebook), codebook):
-                self._prime(indices, codebook)
         with torch.autocast(x.device.type, enabled=False):
-            same_pool = (self.codebook is not None and self.codebook.shape == codebook.shape
-                         and self.codebook.device == codebook.device and torch.equal(self.codebook, codebook))
-            if not (frozen and same_pool and self.anchor is not None and self.anchor.shape == x.shape
-                    and self.lower.dtype == x.dtype):
-                return self._full(x, codebook, frozen)
-            # Row blocks keep the working memory near `chunk_elements` floats whatever the layer size.
-            block = max(1, self.chunk_elements // (2 * max(x.shape[1], self.nbr.shape[1])))
-            changed = []
-            for start in range(0, len(x), block):
-                changed.append(self._update(slice(start, start + block), x, codebook, current, start))
-            self.last_rows = torch.cat(changed)
-            self.last_searched = len(self.last_rows)
+            if self.primed is not None:
+                indices, book = self.primed
+                self.primed = None
+                if book.shape == codebook.shape and torch.equal(book.to(codebook), codebook):
+                    self._prime(indices, codebook)
+            if x.shape[1] == 1:
+                return self._every_time(x, codebook)
+            moved = None
+            if (self.anchor is not None and self.anchor.shape == x.shape and self.lower.dtype == x.dtype
+                    and self.codebook.shape == codebook.shape and self.codebook.device == codebook.device):
+                moved = self._account_drift(codebook)
+            if moved is None:
+                if not bool(torch.isfinite(codebook).all()):
+                    self.reset()
+                    return self._every_time(x, codebook)
+                return self._full(x, codebook)
+            rows = self._pass(x, moved)
+            full = 0
+            if len(rows):
+                xr = x[rows]
+                left = self._by_candidates(rows, xr, self._moved[rows])
+                if len(left):
+                    found, lower, cand, rest = _scan(xr[left], codebook, self.chunk_elements, self.candidates)
+                    self._store(rows[left], xr[left], found, lower, rest, cand)
+                    full = len(left)
+            self._moved = None
+            self.last_searched, self.last_full = len(rows), full
             return self.indices
