@@ -6,7 +6,6 @@ two-digit tasks with untrained weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 from collections.abc import Callable
@@ -34,6 +33,7 @@ def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = 
     store.manifest["config"] = {"seed": 1993, "data": {"name": "digits", "root": None}}
     store.save_pools(model, spec)
     store.save_source(model, spec)
+    store.save_reference()
     store.manifest["source"] = {"name": "source", "accuracy": 0.5}
     store.write_manifest()
     for i in range(num_tasks):
@@ -45,8 +45,8 @@ def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = 
             for name, buf in task.named_buffers():
                 if name.endswith("running_mean"):
                     buf.normal_()
-        store.save_task(i, task, dataclasses.replace(spec, num_classes=2), f"digits {2 * i}/{2 * i + 1}",
-                        [str(2 * i), str(2 * i + 1)], acc_after_training=0.5, float32_model=1000)
+        store.save_task(i, task, f"digits {2 * i}/{2 * i + 1}", [str(2 * i), str(2 * i + 1)],
+                        acc_after_training=0.5, float32_model=1000)
     return TaskStore(root)
 
 

@@ -17,6 +17,7 @@ from nws.convert import nws_layers
 from nws.packing import pack_codes
 from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
+from nws.taskfile import TASK_VERSION
 
 SEED = 1234
 CUTS = 8  # truncations per file
@@ -183,10 +184,10 @@ def test_missing_directory_and_missing_files(run, tmp_path):
 
 
 def test_newer_format_versions_are_refused(run):
-    data = edit_header((run / task_file(1)).read_bytes(), lambda h: h["__metadata__"].update(version="2"))
+    data = edit_header((run / task_file(1)).read_bytes(), lambda h: h["__metadata__"].update(version="3"))
     (run / task_file(1)).write_bytes(data)
     reseal(run, task_file(1))
-    with pytest.raises(StoreError, match="format version 2, newer"):
+    with pytest.raises(StoreError, match="format version 3, newer"):
         TaskStore(run).model(1)
     manifest = json.loads((run / MANIFEST).read_bytes())
     manifest["version"] = 2
@@ -204,19 +205,28 @@ def test_task_encoded_against_other_pools(run, tmp_path):
             read(0)
 
 
-def test_task_with_other_layer_shapes(run):
+def test_task_record_with_other_classes(run):
+    """A task's model is the run's with its own number of classes: a record naming three classes gives a
+    classifier the codes and state do not fit, refused before decoding."""
     name = task_file(1)
-    data = (run / name).read_bytes()
-    wider = edit_meta(data, "spec", lambda s: {**s, "kwargs": {**s["kwargs"], "widths": [8, 32]}})
-    (run / name).write_bytes(wider)
+    data = edit_meta((run / name).read_bytes(), "task", lambda t: {**t, "classes": t["classes"] + ["x"]})
+    (run / name).write_bytes(data)
     reseal(run, name)
-    with pytest.raises(StoreError, match="another architecture"):
-        TaskStore(run).model(1)
-    shapes = edit_meta(data, "layers", lambda layers: {**layers, "fc": {**layers["fc"], "shape": [3, 16]}})
-    (run / name).write_bytes(shapes)
-    reseal(run, name)
-    with pytest.raises(StoreError, match="layer shapes do not match"):
-        TaskStore(run).model(1)
+    for read in (TaskStore(run).model, TaskStore(run).codes):
+        with pytest.raises(StoreError, match="corrupt codes.*other layers"):
+            read(1)
+
+
+def test_task_with_a_bad_reference_record(run):
+    name = task_file(1)
+    for against, needle in [(1, "bad reference"), (-1, "bad reference"), ("previous", "bad reference"),
+                            (0, "corrupt codes.*reference")]:
+        data = edit_meta((run / name).read_bytes(), "reference", lambda _: against)
+        root = Path(shutil.copytree(run, run.parent / f"ref-{against}"))
+        (root / name).write_bytes(data)
+        reseal(root, name)
+        with pytest.raises(StoreError, match=needle):
+            TaskStore(root).model(1)
 
 
 def test_codes_are_read_without_building_the_model(run):
@@ -233,10 +243,12 @@ def test_task_codes_with_another_layout(run):
     before decoding (a crafted stream cannot make them allocate more than the model's own indices)."""
     name = task_file(1)
     tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name)
-    codes = TaskStore(run).codes(1)
+    store = TaskStore(run)
+    codes = store.codes(1)
     codes["fc"] = torch.cat([codes["fc"], torch.zeros(1, dtype=torch.long)])
-    tensors["codes"] = torch.frombuffer(bytearray(pack_codes(codes, SPEC.pool_size)), dtype=torch.uint8)
-    (run / name).write_bytes(pack_file("nws-task", tensors, meta))
+    packed = pack_codes(codes, SPEC.pool_size, reference=store.reference_codes())
+    tensors["codes"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+    (run / name).write_bytes(pack_file("nws-task", tensors, meta, TASK_VERSION))
     reseal(run, name)
     for read in (TaskStore(run).model, TaskStore(run).codes):
         with pytest.raises(StoreError, match="corrupt codes.*other layers"):
@@ -255,7 +267,7 @@ def test_non_finite_values_in_a_file_are_refused(run):
 
     name = task_file(0)
     tensors = load((run / name).read_bytes())
-    key = next(k for k in tensors if k.endswith("running_var"))
+    key = "bn.float32"
     header_end = 8 + int.from_bytes((run / name).read_bytes()[:8], "little")
     data = bytearray((run / name).read_bytes())
     header = json.loads(data[8:header_end])
