@@ -16,7 +16,7 @@ from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig
 from nws.convert import nws_layers
 from nws.data.digits import digits_benchmark
 from nws.errors import NWSError
-from nws.metrics import continual_metrics, extrapolate
+from nws.metrics import EXTRAPOLATE_TO, continual_metrics, extrapolate, memory_after_task, shared_bytes
 from nws.report import aggregate, comparison_table, find_runs, markdown_table, pool_usage, write_report
 from nws.runner import run
 from nws.store import TaskStore
@@ -125,6 +125,9 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
     pools = sum(shared.values())  # the pools and the reference every task is coded against
     assert results["memory"]["shared"] == pools and results["memory"]["shared_files"] == shared
     assert results["memory_after_task"] == [pools + sizes[0], pools + sizes[0] + sizes[1]]
+    # the 100-task extrapolation grows by the mean of the real task files, the shared files counted once
+    at = extrapolate(memory_after_task(results), shared_bytes(results))
+    assert at == pools + sum(sizes) + (sizes[0] + sizes[1]) / 2 * (EXTRAPOLATE_TO - 2)
     table = markdown_table(results)
     assert "| acc. final |" in table
     assert (f"Memory: pools {shared['pools.safetensors'] / 1024:.1f} KB + reference "
