@@ -240,7 +240,7 @@ def task_file_times(rounds: int = 7, changed: float = 0.12) -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    spec = ModelSpec("resnet18", 10, {"in_channels": 1, "stem": "cifar"}, pool_size=512)
+    spec = ModelSpec("resnet18", 10, {"in_channels": 1, "stem": "cifar"}, pool_size=512, group_size=1)
     torch.manual_seed(0)
     source = nws.convert(create_model("resnet18", num_classes=10, in_channels=1, stem="cifar"), pool_size=512,
                          init="kernels")
@@ -259,32 +259,33 @@ def task_file_times(rounds: int = 7, changed: float = 0.12) -> None:
     sizes = store.save_task(0, task, "task 0", ["0", "1"])
     print(f"\nLoad a ResNet-18 task file and rebuild its network (task format 2; {sizes['indices']:,} B of indices, "
           f"{(root / 'task_000.safetensors').stat().st_size:,} B file; ms, one thread, median and min over {rounds} "
-          f"interleaved rounds):")
-    stages: dict[str, list[float]] = {k: [] for k in ("fresh reader: open, shared files, task, model",
-                                                        "read + verify + parse the task file",
-                                                        "decode its indices (against the reference)",
-                                                        "build the model, load pools, indices and state",
-                                                        "the three together")}
+          f"interleaved rounds, and the process's CPU time):")
+    labels = ("fresh reader: open, shared files, task, model", "read + verify + parse the task file",
+              "decode its indices (against the reference)", "build the model, load pools, indices and state",
+              "the three together")
+    stages: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
     warm = TaskStore(root)
     warm.model(0)
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         TaskStore(root).model(0)
-        stages["fresh reader: open, shared files, task, model"].append(time.perf_counter() - start)
+        stages[labels[0]].append((time.perf_counter() - start, time.process_time() - cpu))
         warm._codes.clear()
-        t0 = time.perf_counter()
+        marks = [(time.perf_counter(), time.process_time())]
         tf = warm._task_file(0)
-        t1 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         codes = warm.codes(0)
-        t2 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         books, _, run_spec = warm._read_pools()
         build_task(tf, books, run_spec, codes=codes)
-        t3 = time.perf_counter()
-        for label, value in zip(list(stages)[1:], (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-            stages[label].append(value)
-    print("| stage | median | min |\n|---|---|---|")
+        marks.append((time.perf_counter(), time.process_time()))
+        for label, (a, b) in zip(labels[1:], ((0, 1), (1, 2), (2, 3), (0, 3))):
+            stages[label].append((marks[b][0] - marks[a][0], marks[b][1] - marks[a][1]))
+    print("| stage | median | min | CPU median |\n|---|---|---|---|")
     for label, values in stages.items():
-        print(f"| {label} | {1000 * statistics.median(values):.0f} | {1000 * min(values):.0f} |")
+        wall, cpu = zip(*values)
+        print(f"| {label} | {1000 * statistics.median(wall):.0f} | {1000 * min(wall):.0f} "
+              f"| {1000 * statistics.median(cpu):.0f} |")
     torch.set_num_threads(threads)
 
 
