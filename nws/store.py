@@ -27,9 +27,9 @@ from nws.errors import StoreError
 from nws.codes import code_layout
 from nws.packing import Layout
 from nws.taskfile import (SOURCE_REFERENCE, ModelSpec, TaskFile, build_model, build_task, is_int, is_number,
-                          model_from_source, model_from_task, pack_file, pools_bytes, read_pools, read_reference,
-                          read_task_file, reference_bytes, reference_pools_bytes, reference_task_bytes,
-                          source_bytes, str_list, task_bytes, task_codes, task_spec, unpack_file)
+                          model_from_source, pack_file, pools_bytes, read_pools, read_reference, read_task_file,
+                          reference_bytes, reference_pools_bytes, reference_task_bytes, source_bytes, str_list,
+                          task_bytes, task_codes, task_spec, unpack_file)
 from nws.taskfile import first_line as _first_line
 
 MANIFEST_VERSION = 1

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_fixtures import make_store
 
-from nws.store import (MANIFEST, POOLS, StoreError, manifest_bytes, model_from_task, parse_manifest, read_pools,
-                       task_file)
+from nws.store import MANIFEST, POOLS, StoreError, manifest_bytes, parse_manifest, read_pools, task_file
+from nws.taskfile import model_from_task
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
