@@ -16,7 +16,7 @@ from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig
 from nws.convert import nws_layers
 from nws.data.digits import digits_benchmark
 from nws.errors import NWSError
-from nws.metrics import EXTRAPOLATE_TO, continual_metrics, extrapolate, memory_after_task, shared_bytes
+from nws.metrics import continual_metrics, extrapolate
 from nws.report import aggregate, comparison_table, find_runs, markdown_table, pool_usage, write_report
 from nws.runner import run
 from nws.store import TaskStore
@@ -126,6 +126,8 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
     assert results["memory"]["shared"] == pools and results["memory"]["shared_files"] == shared
     assert results["memory_after_task"] == [pools + sizes[0], pools + sizes[0] + sizes[1]]
     # the 100-task extrapolation grows by the mean of the real task files, the shared files counted once
+    from nws.metrics import EXTRAPOLATE_TO, memory_after_task, shared_bytes
+
     at = extrapolate(memory_after_task(results), shared_bytes(results))
     assert at == pools + sum(sizes) + (sizes[0] + sizes[1]) / 2 * (EXTRAPOLATE_TO - 2)
     table = markdown_table(results)
