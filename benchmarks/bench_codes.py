@@ -22,9 +22,11 @@ The coder is checked against 1.05 * (b) + 100 bytes per task, and its bytes agai
 into the estimate's two parts (which indices changed, their new indices), beside what conditioning the
 changed/unchanged flags on the pools would give. Last, the time to decode a ResNet-18 task's indices and
 rebuild its weights, coded alone and against the source (with ranks: the pools' neighbour tables computed
-in the call, "cold", as the first task a process decodes; or already there, "warm").
+in the call, "cold", as the first task a process decodes; or already there, "warm"); and the time to load a
+ResNet-18 task from a run directory (task format 2) and rebuild its network, by stage.
 
     python -m benchmarks.bench_codes [--run runs/demo ...] [--cache ~/.cache/nws-bench] [--task-steps N]
+    python -m benchmarks.bench_codes --task-file-only
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 import nws
+import nws.methods.base
 from benchmarks.fashion_sequence import FASHION_ROOT, Settings, resnet18, sequence
 from nws import packing
 from nws.models import create_model
@@ -224,8 +227,72 @@ def decode_times(source: Codes, task: Codes, pools: dict[str, torch.Tensor], rou
     torch.set_num_threads(threads)
 
 
+@torch.no_grad()
+def task_file_times(rounds: int = 7, changed: float = 0.12) -> None:
+    """Load a ResNet-18 task from its run directory and rebuild its network, as ``nws eval`` and the next task
+    do: a run (CIFAR stem, K 512 pools sampled from the network's kernels, the source network's indices as the
+    reference) whose task moved ``changed`` of its kernels by a small step (about the fraction a Fashion-MNIST
+    task changes), written by :class:`TaskStore` in task format 2. Timed per stage, one thread, interleaved
+    rounds: a fresh reader (manifest, pools, reference, the task's file verified, parsed and decoded, the
+    model built, its state loaded), and each stage of a reader that has read the shared files once."""
+    from nws.store import TaskStore
+    from nws.taskfile import ModelSpec, build_task
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = ModelSpec("resnet18", 10, {"in_channels": 1, "stem": "cifar"}, pool_size=512, group_size=1)
+    torch.manual_seed(0)
+    source = nws.convert(create_model("resnet18", num_classes=10, in_channels=1, stem="cifar"), pool_size=512,
+                         init="kernels")
+    nws.freeze_pools(source).eval()
+    root = Path(tempfile.mkdtemp()) / "run"
+    store = TaskStore(root, create=True)
+    store.save_pools(source, spec)
+    store.save_source(source, spec)
+    store.save_reference()
+    task = store.load_source()
+    nws.methods.base.resize_classifier(task, "fc", 2, seed=0)
+    for _, layer in nws.nws_layers(task):
+        w = layer.weight.view(layer.num_kernels, -1)
+        moved = torch.rand(layer.num_kernels) < changed
+        w[moved] += 0.5 * w[moved].std() * torch.randn_like(w[moved])
+    sizes = store.save_task(0, task, "task 0", ["0", "1"])
+    print(f"\nLoad a ResNet-18 task file and rebuild its network (task format 2; {sizes['indices']:,} B of indices, "
+          f"{(root / 'task_000.safetensors').stat().st_size:,} B file; ms, one thread, median and min over {rounds} "
+          f"interleaved rounds, and the process's CPU time):")
+    labels = ("fresh reader: open, shared files, task, model", "read + verify + parse the task file",
+              "decode its indices (against the reference)", "build the model, load pools, indices and state",
+              "the three together")
+    stages: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
+    warm = TaskStore(root)
+    warm.model(0)
+    for _ in range(rounds):
+        start, cpu = time.perf_counter(), time.process_time()
+        TaskStore(root).model(0)
+        stages[labels[0]].append((time.perf_counter() - start, time.process_time() - cpu))
+        warm._codes.clear()
+        marks = [(time.perf_counter(), time.process_time())]
+        tf = warm._task_file(0)
+        marks.append((time.perf_counter(), time.process_time()))
+        codes = warm.codes(0)
+        marks.append((time.perf_counter(), time.process_time()))
+        books, _, run_spec = warm._read_pools()
+        build_task(tf, books, run_spec, codes=codes)
+        marks.append((time.perf_counter(), time.process_time()))
+        for label, (a, b) in zip(labels[1:], ((0, 1), (1, 2), (2, 3), (0, 3))):
+            stages[label].append((marks[b][0] - marks[a][0], marks[b][1] - marks[a][1]))
+    print("| stage | median | min | CPU median |\n|---|---|---|---|")
+    for label, values in stages.items():
+        wall, cpu = zip(*values)
+        print(f"| {label} | {1000 * statistics.median(wall):.0f} | {1000 * min(wall):.0f} "
+              f"| {1000 * statistics.median(cpu):.0f} |")
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task-file-only", action="store_true",
+                        help="only time loading a ResNet-18 task file and rebuilding its network (no sequence)")
     parser.add_argument("--run", type=Path, nargs="*", default=[],
                         help="demo run directories (default: run the demo)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "nws-bench",
@@ -236,6 +303,9 @@ def main() -> None:
                         help="training steps per task of the ResNet-18 sequence")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.task_file_only:
+        task_file_times()
+        return
 
     # Trained (slowly: an hour or more on 2 cores) only when not in the cache.
     fashion = sequence(args.cache, args.fashion_root, Settings(task_steps=args.task_steps))
@@ -258,6 +328,7 @@ def main() -> None:
                 fashion_tasks, fashion_pools)
     breakdown(fashion_source, fashion_tasks, fashion_pools)
     decode_times(fashion_source, fashion_tasks[-1], fashion_pools)
+    task_file_times()
 
 
 if __name__ == "__main__":

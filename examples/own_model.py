@@ -85,11 +85,12 @@ def main(out: str) -> None:
     model, report = nws.pools_from_model(model, pool_size=pool_size, seed=0)  # converted in place, pools frozen
     print(f"searched model on the source task: {100 * accuracy(model, bench.source.test):.1f}%")
 
-    # 4. The store holds the pools once, and the starting network.
+    # 4. The store holds the pools once, the starting network, and its indices as the reference.
     spec = ModelSpec("tiny_net", len(bench.source.classes), {"in_channels": 1}, pool_size, group_size=1)
     store = TaskStore(out, create=True)
     store.save_pools(model, spec)
     store.save_source(model, spec)
+    store.save_reference()  # the source network's indices: each task's indices are stored as changes to them
 
     # 3. Each task starts from the previous one (rebuilt from storage), with its own classifier rows.
     for index, task in enumerate(bench.tasks[:2]):
@@ -100,12 +101,11 @@ def main(out: str) -> None:
         start.requires_grad_(True)
         model = train(start, task.train, epochs=8, lr=0.01, beta=beta)
         acc = accuracy(model, task.test)
-        task_spec = ModelSpec("tiny_net", len(task.classes), {"in_channels": 1}, pool_size, group_size=1)
-        sizes = store.save_task(index, model, task_spec, task.name, task.classes, acc_after_training=acc)
+        sizes = store.save_task(index, model, task.name, task.classes, acc_after_training=acc)
         print(f"task {index} ({task.name}): {100 * acc:.1f}% after training, stored in {sum(sizes.values())} "
               f"bytes ({sizes['indices']} of them indices)")
 
-    # Serving: a fresh store rebuilds every task from the pools and its own file, nothing else.
+    # Serving: a fresh store rebuilds every task from the shared files (pools, reference) and its own file.
     served = TaskStore(out)
     for entry in served.tasks():
         net = served.model(entry["index"])

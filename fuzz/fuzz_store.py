@@ -8,7 +8,8 @@ its file reader; a baseline's file, or any run's manifest, by rebuilding every t
 place. A reader must return or raise ``StoreError``; any other exception is a crash, printed and saved under
 ``--crashes``.
 
-    python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min)
+    python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min),
+                                                                      # and an NWS run coded in a chain
     python fuzz/fuzz_store.py --cases 10000 --methods nws --run runs/demo   # or an existing NWS run's files
 
 Exit status 1 if any case crashed. ``docs/reliability.md`` records a run's output.
@@ -31,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from nws.methods import open_run
-from nws.store import MANIFEST, POOLS, SOURCE, TaskStore, manifest_bytes
-from nws.taskfile import StoreError, model_from_source, model_from_task, read_pools
+from nws.store import MANIFEST, POOLS, REFERENCE, SOURCE, TaskStore, manifest_bytes
+from nws.taskfile import (SOURCE_REFERENCE, StoreError, model_from_source, model_from_task, read_pools,
+                          read_reference)
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]
 
 
-def tiny_run(out: Path, method: str = "nws", tasks: int = 5) -> Path:
-    """A real run of ``method`` with tiny settings: its source files, shared files and ``tasks`` tasks."""
+def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False) -> Path:
+    """A real run of ``method`` with tiny settings: its source files, shared files and ``tasks`` tasks (with
+    ``chain``, NWS tasks coded against the previous task, a key task every 3)."""
     from nws.config import BaselineConfig, DataConfig, RunConfig, TrainConfig, TrainerConfig
     from nws.runner import run
 
@@ -47,6 +50,8 @@ def tiny_run(out: Path, method: str = "nws", tasks: int = 5) -> Path:
                        data=DataConfig(num_tasks=tasks), baseline=BaselineConfig(retrain_epochs=1))
     config.model.pool_size = 32
     config.model.kwargs = {"widths": [8, 16]} if method != "nws" else {}
+    if chain:
+        config.model.code_reference, config.model.key_every = "previous", 3
     run(config, progress=False)
     return out
 
@@ -195,7 +200,13 @@ def reader(store: TaskStore, name: str):
         return lambda data: read_pools(data, name)
     if name == SOURCE:
         return lambda data: model_from_source(data, books, spec, name)
-    return lambda data: model_from_task(data, books, fingerprint, spec, name)
+    if name == REFERENCE:
+        return lambda data: read_reference(data, store.layout(spec.num_classes), fingerprint, name)
+
+    def references(against: str | int):  # the pristine reference, or the pristine earlier task's codes
+        return store.reference_codes() if against == SOURCE_REFERENCE else store.codes(int(against))
+
+    return lambda data: model_from_task(data, books, fingerprint, spec, name, references)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     start = time.perf_counter()
-    runs = [args.run] if args.run else [tiny_run(Path(tmp.name) / m, m, tasks=5 if m == "nws" else 3)
-                                        for m in args.methods.split(",")]
+    methods = args.methods.split(",")
+    runs = {"run": args.run} if args.run else {m: tiny_run(Path(tmp.name) / m, m, tasks=5 if m == "nws" else 3)
+                                              for m in methods}
+    if not args.run and "nws" in methods:  # and NWS tasks coded in a chain (model.code_reference: previous)
+        runs["nws-chain"] = tiny_run(Path(tmp.name) / "nws-chain", "nws", tasks=5, chain=True)
     files, readers = {}, {}
-    for run in runs:
+    for label, run in runs.items():
         store = open_run(str(run))
         store.check()
         for name in [MANIFEST, *store.manifest["files"]]:
-            key = f"{store.method}/{name}"
+            key = f"{label}/{name}"
             files[key] = (run / MANIFEST).read_bytes() if name == MANIFEST else store.read(name)
             readers[key] = reader(store, name)
             readers[key](files[key])  # every pristine file reads

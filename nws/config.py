@@ -21,6 +21,7 @@ from nws.errors import NWSError
 
 OPTIMIZERS = ("sgd", "adam")
 POOL_INITS = ("kernels", "normal", "kmeans")
+CODE_REFERENCES = ("source", "previous")
 # Precisions that keep parameters and buffers (pools) in fp32; "16-mixed"/"bf16-mixed" autocast the convs.
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "64-true", "64")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
@@ -46,6 +47,12 @@ class ModelConfig:
     decay: float = 0.99
     eps: float = 1e-5
     zero_entry: bool = False  # entry 0 of every pool is all zero: a searched network is also sparse
+    # What a task's stored indices are coded against: `source` (the source network's indices, stored once: every
+    # task decodes from the shared files and its own file) or `previous` (the previous task's indices, with a key
+    # task coded against the source every `key_every` tasks: smaller, but a damaged task breaks the chain of
+    # every later task up to the next key task).
+    code_reference: str = "source"
+    key_every: int = 10
 
 
 @dataclass
@@ -306,6 +313,9 @@ def _check_model(m: ModelConfig) -> None:
     _check(m.init in POOL_INITS, "model.init", m.init, f"one of {', '.join(POOL_INITS)}")
     _check(_number(m.decay) and 0 < m.decay < 1, "model.decay", m.decay, "0 < decay < 1")
     _check(_number(m.eps) and m.eps > 0, "model.eps", m.eps, "a number > 0")
+    _check(m.code_reference in CODE_REFERENCES, "model.code_reference", m.code_reference,
+           f"one of {', '.join(CODE_REFERENCES)}")
+    _check(_integer(m.key_every) and m.key_every >= 1, "model.key_every", m.key_every, "an integer >= 1")
     try:  # the builder itself says which arguments it takes; on the meta device nothing is allocated
         with torch.device("meta"):
             create_model(m.name, num_classes=2, **m.kwargs)

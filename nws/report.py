@@ -70,6 +70,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                                                       "forgetting": 0.0}
     method = results.get("method", "nws")
     shared = {"nws": "pools", "piggyback": "backbone"}.get(method, "shared network")
+    if method == "nws" and len(mem.get("shared_files") or {}) > 1:  # the pools and the tasks' reference
+        shared = " + ".join(f"{name.split('.')[0]} {_kb(size)}" for name, size in mem["shared_files"].items()) + " ="
     lines += ["",
               f"Method **{method}**. Average accuracy (after the whole sequence): "
               f"**{100 * results['average_accuracy']:.2f}%** over {n} tasks; backward transfer "

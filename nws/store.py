@@ -10,27 +10,33 @@ raises :class:`StoreError`. :class:`RunStore` is this, for any method; :class:`T
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import secrets
 import signal
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from nws.errors import StoreError
-from nws.taskfile import (ModelSpec, is_int, is_number, model_from_source, model_from_task, pack_file,
-                          pools_bytes, read_pools, reference_pools_bytes, reference_task_bytes, source_bytes,
-                          str_list, task_bytes, task_codes, unpack_file)
+from nws.codes import code_layout
+from nws.packing import Layout
+from nws.taskfile import (SOURCE_REFERENCE, ModelSpec, TaskFile, build_model, build_task, is_int, is_number,
+                          model_from_source, pack_file, pools_bytes, read_pools, read_reference, read_task_file,
+                          reference_bytes, reference_pools_bytes, reference_task_bytes, source_bytes, str_list,
+                          task_bytes, task_codes, task_spec, unpack_file)
 from nws.taskfile import first_line as _first_line
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 POOLS = "pools.safetensors"
 SOURCE = "source.safetensors"
+REFERENCE = "reference.safetensors"
 CRASH_ENV = "NWS_CRASH_AT"
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -338,18 +344,26 @@ class RunStore:
 
 
 class TaskStore(RunStore):
-    """An NWS run: the frozen pools, the pool-pretrained network, one file of codes per task.
+    """An NWS run: the frozen pools, the pool-pretrained network, the reference, one file of codes per task.
 
-    ``model(i)`` is task ``i``'s network rebuilt from the pools and its task file alone; ``codes(i)`` its pool
-    indices without building a model; ``load_source()`` the network the first task starts from.
+    ``model(i)`` is task ``i``'s network rebuilt from the shared files (pools, reference) and its task file;
+    ``codes(i)`` its pool indices without building a model; ``load_source()`` the network the first task
+    starts from. A task coded against an earlier task (``model.code_reference: previous``) needs that task's
+    codes too, back to its key task (coded against the reference).
     """
+
+    CODES_CACHE = 4  # decoded tasks kept: a chain is read in order, each task needing the one before
 
     def __init__(self, root: str | os.PathLike, create: bool = False):
         super().__init__(root, create)
         self._pools: tuple[dict[str, Tensor], str, ModelSpec] | None = None
+        self._reference: dict[str, Tensor] | None = None
+        self._layouts: dict[int, Layout] = {}
+        self._codes: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
 
     def shared_files(self) -> list[str]:
-        return [POOLS]
+        """The pools, and the reference every task of format 2 is coded against (runs of format 1 have none)."""
+        return [POOLS] + ([REFERENCE] if REFERENCE in self.manifest["files"] else [])
 
     def save_pools(self, model: nn.Module, spec: ModelSpec) -> None:
         self.write(POOLS, pools_bytes(model, spec))
@@ -375,6 +389,13 @@ class TaskStore(RunStore):
         """The run's model spec (architecture and NWS settings; ``num_classes`` of the source task)."""
         return self._read_pools()[2]
 
+    def layout(self, num_classes: int) -> Layout:
+        """The codes layout of the run's model with ``num_classes`` classes (built once per class count)."""
+        if num_classes not in self._layouts:
+            spec = dataclasses.replace(self.spec(), num_classes=num_classes)
+            self._layouts[num_classes] = code_layout(build_model(spec, f"{self.root}: model spec"))
+        return self._layouts[num_classes]
+
     def save_source(self, model: nn.Module, spec: ModelSpec) -> None:
         """The pool-pretrained network: the starting weights of the first task."""
         self.write(SOURCE, source_bytes(model, spec))
@@ -384,25 +405,81 @@ class TaskStore(RunStore):
         books, _, spec = self._read_pools()
         return model_from_source(self.read(SOURCE), books, spec, str(self.root / SOURCE))
 
-    def save_task(self, index: int, model: nn.Module, spec: ModelSpec, name: str, classes: list[str],
-                  **record: Any) -> dict[str, int]:
-        """Store task ``index`` (codes, BatchNorm, other state) and list it with ``record`` and its size as the
-        reference would store it; returns its sizes."""
-        task = {"index": index, "name": name, "classes": list(classes)}
-        data, sizes = task_bytes(model, spec, task, self.pools()[1])
-        self.add_task({**task, "file": task_file(index), "bytes": sizes,
-                       "reference_bytes": reference_task_bytes(model), **record}, {task_file(index): data})
+    def save_reference(self) -> None:
+        """Store the reference the tasks are coded against: the indices of the source network, as stored."""
+        self.write(REFERENCE, reference_bytes(self.load_source(), self.pools()[1]))
+        self._reference = None
+
+    def reference_codes(self) -> dict[str, Tensor]:
+        """The run's reference: the source network's indices per layer."""
+        if self._reference is None:
+            if REFERENCE not in self.manifest["files"]:
+                raise StoreError(f"{self.root} has no {REFERENCE}, which its tasks of format 2 are coded against")
+            self._reference = read_reference(self.read(REFERENCE), self.layout(self.spec().num_classes),
+                                             self.pools()[1], str(self.root / REFERENCE))
+        return self._reference
+
+    def save_task(self, index: int, model: nn.Module, name: str, classes: list[str],
+                  against: str | int = SOURCE_REFERENCE, **record: Any) -> dict[str, int]:
+        """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm,
+        other state) and list it with ``record`` and its size as the reference would store it; returns its
+        sizes."""
+        data, sizes = self.task_bytes(index, model, name, classes, against)
+        self.add_task({"index": index, "name": name, "classes": list(classes), "file": task_file(index),
+                       "bytes": sizes, "reference_bytes": reference_task_bytes(model), **record},
+                      {task_file(index): data})
         return sizes
 
-    def build(self, index: int) -> nn.Module:
+    def task_bytes(self, index: int, model: nn.Module, name: str, classes: list[str],
+                   against: str | int = SOURCE_REFERENCE) -> tuple[bytes, dict[str, int]]:
+        """Task ``index``'s file (:func:`nws.taskfile.task_bytes`), coded against the run's reference or the
+        stored codes of task ``against``."""
+        reference = self.reference_codes() if against == SOURCE_REFERENCE else self.codes(int(against))
+        task = {"index": index, "name": name, "classes": list(classes)}
+        return task_bytes(model, task, self.pools()[1], reference, against)
+
+    def add_task(self, entry: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        self._codes.pop(entry["index"], None)
+        return super().add_task(entry, files)
+
+    def _task_file(self, index: int) -> TaskFile:
+        """Task ``index``'s file, verified and parsed, checked to hold the task the manifest lists."""
         entry = self.task_entry(index)
         what = str(self.root / entry["file"])
-        books, fingerprint, spec = self._read_pools()
-        model, task = model_from_task(self.read(entry["file"]), books, fingerprint, spec, what)
-        if task["index"] != index or task["name"] != entry["name"]:
-            raise StoreError(f"{what} holds task {task['index']} ({task['name']}), the manifest lists it as "
+        tf = read_task_file(self.read(entry["file"]), self.pools()[1], what)
+        if tf.task["index"] != index or tf.task["name"] != entry["name"]:
+            raise StoreError(f"{what} holds task {tf.task['index']} ({tf.task['name']}), the manifest lists it as "
                              f"task {index} ({entry['name']})")
-        return model
+        return tf
+
+    def _decode(self, tf: TaskFile) -> dict[str, Tensor]:
+        layout = self.layout(len(tf.task["classes"]))
+        if tf.version == 1:
+            task_spec(tf, self.spec())
+        return task_codes(tf, layout, self.pools()[0], self._reference_of)
+
+    def _reference_of(self, against: str | int) -> dict[str, Tensor]:
+        return self.reference_codes() if against == SOURCE_REFERENCE else self._codes[int(against)]
+
+    def codes(self, index: int) -> dict[str, Tensor]:
+        """Task ``index``'s pool indices per layer, read from its task file (no model is built), and from the
+        tasks back to its key task where it is coded against the previous one."""
+        chain: list[TaskFile] = []
+        i: str | int = index
+        while i != SOURCE_REFERENCE and i not in self._codes:
+            chain.append(self._task_file(int(i)))
+            i = chain[-1].reference if chain[-1].reference is not None else SOURCE_REFERENCE
+        for tf in reversed(chain):
+            self._codes[tf.task["index"]] = self._decode(tf)
+            while len(self._codes) > max(self.CODES_CACHE, len(chain)):
+                self._codes.popitem(last=False)
+        self._codes.move_to_end(index)
+        return self._codes[index]
+
+    def build(self, index: int) -> nn.Module:
+        codes = self.codes(index)
+        books, _, spec = self._read_pools()
+        return build_task(self._task_file(index), books, spec, codes=codes)
 
     def reference_equivalent(self) -> dict[str, int] | None:
         """The run's memory as the reference implementation stores it (``docs/reference.md``, row 6): its pools
@@ -415,12 +492,6 @@ class TaskStore(RunStore):
         pools = reference_pools_bytes(self.pools()[0])
         total = sum(v for t in tasks for v in t["reference_bytes"].values())
         return {"pools": pools, "tasks_total": total, "total": pools + total}
-
-    def codes(self, index: int) -> dict[str, Tensor]:
-        """Task ``index``'s pool indices per layer, read from its task file (no model is built)."""
-        fname = self.task_entry(index)["file"]
-        books, fingerprint, _ = self._read_pools()
-        return task_codes(self.read(fname), books, fingerprint, str(self.root / fname))
 
 
 def save_pools_run(out: str | os.PathLike, model: nn.Module, spec: ModelSpec, source: dict[str, Any]) -> TaskStore:

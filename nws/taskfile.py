@@ -1,11 +1,20 @@
 """The task-file format: the safetensors files of a run, their metadata, and models rebuilt from them.
 
 Every file is safetensors (no pickle on any load path) whose metadata holds its ``format`` (``nws-pools``,
-``nws-source``, ``nws-task``, or a baseline's kind), a format ``version`` and JSON-encoded entries: the model
-spec and layer shapes, pool and group sizes, and for a task its classes and the fingerprint of the pools it
-was encoded against. Readers check everything (format, version, metadata types, spec, shapes, fingerprint,
-codes layout before decoding, tensor names, shapes, dtypes, finite values) and raise :class:`StoreError` for
-any problem. Where the files live and how they are listed is :mod:`nws.store`.
+``nws-source``, ``nws-reference``, ``nws-task``, or a baseline's kind), a format ``version`` and JSON-encoded
+entries: the model spec and layer shapes, pool and group sizes, and for a task its classes and the fingerprint
+of the pools it was encoded against. Readers check everything (format, version, metadata types, spec, shapes,
+fingerprint, codes layout before decoding, tensor names, shapes, dtypes, finite values) and raise
+:class:`StoreError` for any problem. Where the files live and how they are listed is :mod:`nws.store`.
+
+A task file of format 2 (written now) holds its indices coded against a reference assignment the reader
+also holds (:mod:`nws.packing`): the source network's indices, stored once per run as ``nws-reference``
+(``"reference": "source"``), or an earlier task's indices (``"reference": j``); its BatchNorm state and
+its other state (biases, unsearched layers) as one flat tensor per kind and dtype (``bn.float32``,
+``other.float32``), in the model's state-dict order, without the ``num_batches_tracked`` counters that
+BatchNorm reads only when its momentum is None; and as metadata only its task record, the pools'
+fingerprint and its reference (the model spec is the run's, with the task's number of classes). Format 1
+(the spec and layer shapes in the metadata, indices coded alone, one tensor per state entry) still loads.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import lzma
 import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -30,10 +39,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nws.codes import code_layout, decode, encode
 from nws.convert import nws_layers
 from nws.errors import StoreError
-from nws.packing import CodesError, pack_codes, unpack_codes
+from nws.packing import CodesError, Layout, pack_codes, unpack_codes
 from nws.spec import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # pools, source and reference files
+TASK_VERSION = 2  # task files; format 1 still loads
+SOURCE_REFERENCE = "source"  # a task coded against the run's reference (the source network's indices)
 _VERSION = re.compile(r"[0-9]{1,9}")
 
 
@@ -83,14 +94,14 @@ def model_codebooks(model: nn.Module) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------- file format
 
 
-def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
+def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any], version: int = FORMAT_VERSION) -> bytes:
     """A safetensors file of ``kind`` whose bytes depend on its content alone.
 
     safetensors writes its header in hash-map order, which changes from process to process; the header is
     rewritten with sorted keys (and padded to 8 bytes as safetensors does), so equal content gives equal
     bytes and a resumed run reproduces an uninterrupted one's files exactly.
     """
-    header = {"format": kind, "version": str(FORMAT_VERSION),
+    header = {"format": kind, "version": str(version),
               **{k: json.dumps(v) for k, v in meta.items()}}
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
     (n,) = struct.unpack("<Q", data[:8])
@@ -101,6 +112,13 @@ def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> by
 
 def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors and metadata of a safetensors file of ``kind``; :class:`StoreError` for anything else."""
+    tensors, meta, _ = unpack_versioned(data, kind, what)
+    return tensors, meta
+
+
+def unpack_versioned(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any], int]:
+    """:func:`unpack_file`, and the file's format version (at most the newest of its kind)."""
+    newest = TASK_VERSION if kind == "nws-task" else FORMAT_VERSION
     if len(data) < 8:
         raise StoreError(f"{what} is empty or truncated")
     (n,) = struct.unpack("<Q", data[:8])
@@ -117,9 +135,9 @@ def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], d
         raise StoreError(f"{what} is not an nws {kind.removeprefix('nws-')} file (format {raw.get('format')!r})")
     if not _VERSION.fullmatch(raw.get("version", "")) or int(raw["version"]) < 1:
         raise StoreError(f"{what} has a corrupt format version")
-    if int(raw["version"]) > FORMAT_VERSION:
+    if int(raw["version"]) > newest:
         raise StoreError(f"{what} has format version {raw['version']}, newer than this nws reads "
-                         f"({FORMAT_VERSION}); upgrade nws")
+                         f"({newest}); upgrade nws")
     try:
         meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "version")}
     except (ValueError, RecursionError) as err:
@@ -128,7 +146,7 @@ def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], d
         tensors = st_load(data)
     except Exception as err:  # safetensors raises its own error types on corrupt data
         raise StoreError(f"{what} is corrupt ({first_line(err)})") from None
-    return tensors, meta
+    return tensors, meta, int(raw["version"])
 
 
 def meta_entry(meta: dict[str, Any], key: str, what: str) -> Any:
@@ -197,18 +215,90 @@ def read_pools(data: bytes, what: str) -> tuple[dict[str, Tensor], str, ModelSpe
     return books, fingerprint, spec
 
 
-def task_bytes(model: nn.Module, spec: ModelSpec, task: dict[str, Any], pools_sha: str) -> tuple[bytes, dict[str, int]]:
-    """A task file's bytes, and its size split into indices / batchnorm / other (summing to the file size)."""
-    codes = encode(model)
-    packed = pack_codes(codes, {name: layer.pool.num_entries for name, layer in nws_layers(model)})
+def stored_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """What a task file of format 2 stores besides its codes: :func:`split_state` without the
+    ``num_batches_tracked`` counters of BatchNorm layers that never read them (their momentum is set)."""
     bn, other = split_state(model)
-    tensors = {"codes": torch.frombuffer(bytearray(packed), dtype=torch.uint8),
-               **{f"bn.{k}": v for k, v in bn.items()}, **{f"other.{k}": v for k, v in other.items()}}
-    data = pack_file("nws-task", tensors, {"spec": spec.to_json(), "layers": layer_shapes(model), "task": task,
-                                       "pools_fingerprint": pools_sha})
+    unused = {f"{n}.num_batches_tracked" if n else "num_batches_tracked" for n, m in model.named_modules()
+              if isinstance(m, _BatchNorm) and m.momentum is not None}
+    return {k: v for k, v in bn.items() if k not in unused}, other
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def flatten_state(kind: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` as one flat tensor per dtype, named ``KIND.DTYPE``, its entries in ``state``'s order: one
+    header entry per kind instead of one per tensor (the reader knows the entries from the model)."""
+    groups: dict[str, list[Tensor]] = {}
+    for value in state.values():
+        groups.setdefault(f"{kind}.{_dtype_name(value.dtype)}", []).append(value.detach().reshape(-1).cpu())
+    return {name: torch.cat(parts) for name, parts in groups.items()}
+
+
+def unflatten_state(tensors: dict[str, Tensor], kind: str, expected: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """Inverse of :func:`flatten_state` for a model whose state of ``kind`` is ``expected``: the file's
+    ``KIND.*`` tensors must hold exactly those entries' values (dtypes and total lengths), all finite."""
+    state: dict[str, Tensor] = {}
+    used: dict[str, int] = {}
+    for key, ref in expected.items():
+        name = f"{kind}.{_dtype_name(ref.dtype)}"
+        flat = tensors.get(name)
+        if flat is None or flat.dim() != 1 or flat.dtype != ref.dtype:
+            raise StoreError(f"{what}: no {name} tensor (1-D {_dtype_name(ref.dtype)}) for the model's {key}")
+        start = used.get(name, 0)
+        if start + ref.numel() > flat.numel():
+            raise StoreError(f"{what}: {name} holds {flat.numel()} values, fewer than the model needs")
+        state[key] = flat[start : start + ref.numel()].reshape(ref.shape)
+        used[name] = start + ref.numel()
+    for name, flat in tensors.items():
+        if name.startswith(f"{kind}.") and used.get(name) != flat.numel():
+            raise StoreError(f"{what}: {name} holds {flat.numel()} values, the model needs {used.get(name, 0)}")
+    check_state(state, expected, what)
+    return state
+
+
+def packed_tensor(packed: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8) if packed else torch.zeros(0, dtype=torch.uint8)
+
+
+def task_bytes(model: nn.Module, task: dict[str, Any], pools_sha: str, reference: Mapping[str, Tensor],
+               against: str | int = SOURCE_REFERENCE) -> tuple[bytes, dict[str, int]]:
+    """A task file's bytes (format 2), and its size split into indices / batchnorm / other (summing to the
+    file size).
+
+    The indices are coded against ``reference``, which every reader must hold: the run's reference (the source
+    network's indices, ``against`` ``"source"``) or task ``against``'s indices; with the pools, so a changed
+    kernel's new entry is coded by its rank among its old entry's neighbours (:mod:`nws.packing`).
+    """
+    books = model_codebooks(model)
+    packed = pack_codes(encode(model), {name: book.shape[0] for name, book in books.items()},
+                        reference=reference, pools=books)
+    bn, other = stored_state(model)
+    tensors = {"codes": packed_tensor(packed), **flatten_state("bn", bn), **flatten_state("other", other)}
+    data = pack_file("nws-task", tensors, {"task": task, "pools_fingerprint": pools_sha, "reference": against},
+                     TASK_VERSION)
     sizes = {"indices": len(packed), "batchnorm": nbytes(bn.values())}
     sizes["other"] = len(data) - sizes["indices"] - sizes["batchnorm"]
     return data, sizes
+
+
+def reference_bytes(model: nn.Module, pools_sha: str) -> bytes:
+    """The run's reference file: ``model``'s (the source network's) indices, coded alone."""
+    books = model_codebooks(model)
+    packed = pack_codes(encode(model), {name: book.shape[0] for name, book in books.items()})
+    return pack_file("nws-reference", {"codes": packed_tensor(packed)}, {"pools_fingerprint": pools_sha})
+
+
+def read_reference(data: bytes, layout: Layout, pools_sha: str, what: str) -> dict[str, Tensor]:
+    """The indices of a reference file, for ``layout`` (the source network's, :func:`nws.codes.code_layout`)."""
+    tensors, meta = unpack_file(data, "nws-reference", what)
+    if meta_entry(meta, "pools_fingerprint", what) != pools_sha:
+        raise StoreError(f"{what} was encoded against different pools than this run's")
+    if set(tensors) != {"codes"}:
+        raise StoreError(f"{what} holds unexpected tensors")
+    return _packed_codes(tensors, layout, what)
 
 
 def load_pools_into(model: nn.Module, books: dict[str, Tensor], what: str = "pools") -> None:
@@ -232,66 +322,115 @@ def _task_record(task: Any, what: str) -> dict[str, Any]:
     return task
 
 
-def _packed_codes(tensors: dict[str, Tensor], layout: dict[str, tuple[int, int]], what: str) -> dict[str, Tensor]:
-    """The codes of a task file's tensors, decoded only if their header matches ``layout``."""
+def _packed_codes(tensors: dict[str, Tensor], layout: Layout, what: str, reference: Mapping[str, Tensor] | None = None,
+                  pools: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The codes of a file's tensors, decoded only if their header matches ``layout`` (and ``reference`` and
+    ``pools``, where the codes were coded against them)."""
     codes = tensors.get("codes")
     if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
         raise StoreError(f"{what} has no codes (a 1-D uint8 tensor)")
     try:
-        return unpack_codes(codes.numpy().tobytes(), layout)
+        return unpack_codes(codes.numpy().tobytes(), layout, reference=reference, pools=pools)
     except CodesError as err:
         raise StoreError(f"{what}: corrupt codes ({first_line(err)})") from None
 
 
-def task_codes(data: bytes, books: dict[str, Tensor], pools_sha: str, what: str) -> dict[str, Tensor]:
-    """A task file's codes alone, without building its model: the layout the codes must have (pool entries,
-    number of kernels per layer) comes from the file's layer shapes and the run's pools."""
-    tensors, meta = unpack_file(data, "nws-task", what)
-    if meta_entry(meta, "pools_fingerprint", what) != pools_sha:
-        raise StoreError(f"{what} was encoded against different pools than this run's")
-    layers = meta_entry(meta, "layers", what)
-    if not isinstance(layers, dict) or set(layers) != set(books):
-        raise StoreError(f"{what}: its layers do not match the run's pools")
-    layout = {}
-    for name, book in books.items():
-        entry = layers[name]
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and shape and all(is_int(v) and v > 0 for v in shape)
-                and entry.get("entries") == book.shape[0] and math.prod(shape) % book.shape[1] == 0):
-            raise StoreError(f"{what}: layer {name} has a bad shape record")
-        layout[name] = (book.shape[0], math.prod(shape) // book.shape[1])
-    return _packed_codes(tensors, layout, what)
+# The reference assignments a reader holds, by what a task file names: "source" (the run's reference) or an
+# earlier task's index.
+References = Callable[[str | int], Mapping[str, Tensor]]
 
 
-def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_spec: ModelSpec,
-                    what: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a task's model from its file's bytes and the run's pools alone.
+@dataclasses.dataclass
+class TaskFile:
+    """A task file, parsed and checked up to its codes and state (which need the model and the reference)."""
 
-    ``run_spec`` is the run's model spec (from its pools file): the task must be the same architecture and
-    NWS settings with its own number of classes. Returns the model (eval mode) and the task record
-    (index, name, classes); :class:`StoreError` for anything that is not such a task.
-    """
-    tensors, meta = unpack_file(data, "nws-task", what)
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    version: int
+    task: dict[str, Any]  # index, name, classes
+    reference: str | int | None  # format 2: what the codes are coded against; format 1: None (coded alone)
+    what: str
+
+
+def read_task_file(data: bytes, pools_sha: str, what: str) -> TaskFile:
+    """A task file's header: format, version, task record, the pools it was encoded against, its reference."""
+    tensors, meta, version = unpack_versioned(data, "nws-task", what)
     task = _task_record(meta_entry(meta, "task", what), what)
-    spec = ModelSpec.from_json(meta_entry(meta, "spec", what), what)
     if meta_entry(meta, "pools_fingerprint", what) != pools_sha:
         raise StoreError(f"{what} was encoded against different pools than this run's")
-    if spec.num_classes != len(task["classes"]):
-        raise StoreError(f"{what}: its model has {spec.num_classes} classes, its task {len(task['classes'])}")
+    reference = None
+    if version >= 2:
+        reference = meta_entry(meta, "reference", what)
+        if not (reference == SOURCE_REFERENCE or (is_int(reference) and 0 <= reference < task["index"])):
+            raise StoreError(f"{what} has a bad reference record ({str(reference)[:40]!r})")
+    return TaskFile(tensors, meta, version, task, reference, what)
+
+
+def task_spec(tf: TaskFile, run_spec: ModelSpec) -> ModelSpec:
+    """The task's model spec: the run's (``run_spec``, from its pools file) with the task's number of classes.
+    A format-1 file names its spec, which must be that."""
+    if tf.version >= 2:
+        return dataclasses.replace(run_spec, num_classes=len(tf.task["classes"]))
+    what = tf.what
+    spec = ModelSpec.from_json(meta_entry(tf.meta, "spec", what), what)
+    if spec.num_classes != len(tf.task["classes"]):
+        raise StoreError(f"{what}: its model has {spec.num_classes} classes, its task {len(tf.task['classes'])}")
     if dataclasses.replace(spec, num_classes=run_spec.num_classes) != run_spec:
         raise StoreError(f"{what} is for another architecture or NWS settings than this run's")
+    return spec
+
+
+def task_codes(tf: TaskFile, layout: Layout, books: dict[str, Tensor], references: References | None) -> dict[str, Tensor]:
+    """The task's codes for ``layout`` (its model's, :func:`nws.codes.code_layout`), decoded against the
+    reference it names (from ``references``; format 1 needs none)."""
+    reference = None
+    if tf.reference is not None:
+        if references is None:
+            raise StoreError(f"{tf.what} is coded against {_describe(tf.reference)}, which this reader lacks")
+        reference = references(tf.reference)
+    return _packed_codes(tf.tensors, layout, tf.what, reference, books)
+
+
+def _describe(reference: str | int) -> str:
+    return "the run's reference" if reference == SOURCE_REFERENCE else f"task {reference}'s indices"
+
+
+def build_task(tf: TaskFile, books: dict[str, Tensor], run_spec: ModelSpec, references: References | None = None,
+               codes: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """The task's model (eval mode) from its file and the run's pools, and its ``codes`` if already decoded
+    (else decoded here against the reference it names)."""
+    what = tf.what
+    spec = task_spec(tf, run_spec)
     model = build_model(spec, what)
-    if layer_shapes(model) != meta_entry(meta, "layers", what):
+    if tf.version == 1 and layer_shapes(model) != meta_entry(tf.meta, "layers", what):
         raise StoreError(f"{what}: its layer shapes do not match the architecture {spec.name!r}")
     load_pools_into(model, books, what)
-    decode(model, _packed_codes(tensors, code_layout(model), what))
-    state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(("bn.", "other."))}
-    if len(state) + 1 != len(tensors):
-        raise StoreError(f"{what} holds unexpected tensors")
-    bn, other = split_state(model)
-    check_state(state, {**bn, **other}, what)
+    decode(model, codes if codes is not None else task_codes(tf, code_layout(model), books, references))
+    if tf.version == 1:
+        state = {k.split(".", 1)[1]: v for k, v in tf.tensors.items() if k.startswith(("bn.", "other."))}
+        if len(state) + 1 != len(tf.tensors):
+            raise StoreError(f"{what} holds unexpected tensors")
+        bn, other = split_state(model)
+        check_state(state, {**bn, **other}, what)
+    else:
+        if any(k != "codes" and not k.startswith(("bn.", "other.")) for k in tf.tensors):
+            raise StoreError(f"{what} holds unexpected tensors")
+        bn, other = stored_state(model)
+        state = {**unflatten_state(tf.tensors, "bn", bn, what), **unflatten_state(tf.tensors, "other", other, what)}
     model.load_state_dict(state, strict=False)
-    return model.eval(), task
+    return model.eval()
+
+
+def model_from_task(data: bytes, books: dict[str, Tensor], pools_sha: str, run_spec: ModelSpec, what: str,
+                    references: References | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a task's model from its file's bytes, the run's pools and the reference its codes name.
+
+    ``run_spec`` is the run's model spec (from its pools file): the task is the same architecture and NWS
+    settings with its own number of classes. Returns the model (eval mode) and the task record (index, name,
+    classes); :class:`StoreError` for anything that is not such a task.
+    """
+    tf = read_task_file(data, pools_sha, what)
+    return build_task(tf, books, run_spec, references), tf.task
 
 
 def source_bytes(model: nn.Module, spec: ModelSpec) -> bytes:

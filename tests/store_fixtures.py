@@ -6,7 +6,6 @@ two-digit tasks with untrained weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 from collections.abc import Callable
@@ -22,8 +21,11 @@ from nws.store import MANIFEST, ModelSpec, TaskStore, manifest_bytes, sha256
 SPEC = ModelSpec("convnet", 10, {"in_channels": 1, "widths": [8, 16]}, pool_size=16, group_size=1)
 
 
-def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = SPEC) -> TaskStore:
-    """A complete store at ``root``: pools, source network and ``num_tasks`` tasks (indices 0 ..)."""
+def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = SPEC,
+               key_every: int | None = None) -> TaskStore:
+    """A complete store at ``root``: pools, source network, reference and ``num_tasks`` tasks (indices 0 ..),
+    each coded against the reference, or with ``key_every`` against the previous task except every
+    ``key_every``-th (``model.code_reference: previous``)."""
     torch.manual_seed(seed)
     model = spec.build()
     with torch.no_grad():
@@ -34,10 +36,12 @@ def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = 
     store.manifest["config"] = {"seed": 1993, "data": {"name": "digits", "root": None}}
     store.save_pools(model, spec)
     store.save_source(model, spec)
+    store.save_reference()
     store.manifest["source"] = {"name": "source", "accuracy": 0.5}
     store.write_manifest()
     for i in range(num_tasks):
         task = TaskStore(root).load_source()
+        torch.manual_seed(1000 * seed + i)  # each task's draws its own, whatever the store drew before
         resize_classifier(task, "fc", 2, seed=i)
         with torch.no_grad():
             for p in task.parameters():
@@ -45,8 +49,9 @@ def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = 
             for name, buf in task.named_buffers():
                 if name.endswith("running_mean"):
                     buf.normal_()
-        store.save_task(i, task, dataclasses.replace(spec, num_classes=2), f"digits {2 * i}/{2 * i + 1}",
-                        [str(2 * i), str(2 * i + 1)], acc_after_training=0.5, float32_model=1000)
+        against = i - 1 if key_every and i % key_every else "source"
+        store.save_task(i, task, f"digits {2 * i}/{2 * i + 1}", [str(2 * i), str(2 * i + 1)], against,
+                        acc_after_training=0.5, float32_model=1000)
     return TaskStore(root)
 
 
@@ -58,6 +63,13 @@ def load_everything(root: Path) -> TaskStore:
     for t in store.tasks():
         store.model(t["index"])
     return store
+
+
+def tensor_span(data: bytes, key: str) -> tuple[int, int]:
+    """Where tensor ``key``'s bytes lie in a safetensors file."""
+    (n,) = struct.unpack("<Q", data[:8])
+    start, end = json.loads(data[8 : 8 + n])[key]["data_offsets"]
+    return 8 + n + start, 8 + n + end
 
 
 def reseal(root: Path, name: str) -> None:

@@ -69,6 +69,8 @@ def test_no_traceback_from_the_console_script(tmp_path):
     (["--task.lr", "-1"], "task.lr"),
     (["--task.epochs", "-1"], "task.epochs"),
     (["--model.init", "foo"], "model.init"),
+    (["--model.code_reference", "last"], "model.code_reference"),
+    (["--model.key_every", "0"], "model.key_every"),
     (["--model.kwargs", "{nonsense: 1}"], "model.kwargs"),
     (["--method", "foo"], "method"),
     (["--data.name", "foo"], "data.name"),

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_fixtures import make_store
 
-from nws.store import (MANIFEST, POOLS, StoreError, manifest_bytes, model_from_task, parse_manifest, read_pools,
-                       task_file)
+from nws.store import MANIFEST, POOLS, StoreError, manifest_bytes, parse_manifest, read_pools, task_file
+from nws.taskfile import model_from_task
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -31,7 +31,7 @@ def store(tmp_path_factory):
 def _read_task(store, data: bytes) -> None:
     books, fingerprint = store.pools()
     try:
-        model_from_task(data, books, fingerprint, store.spec(), "task")
+        model_from_task(data, books, fingerprint, store.spec(), "task", references=lambda _: store.reference_codes())
     except StoreError:
         pass
 
@@ -86,7 +86,7 @@ def test_mutated_task_file(store, edits, cut):
 
 
 @FUZZ
-@given(key=st.sampled_from(["spec", "layers", "task", "pools_fingerprint", "other"]), value=JSON)
+@given(key=st.sampled_from(["reference", "task", "pools_fingerprint", "other"]), value=JSON)
 def test_task_metadata_of_any_shape(store, key, value):
     _read_task(store, _with_meta((store.root / task_file(0)).read_bytes(), key, value))
 

@@ -43,8 +43,9 @@ def test_results_contract(demo_run):
     assert set(results["memory"]) == {"shared", "shared_files", "tasks_total", "float32_model",
                                       "reference_equivalent"}
     files = json.loads((demo_run / "manifest.json").read_text())["files"]
-    assert results["memory"]["shared"] == files["pools.safetensors"]["size"]
-    assert results["memory"]["shared_files"] == {"pools.safetensors": files["pools.safetensors"]["size"]}
+    shared = {name: files[name]["size"] for name in ("pools.safetensors", "reference.safetensors")}
+    assert results["memory"]["shared"] == sum(shared.values())
+    assert results["memory"]["shared_files"] == shared
     assert results["memory"]["tasks_total"] == sum(files[task_file(i)]["size"] for i in range(5))
     for t, i in zip(results["tasks"], range(5)):
         assert sum(t["bytes"].values()) == files[task_file(i)]["size"]

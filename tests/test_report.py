@@ -142,10 +142,19 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
     assert all(t["acc_final"] == t["acc_from_storage"] for t in results["tasks"])
     sizes = [sum(t["bytes"].values()) for t in results["tasks"]]
     files = json.loads((out / "manifest.json").read_text())["files"]
-    pools = files["pools.safetensors"]["size"]
-    assert results["memory"]["shared"] == pools and results["memory"]["shared_files"] == {"pools.safetensors": pools}
+    shared = {name: files[name]["size"] for name in ("pools.safetensors", "reference.safetensors")}
+    pools = sum(shared.values())  # the pools and the reference every task is coded against
+    assert results["memory"]["shared"] == pools and results["memory"]["shared_files"] == shared
     assert results["memory_after_task"] == [pools + sizes[0], pools + sizes[0] + sizes[1]]
-    assert "| acc. final |" in markdown_table(results)
+    # the 100-task extrapolation grows by the mean of the real task files, the shared files counted once
+    from nws.metrics import EXTRAPOLATE_TO, memory_after_task, shared_bytes
+
+    at = extrapolate(memory_after_task(results), shared_bytes(results))
+    assert at == pools + sum(sizes) + (sizes[0] + sizes[1]) / 2 * (EXTRAPOLATE_TO - 2)
+    table = markdown_table(results)
+    assert "| acc. final |" in table
+    assert (f"Memory: pools {shared['pools.safetensors'] / 1024:.1f} KB + reference "
+            f"{shared['reference.safetensors'] / 1024:.1f} KB = {pools / 1024:.1f} KB + tasks") in table
 
 
 def test_pool_usage_counts_distinct_indices(nws_run):

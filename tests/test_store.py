@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_store, reseal
+from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_store, reseal, tensor_span
 
 from nws.cli import main
 from nws.convert import nws_layers
 from nws.packing import pack_codes
 from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
+from nws.taskfile import TASK_VERSION
 
 SEED = 1234
 CUTS = 8  # truncations per file
@@ -183,10 +184,10 @@ def test_missing_directory_and_missing_files(run, tmp_path):
 
 
 def test_newer_format_versions_are_refused(run):
-    data = edit_header((run / task_file(1)).read_bytes(), lambda h: h["__metadata__"].update(version="2"))
+    data = edit_header((run / task_file(1)).read_bytes(), lambda h: h["__metadata__"].update(version="3"))
     (run / task_file(1)).write_bytes(data)
     reseal(run, task_file(1))
-    with pytest.raises(StoreError, match="format version 2, newer"):
+    with pytest.raises(StoreError, match="format version 3, newer"):
         TaskStore(run).model(1)
     manifest = json.loads((run / MANIFEST).read_bytes())
     manifest["version"] = 2
@@ -204,19 +205,28 @@ def test_task_encoded_against_other_pools(run, tmp_path):
             read(0)
 
 
-def test_task_with_other_layer_shapes(run):
+def test_task_record_with_other_classes(run):
+    """A task's model is the run's with its own number of classes: a record naming three classes gives a
+    classifier the codes and state do not fit, refused before decoding."""
     name = task_file(1)
-    data = (run / name).read_bytes()
-    wider = edit_meta(data, "spec", lambda s: {**s, "kwargs": {**s["kwargs"], "widths": [8, 32]}})
-    (run / name).write_bytes(wider)
+    data = edit_meta((run / name).read_bytes(), "task", lambda t: {**t, "classes": t["classes"] + ["x"]})
+    (run / name).write_bytes(data)
     reseal(run, name)
-    with pytest.raises(StoreError, match="another architecture"):
-        TaskStore(run).model(1)
-    shapes = edit_meta(data, "layers", lambda layers: {**layers, "fc": {**layers["fc"], "shape": [3, 16]}})
-    (run / name).write_bytes(shapes)
-    reseal(run, name)
-    with pytest.raises(StoreError, match="layer shapes do not match"):
-        TaskStore(run).model(1)
+    for read in (TaskStore(run).model, TaskStore(run).codes):
+        with pytest.raises(StoreError, match="corrupt codes.*other layers"):
+            read(1)
+
+
+def test_task_with_a_bad_reference_record(run):
+    name = task_file(1)
+    for against, needle in [(1, "bad reference"), (-1, "bad reference"), ("previous", "bad reference"),
+                            (0, "corrupt codes.*reference")]:
+        data = edit_meta((run / name).read_bytes(), "reference", lambda _: against)
+        root = Path(shutil.copytree(run, run.parent / f"ref-{against}"))
+        (root / name).write_bytes(data)
+        reseal(root, name)
+        with pytest.raises(StoreError, match=needle):
+            TaskStore(root).model(1)
 
 
 def test_codes_are_read_without_building_the_model(run):
@@ -233,10 +243,12 @@ def test_task_codes_with_another_layout(run):
     before decoding (a crafted stream cannot make them allocate more than the model's own indices)."""
     name = task_file(1)
     tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name)
-    codes = TaskStore(run).codes(1)
+    store = TaskStore(run)
+    codes = store.codes(1)
     codes["fc"] = torch.cat([codes["fc"], torch.zeros(1, dtype=torch.long)])
-    tensors["codes"] = torch.frombuffer(bytearray(pack_codes(codes, SPEC.pool_size)), dtype=torch.uint8)
-    (run / name).write_bytes(pack_file("nws-task", tensors, meta))
+    packed = pack_codes(codes, SPEC.pool_size, reference=store.reference_codes())
+    tensors["codes"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+    (run / name).write_bytes(pack_file("nws-task", tensors, meta, TASK_VERSION))
     reseal(run, name)
     for read in (TaskStore(run).model, TaskStore(run).codes):
         with pytest.raises(StoreError, match="corrupt codes.*other layers"):
@@ -255,7 +267,7 @@ def test_non_finite_values_in_a_file_are_refused(run):
 
     name = task_file(0)
     tensors = load((run / name).read_bytes())
-    key = next(k for k in tensors if k.endswith("running_var"))
+    key = "bn.float32"
     header_end = 8 + int.from_bytes((run / name).read_bytes()[:8], "little")
     data = bytearray((run / name).read_bytes())
     header = json.loads(data[8:header_end])
@@ -306,6 +318,104 @@ def test_eval_reports_a_corrupt_task_and_evaluates_the_others(run, capsys):
     assert [line.startswith(f"task {i} ") for i, line in enumerate(lines)] == [True] * 5
     assert "FAILED" in lines[2] and "task_002.safetensors is corrupt" in lines[2]
     assert all("accuracy" in line for i, line in enumerate(lines) if i != 2)
+
+
+FORMAT1 = Path(__file__).parent / "fixtures" / "run_format1"  # written by nws d56138d (task format 1)
+
+
+def test_a_run_of_task_format_1_loads_and_evaluates_as_recorded(tmp_path):
+    """A run written before task format 2 (spec and layer shapes in each task file, indices coded alone, one
+    tensor per state entry, no reference file): every task rebuilds and scores exactly what its run recorded."""
+    from nws.config import DataConfig
+    from nws.data import benchmark_from_config
+    from nws.runner import collect_results
+
+    run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
+    recorded = json.loads((run / "results.json").read_text())
+    store = TaskStore(run)
+    store.check()
+    assert store.shared_files() == [POOLS]
+    benchmark = benchmark_from_config(DataConfig(**recorded["config"]["data"]), recorded["config"]["seed"])
+    results = collect_results(store, benchmark)
+    assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
+    assert results["memory"] == recorded["memory"]
+    for t in store.tasks():
+        codes = store.codes(t["index"])
+        assert all(torch.equal(codes[name], layer.search()) for name, layer in nws_layers(store.model(t["index"])))
+
+
+def test_a_format_1_task_for_another_architecture_is_refused(tmp_path):
+    run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
+    name = task_file(1)
+    data = (run / name).read_bytes()
+    (run / name).write_bytes(edit_meta(data, "spec", lambda s: {**s, "kwargs": {**s["kwargs"], "widths": [8, 32]}}))
+    reseal(run, name)
+    with pytest.raises(StoreError, match="another architecture"):
+        TaskStore(run).model(1)
+    (run / name).write_bytes(edit_meta(data, "layers", lambda ls: {**ls, "fc": {**ls["fc"], "shape": [3, 16]}}))
+    reseal(run, name)
+    with pytest.raises(StoreError, match="layer shapes do not match"):
+        TaskStore(run).model(1)
+
+
+def _damage_codes(run: Path, index: int) -> None:
+    """Flip a bit in the middle of task ``index``'s codes and record the file as written so (the task file's
+    own reader must find it, not the manifest's checksum)."""
+    name = task_file(index)
+    data = bytearray((run / name).read_bytes())
+    start, end = tensor_span(bytes(data), "codes")
+    data[(start + end) // 2] ^= 0x10
+    (run / name).write_bytes(bytes(data))
+    reseal(run, name)
+
+
+def test_a_damaged_task_leaves_the_later_tasks_intact(run, capsys):
+    """Coded against the run's reference (the default), every task decodes from the shared files and its own
+    file alone: with task 1's codes damaged, tasks 2.. rebuild exactly as before and evaluate."""
+    before = TaskStore(run)
+    states = {i: before.model(i).state_dict() for i in range(5)}
+    _damage_codes(run, 1)
+    store = TaskStore(run)
+    with pytest.raises(StoreError, match="task_001.safetensors: corrupt codes"):
+        store.model(1)
+    for i in (0, 2, 3, 4):
+        state = store.model(i).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in states[i].items()), i
+    assert main(["eval", "--run", str(run)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert ["FAILED" in line for line in lines] == [False, True, False, False, False]
+    assert all("accuracy" in line for i, line in enumerate(lines) if i != 1)
+
+
+def test_a_chain_of_tasks_breaks_until_the_next_key_task(tmp_path):
+    """Coded against the previous task (key tasks 0 and 3 against the reference): task 1's damage takes task 2
+    with it; the key task 3 and task 4 still rebuild exactly."""
+    run = make_store(tmp_path / "chain", key_every=3).root
+    store = TaskStore(run)
+    assert [t["index"] for t in store.tasks()] == list(range(5))
+    states = {i: store.model(i).state_dict() for i in range(5)}
+    _damage_codes(run, 1)
+    store = TaskStore(run)
+    for i in (1, 2):
+        with pytest.raises(StoreError, match="task_001.safetensors: corrupt codes"):
+            store.model(i)
+    for i in (0, 3, 4):
+        state = store.model(i).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in states[i].items()), i
+
+
+def test_a_chain_decodes_to_the_same_models_as_the_reference_coding(tmp_path):
+    """The same tasks stored both ways rebuild to identical networks (lossless either way), from a fresh
+    reader in any order."""
+    by_source = TaskStore(make_store(tmp_path / "source").root)
+    chained = TaskStore(make_store(tmp_path / "chain", key_every=2).root)
+    for i in (4, 1, 3, 0, 2):
+        a, b = by_source.model(i).state_dict(), chained.model(i).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), i
+        assert all(torch.equal(by_source.codes(i)[k], chained.codes(i)[k]) for k in by_source.codes(i))
+    metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t")[1]["reference"]
+             for i in range(5)]
+    assert metas == ["source", 0, "source", 2, "source"]
 
 
 def test_eval_on_a_corrupt_manifest_is_one_line_and_exit_2(run, capsys):

@@ -4,14 +4,16 @@ Source stage: the network is converted to NWS layers and trained on the source t
 its kernels by EMA (``model.init``: entries start as sampled kernels or from N(0, 1)); or ``kmeans``: the plain
 network is trained, then each pool is the k-means of its layer's kernels; or the pools and network of a
 ``pretrained`` run are copied. Stored once: ``pools.safetensors`` (shared memory) and ``source.safetensors``
-(the first task's start). Task ``t`` starts from task ``t-1`` rebuilt from its indices (task 0 from the source
-network), its classifier resized, and trains against the frozen pools; its file holds the packed indices,
-BatchNorm and biases (:mod:`nws.taskfile`).
+(the first task's start), and ``reference.safetensors`` (shared memory): the source network's indices, which
+every task's indices are coded against. Task ``t`` starts from task ``t-1`` rebuilt from its indices (task 0
+from the source network), its classifier resized, and trains against the frozen pools; its file holds the
+indices coded against the reference (or, with ``model.code_reference: previous``, against task ``t-1``'s
+indices, with a key task coded against the reference every ``model.key_every`` tasks), BatchNorm and biases
+(:mod:`nws.taskfile`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch import nn
@@ -23,8 +25,8 @@ from nws.methods.base import Context, Method, Saved, task_seed
 from nws.models import create_model
 from nws.pool_sources import pools_from_model
 from nws.sparsity import has_zero_entry, kernel_sparsity
-from nws.store import POOLS, SOURCE, TaskStore, task_file
-from nws.taskfile import ModelSpec, reference_task_bytes, task_bytes
+from nws.store import POOLS, REFERENCE, SOURCE, TaskStore, task_file
+from nws.taskfile import SOURCE_REFERENCE, ModelSpec, reference_task_bytes
 
 
 def pretrained_spec(path: str, name: str, kwargs: dict[str, Any], pool_size: int, group_size: int,
@@ -131,11 +133,22 @@ class NWS(Method):
             p.requires_grad_(True)
         return self.ctx.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
 
+    def start(self, store: TaskStore, source: nn.Module) -> None:
+        """Store the run's reference (the source network's indices, read back from its file) once."""
+        if REFERENCE not in store.manifest["files"]:
+            store.save_reference()
+
+    def against(self, index: int) -> str | int:
+        """What task ``index`` is coded against: the run's reference, or with ``model.code_reference:
+        previous`` the previous task, except on key tasks (every ``model.key_every``-th, from task 0)."""
+        m = self.config.model
+        if m.code_reference == "previous" and index % m.key_every:
+            return index - 1
+        return SOURCE_REFERENCE
+
     def save(self, store: TaskStore, index: int, model: nn.Module) -> Saved:
         task = self.ctx.benchmark.tasks[index]
-        spec = dataclasses.replace(self.spec, num_classes=len(task.classes))
-        data, sizes = task_bytes(model, spec, {"index": index, "name": task.name, "classes": list(task.classes)},
-                                 store.pools()[1])
+        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index))
         return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes,
                                                 "reference_bytes": reference_task_bytes(model)})
 
