@@ -16,7 +16,8 @@ import pytest
 
 from nws.methods import open_run
 from nws.cli import main
-from nws.store import CRASH_ENV, MANIFEST, POOLS, SOURCE, TaskStore, task_file
+from nws.store import CRASH_ENV, MANIFEST, POOLS, REFERENCE, SOURCE, TaskStore, task_file
+from nws.taskfile import read_task_file
 
 TINY = ["--pretrain.epochs", "1", "--task.epochs", "1", "--model.pool_size", "32", "--trainer.logger", "none",
         "--model.kwargs", '{"widths": [8, 16]}']
@@ -115,6 +116,35 @@ def test_killed_run_resumes_to_the_uninterrupted_files(tmp_path):
     assert snapshot(out, names) == snapshot(tmp_path / "reference", names)
     expected = json.loads((tmp_path / "reference" / "results.json").read_bytes())
     assert comparable(results) == comparable(expected)
+
+
+def test_killed_chain_run_resumes_to_the_uninterrupted_files(tmp_path):
+    """``model.code_reference: previous`` codes each task against the one before it (a key task every 2 here):
+    killed while training task 3, the resumed run rebuilds its predecessor from the chain and writes the
+    same files as an uninterrupted run."""
+    chain = ("--model.code_reference", "previous", "--model.key_every", "2")
+    reference = demo(tmp_path / "reference", *chain, stdout=subprocess.DEVNULL)
+    out = tmp_path / "run"
+    proc = demo(out, *chain, stdout=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("[task_003]"):
+            proc.kill()
+            break
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    assert_consistent(out)
+    assert listed(out)[:3] == [0, 1, 2]
+    kept = snapshot(out, [POOLS, SOURCE, REFERENCE, *(task_file(i) for i in listed(out))])
+    assert demo(out, *chain, "--resume", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    assert snapshot(out, list(kept)) == kept
+    assert reference.wait(timeout=300) == 0
+    names = [POOLS, SOURCE, REFERENCE, *TASKS]
+    assert snapshot(out, names) == snapshot(tmp_path / "reference", names)
+    pools_sha = TaskStore(out).pools()[1]
+    references = [read_task_file((out / n).read_bytes(), pools_sha, n).reference for n in TASKS]
+    assert references == ["source", 0, "source", 2, "source"]
+    results = json.loads((out / "results.json").read_bytes())
+    assert all(t["acc_from_storage"] == t["acc_after_training"] for t in results["tasks"])
+    assert comparable(results) == comparable(json.loads((tmp_path / "reference" / "results.json").read_bytes()))
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
