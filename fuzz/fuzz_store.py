@@ -9,7 +9,7 @@ place. A reader must return or raise ``StoreError``; any other exception is a cr
 ``--crashes``.
 
     python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min),
-                                                                      # and an NWS run coded in a chain
+                                                                      # and an NWS run coded in a chain, float16 BatchNorm
     python fuzz/fuzz_store.py --cases 10000 --methods nws --run runs/demo   # or an existing NWS run's files
 
 Exit status 1 if any case crashed. ``docs/reliability.md`` records a run's output.
@@ -41,7 +41,7 @@ INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), o
 
 def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False) -> Path:
     """A real run of ``method`` with tiny settings: its source files, shared files and ``tasks`` tasks (with
-    ``chain``, NWS tasks coded against the previous task, a key task every 3)."""
+    ``chain``, NWS tasks coded against the previous task, a key task every 3, and BatchNorm stored as float16)."""
     from nws.config import BaselineConfig, DataConfig, RunConfig, TrainConfig, TrainerConfig
     from nws.runner import run
 
@@ -51,7 +51,7 @@ def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False
     config.model.pool_size = 32
     config.model.kwargs = {"widths": [8, 16]} if method != "nws" else {}
     if chain:
-        config.model.code_reference, config.model.key_every = "previous", 3
+        config.model.code_reference, config.model.key_every, config.model.bn_dtype = "previous", 3, "float16"
     run(config, progress=False)
     return out
 

@@ -22,6 +22,7 @@ from nws.errors import NWSError
 OPTIMIZERS = ("sgd", "adam")
 POOL_INITS = ("kernels", "normal", "kmeans")
 CODE_REFERENCES = ("source", "previous")
+BN_DTYPES = ("float32", "float16", "bfloat16")
 # Precisions that keep parameters and buffers (pools) in fp32; "16-mixed"/"bf16-mixed" autocast the convs.
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "64-true", "64")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
@@ -53,6 +54,10 @@ class ModelConfig:
     # every later task up to the next key task).
     code_reference: str = "source"
     key_every: int = 10
+    # How a task file stores BatchNorm's parameters and statistics: `float32` (lossless) or, lossy and half the
+    # bytes, `float16` / `bfloat16`. Every task is evaluated and continued from what is stored, so the run's
+    # "acc. from storage" measures what the rounding costs.
+    bn_dtype: str = "float32"
 
 
 @dataclass
@@ -316,6 +321,7 @@ def _check_model(m: ModelConfig) -> None:
     _check(m.code_reference in CODE_REFERENCES, "model.code_reference", m.code_reference,
            f"one of {', '.join(CODE_REFERENCES)}")
     _check(_integer(m.key_every) and m.key_every >= 1, "model.key_every", m.key_every, "an integer >= 1")
+    _check(m.bn_dtype in BN_DTYPES, "model.bn_dtype", m.bn_dtype, f"one of {', '.join(BN_DTYPES)}")
     try:  # the builder itself says which arguments it takes; on the meta device nothing is allocated
         with torch.device("meta"):
             create_model(m.name, num_classes=2, **m.kwargs)

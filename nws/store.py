@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from nws.errors import StoreError
@@ -420,23 +421,25 @@ class TaskStore(RunStore):
         return self._reference
 
     def save_task(self, index: int, model: nn.Module, name: str, classes: list[str],
-                  against: str | int = SOURCE_REFERENCE, **record: Any) -> dict[str, int]:
-        """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm,
-        other state) and list it with ``record`` and its size as the reference would store it; returns its
-        sizes."""
-        data, sizes = self.task_bytes(index, model, name, classes, against)
+                  against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
+                  **record: Any) -> dict[str, int]:
+        """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm
+        as ``bn_dtype``, other state) and list it with ``record`` and its size as the reference would store it;
+        returns its sizes."""
+        data, sizes = self.task_bytes(index, model, name, classes, against, bn_dtype)
         self.add_task({"index": index, "name": name, "classes": list(classes), "file": task_file(index),
                        "bytes": sizes, "reference_bytes": reference_task_bytes(model), **record},
                       {task_file(index): data})
         return sizes
 
     def task_bytes(self, index: int, model: nn.Module, name: str, classes: list[str],
-                   against: str | int = SOURCE_REFERENCE) -> tuple[bytes, dict[str, int]]:
+                   against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
+                   ) -> tuple[bytes, dict[str, int]]:
         """Task ``index``'s file (:func:`nws.taskfile.task_bytes`), coded against the run's reference or the
         stored codes of task ``against``."""
         reference = self.reference_codes() if against == SOURCE_REFERENCE else self.codes(int(against))
         task = {"index": index, "name": name, "classes": list(classes)}
-        return task_bytes(model, task, self.pools()[1], reference, against)
+        return task_bytes(model, task, self.pools()[1], reference, against, bn_dtype)
 
     def add_task(self, entry: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         self._codes.pop(entry["index"], None)

@@ -22,10 +22,10 @@ SPEC = ModelSpec("convnet", 10, {"in_channels": 1, "widths": [8, 16]}, pool_size
 
 
 def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = SPEC,
-               key_every: int | None = None) -> TaskStore:
+               key_every: int | None = None, bn_dtype: torch.dtype = torch.float32) -> TaskStore:
     """A complete store at ``root``: pools, source network, reference and ``num_tasks`` tasks (indices 0 ..),
     each coded against the reference, or with ``key_every`` against the previous task except every
-    ``key_every``-th (``model.code_reference: previous``)."""
+    ``key_every``-th (``model.code_reference: previous``); BatchNorm stored as ``bn_dtype``."""
     torch.manual_seed(seed)
     model = spec.build()
     with torch.no_grad():
@@ -50,7 +50,7 @@ def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = 
                 if name.endswith("running_mean"):
                     buf.normal_()
         against = i - 1 if key_every and i % key_every else "source"
-        store.save_task(i, task, f"digits {2 * i}/{2 * i + 1}", [str(2 * i), str(2 * i + 1)], against,
+        store.save_task(i, task, f"digits {2 * i}/{2 * i + 1}", [str(2 * i), str(2 * i + 1)], against, bn_dtype,
                         acc_after_training=0.5, float32_model=1000)
     return TaskStore(root)
 

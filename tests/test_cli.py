@@ -71,6 +71,7 @@ def test_no_traceback_from_the_console_script(tmp_path):
     (["--model.init", "foo"], "model.init"),
     (["--model.code_reference", "last"], "model.code_reference"),
     (["--model.key_every", "0"], "model.key_every"),
+    (["--model.bn_dtype", "float8"], "model.bn_dtype"),
     (["--model.kwargs", "{nonsense: 1}"], "model.kwargs"),
     (["--method", "foo"], "method"),
     (["--data.name", "foo"], "data.name"),

@@ -17,7 +17,7 @@ from nws.convert import nws_layers
 from nws.packing import pack_codes
 from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
-from nws.taskfile import TASK_VERSION
+from nws.taskfile import TASK_VERSION, split_state
 
 SEED = 1234
 CUTS = 8  # truncations per file
@@ -416,6 +416,51 @@ def test_a_chain_decodes_to_the_same_models_as_the_reference_coding(tmp_path):
     metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t")[1]["reference"]
              for i in range(5)]
     assert metas == ["source", 0, "source", 2, "source"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batchnorm_stored_in_half_precision(tmp_path, dtype):
+    """``model.bn_dtype``: BatchNorm comes back as its float32 values rounded to ``dtype``, in half the bytes;
+    the indices and every other entry are unchanged."""
+    exact = TaskStore(make_store(tmp_path / "exact").root)
+    half = TaskStore(make_store(tmp_path / "half", bn_dtype=dtype).root)
+    name = f"bn.{str(dtype).removeprefix('torch.')}"
+    for i in range(5):
+        bn, other = split_state(exact.model(i))
+        rebuilt = half.model(i).state_dict()
+        assert all(torch.equal(rebuilt[k], v.to(dtype).float() if v.is_floating_point() else v) for k, v in bn.items())
+        assert all(torch.equal(rebuilt[k], v) for k, v in other.items())
+        assert any(not torch.equal(rebuilt[k], v) for k, v in bn.items())  # really rounded
+        assert all(torch.equal(half.codes(i)[k], exact.codes(i)[k]) for k in exact.codes(i))
+        sizes, exact_sizes = half.tasks()[i]["bytes"], exact.tasks()[i]["bytes"]
+        assert 2 * sizes["batchnorm"] == exact_sizes["batchnorm"] and sizes["indices"] == exact_sizes["indices"]
+        tensors = unpack_file((half.root / task_file(i)).read_bytes(), "nws-task", "t")[0]
+        assert name in tensors and "bn.float32" not in tensors
+
+
+def test_batchnorm_beyond_float16_is_refused_before_writing(run):
+    store = TaskStore(run)
+    model = store.model(4)
+    model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))) \
+        .running_var.fill_(1e6)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(StoreError, match="beyond float16's range: store it as bfloat16"):
+        store.save_task(5, model, "digits 0/1", ["0", "1"], bn_dtype=torch.float16)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_batchnorm_in_two_precisions_is_refused(run):
+    def split(header):
+        meta = header["bn.float32"]
+        start, end = meta["data_offsets"]
+        half = start + (end - start) // 8 * 4
+        header["bn.float32"] = {**meta, "shape": [(half - start) // 4], "data_offsets": [start, half]}
+        header["bn.float16"] = {"dtype": "F16", "shape": [(end - half) // 2], "data_offsets": [half, end]}
+
+    (run / task_file(2)).write_bytes(edit_header((run / task_file(2)).read_bytes(), split))
+    reseal(run, task_file(2))
+    with pytest.raises(StoreError, match="more than one precision"):
+        TaskStore(run).model(2)
 
 
 def test_eval_on_a_corrupt_manifest_is_one_line_and_exit_2(run, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from nws.config import ConfigError, RunConfig
@@ -148,7 +149,8 @@ class NWS(Method):
 
     def save(self, store: TaskStore, index: int, model: nn.Module) -> Saved:
         task = self.ctx.benchmark.tasks[index]
-        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index))
+        bn_dtype = getattr(torch, self.config.model.bn_dtype)
+        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index), bn_dtype)
         return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes,
                                                 "reference_bytes": reference_task_bytes(model)})
 
