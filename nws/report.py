@@ -11,6 +11,7 @@ wall seconds), ``report.md`` also has a table of them per task and method.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from nws.config import RunConfig
 from nws.errors import NWSError, StoreError
 from nws.metrics import (EXTRAPOLATE_TO, continual_metrics, extrapolate, memory_after_task, memory_total,
                          shared_bytes)
@@ -125,11 +127,23 @@ class Run:
         return self.results.get("seed", (self.results.get("config") or {}).get("seed"))
 
     def settings(self) -> str:
-        """The run's configuration without seed and output directory: runs that share it are one experiment."""
-        config = dict(self.results.get("config") or {})
+        """The run's configuration without seed and output directory: runs that share it are one experiment.
+        A setting the run's config lacks (added to nws after the run was made) counts at its default."""
+        config = _filled(self.results.get("config") or {}, dataclasses.asdict(RunConfig()))
         config.pop("seed", None)
         config.pop("out", None)
         return json.dumps({"method": self.method, **config}, sort_keys=True)
+
+
+def _filled(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every key it lacks taken from ``defaults``, section by section."""
+    out = dict(config)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict) and default and isinstance(out[key], dict):
+            out[key] = _filled(out[key], default)
+    return out
 
 
 def _check_results(results: Any, what: str) -> dict[str, Any]:

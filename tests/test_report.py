@@ -83,6 +83,18 @@ def test_seed_aggregation_mean_and_std(tmp_path):
     assert "75.00 ± 25.00" in table and "| nws | 1 | 50.00 | 50.00 |" in table
 
 
+def test_a_setting_a_run_lacks_counts_at_its_default(tmp_path):
+    """A run made before a setting existed groups with runs that have it at its default, not with others."""
+    default = RunConfig().model.bn_dtype
+    write_run(tmp_path / "old", fake_results("nws", 0, [1.0, 0.5], [1.0, 0.5], 10, model={"pool_size": 512}))
+    write_run(tmp_path / "new", fake_results("nws", 1, [0.5, 1.0], [0.5, 1.0], 10,
+                                             model={"pool_size": 512, "bn_dtype": default}))
+    write_run(tmp_path / "half", fake_results("nws", 2, [0.5, 1.0], [0.5, 1.0], 10,
+                                              model={"pool_size": 512, "bn_dtype": "float16"}))
+    groups = aggregate(find_runs([tmp_path]))
+    assert sorted(sorted(g.seeds) for g in groups) == [[0, 1], [2]]
+
+
 def test_training_time_per_task_mean_over_seeds(tmp_path):
     for seed, (cpu, wall) in enumerate([([10.0, 20.0], [30.0, 50.0]), ([20.0, 42.0], [40.0, 72.0])]):
         results = fake_results("piggyback", seed, [1.0, 1.0], [1.0, 1.0], 10)
