@@ -24,6 +24,9 @@ CHECK_ELEMENTS = 1 << 17
 SLACK = 1e-4
 # Entries kept per kernel from its last full search: where it may have moved to, the bounds look here first.
 CANDIDATES = 4
+# Kernels that fail the bound check are resolved this many at a time, so the working memory stays bounded
+# however many fail (each kernel is resolved on its own, so the blocks change nothing but the peak).
+ROW_BLOCK = 1 << 15
 
 
 def exact_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
@@ -62,7 +65,8 @@ def _nearest_1d(x: Tensor, codebook: Tensor) -> Tensor | None:
     """Vectors of length 1: a binary search among the sorted distinct entries, each standing for its lowest
     index; ``None`` if the pool is not finite. Equal to :func:`brute_force_nearest`: the float64 distance
     it compares is monotone on each side of ``x``, so the nearest is one of the two values around ``x``
-    unless rounding ties it with the next one out (then, and for rows that are not finite, brute force)."""
+    unless rounding ties it with the next one out (then, and for rows that are not finite, brute force).
+    Rows go :data:`ROW_BLOCK` at a time, so the working memory stays bounded."""
     values = codebook[:, 0]
     if not bool(torch.isfinite(values).all()):
         return None
@@ -70,20 +74,25 @@ def _nearest_1d(x: Tensor, codebook: Tensor) -> Tensor | None:
     distinct, counts = torch.unique_consecutive(ordered, return_counts=True)
     first = order[torch.cumsum(counts, 0) - counts]  # stable sort: the first of a run has the lowest index
     top = len(distinct) - 1
-    v = x[:, 0].contiguous()
-    pos = torch.searchsorted(distinct, v)
-    lo, hi = (pos - 1).clamp(0, top), pos.clamp(max=top)
-    v64, d64 = v.double(), distinct.double()
-    d_lo, d_hi = (v64 - d64[lo]) ** 2, (v64 - d64[hi]) ** 2
-    out = torch.where(d_hi < d_lo, first[hi], first[lo])
-    out = torch.where(d_hi == d_lo, torch.minimum(first[lo], first[hi]), out)
-    best = torch.minimum(d_lo, d_hi)
-    doubtful = ~torch.isfinite(v)
-    doubtful |= (lo > 0) & ((v64 - d64[(lo - 1).clamp_min(0)]) ** 2 == best)
-    doubtful |= (hi < top) & ((v64 - d64[(hi + 1).clamp(max=top)]) ** 2 == best)
-    rows = doubtful.nonzero().squeeze(1)
-    if len(rows):
-        out[rows] = brute_force_nearest(x[rows], codebook)
+    d64 = distinct.double()
+    out = torch.empty(len(x), dtype=torch.long, device=x.device)
+    for start in range(0, len(x), ROW_BLOCK):
+        xb = x[start : start + ROW_BLOCK]
+        v = xb[:, 0].contiguous()
+        pos = torch.searchsorted(distinct, v)
+        lo, hi = (pos - 1).clamp(0, top), pos.clamp(max=top)
+        v64 = v.double()
+        d_lo, d_hi = (v64 - d64[lo]) ** 2, (v64 - d64[hi]) ** 2
+        found = torch.where(d_hi < d_lo, first[hi], first[lo])
+        found = torch.where(d_hi == d_lo, torch.minimum(first[lo], first[hi]), found)
+        best = torch.minimum(d_lo, d_hi)
+        doubtful = ~torch.isfinite(v)
+        doubtful |= (lo > 0) & ((v64 - d64[(lo - 1).clamp_min(0)]) ** 2 == best)
+        doubtful |= (hi < top) & ((v64 - d64[(hi + 1).clamp(max=top)]) ** 2 == best)
+        rows = doubtful.nonzero().squeeze(1)
+        if len(rows):
+            found[rows] = brute_force_nearest(xb[rows], codebook)
+        out[start : start + ROW_BLOCK] = found
     return out
 
 
@@ -310,33 +319,35 @@ class BoundedSearch:
         moved): the rows not proved by ``|x - p_a| + m + P < l``; leaves ``m`` in ``self._moved``."""
         n, d = x.shape
         moved = torch.empty(n, dtype=x.dtype, device=x.device)
-        dist = torch.empty(n, dtype=x.dtype, device=x.device)
         ones = torch.ones(d, dtype=x.dtype, device=x.device)
         u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
         by_product = _unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
         block = max(1, self.check_elements // d)
         buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
+        dist = torch.empty(min(block, n), dtype=x.dtype, device=x.device)
+        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
+        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
 
-        def sqdist(part: slice, y: Tensor, out: Tensor) -> None:
+        def sqdist(part: slice, y: Tensor, out: Tensor) -> Tensor:
             diff = buf[: part.stop - part.start]
             torch.sub(x[part], y[part], out=diff)
             if by_product:  # the squares summed by a product with a vector of ones: the fastest way
-                torch.mv(diff.square_(), ones, out=out[part])
+                torch.mv(diff.square_(), ones, out=out)
             else:
-                torch.sum(diff.square_(), dim=1, out=out[part])
+                torch.sum(diff.square_(), dim=1, out=out)
+            return out.mul_(scale).sqrt_()
 
+        failed = []
         for start in range(0, n, block):
             part = slice(start, min(n, start + block))
             if pool_moved:
                 torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
-            sqdist(part, self.searched, dist)
-            sqdist(part, self.anchor, moved)
-        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
-        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
-        self._moved = moved.mul_(scale).sqrt_()
-        # Written so that a NaN anywhere counts as a failed proof.
-        ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
-        return ok.logical_not_().nonzero().squeeze(1)
+            m = sqdist(part, self.anchor, moved[part])
+            near = sqdist(part, self.searched, dist[: part.stop - start])
+            ok = near.add_(m).mul_(1 + SLACK) < self._penalty(self.lower[part])  # a NaN anywhere: not proved
+            failed.append(ok.logical_not_().nonzero().squeeze(1).add_(start))
+        self._moved = moved
+        return torch.cat(failed) if failed else torch.zeros(0, dtype=torch.long, device=x.device)
 
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
         """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
@@ -401,13 +412,14 @@ class BoundedSearch:
                 return self._full(x, codebook)
             rows = self._pass(x, moved)
             full = 0
-            if len(rows):
-                xr = x[rows]
-                left = self._by_candidates(rows, xr, self._moved[rows])
+            for start in range(0, len(rows), ROW_BLOCK):
+                part = rows[start : start + ROW_BLOCK]
+                xr = x[part]
+                left = self._by_candidates(part, xr, self._moved[part])
                 if len(left):
                     found, lower, cand, rest = _scan(xr[left], codebook, self.chunk_elements, self.candidates)
-                    self._store(rows[left], xr[left], found, lower, rest, cand)
-                    full = len(left)
+                    self._store(part[left], xr[left], found, lower, rest, cand)
+                    full += len(left)
             self._moved = None
             self.last_searched, self.last_full = len(rows), full
             return self.indices

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nws.search
 from nws import brute_force_nearest, nearest
-from nws.search import BoundedSearch
+from nws.search import ROW_BLOCK, BoundedSearch
 
 DIMS = [1, 9, 18, 49]
 
@@ -138,9 +139,11 @@ def test_random_walk_with_snaps_and_ties(one_thread: None) -> None:
         assert torch.equal(nearest(w, codebook), brute_force_nearest(w, codebook)), f"step {step}"
 
 
-def test_bounded_search_random_walk(one_thread: None) -> None:
+@pytest.mark.parametrize("row_block", [ROW_BLOCK, 7])  # 7: the failed kernels resolved in many blocks
+def test_bounded_search_random_walk(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The incremental search of a frozen pool equals brute force on every one of 300 moving steps,
     with ties (duplicated entries, exact midpoints), still steps and rows that jump far."""
+    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
     g = _gen(7)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
@@ -164,10 +167,12 @@ def test_bounded_search_random_walk(one_thread: None) -> None:
     assert searched[0] == n and sum(searched[1:]) < 0.75 * n * len(searched[1:])
 
 
-def test_bounded_search_moving_pool_random_walk(one_thread: None) -> None:
+@pytest.mark.parametrize("row_block", [ROW_BLOCK, 7])  # 7: the failed kernels resolved in many blocks
+def test_bounded_search_moving_pool_random_walk(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels and pool entries both move every step (as in pool pretraining: SGD on the kernels, an EMA of
     the assigned kernels on the entries), with snaps onto entries, exact midpoints and jumps: the search
     equals brute force on every step, and the drift bounds spare most kernels a search."""
+    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
     g = _gen(9)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
