@@ -73,6 +73,19 @@ def assert_consistent(out: Path) -> None:
         assert int(name[5:8]) not in listed(out)
 
 
+def killed_in_task_3(out: Path, *extra: str) -> None:
+    """Run the demo into ``out`` and SIGKILL it once it starts training task 3: tasks 0-2 are finished and
+    listed, and what the kill left is consistent."""
+    proc = demo(out, *extra, stdout=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("[task_003]"):
+            proc.kill()
+            break
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    assert_consistent(out)
+    assert listed(out)[:3] == [0, 1, 2]
+
+
 def test_killed_run_resumes_to_the_uninterrupted_files(tmp_path):
     reference = demo(tmp_path / "reference", stdout=subprocess.DEVNULL)
     out = tmp_path / "run"
@@ -93,14 +106,7 @@ def test_killed_run_resumes_to_the_uninterrupted_files(tmp_path):
     kept = snapshot(out, [POOLS, SOURCE, task_file(0)])
 
     # 3. resumed, killed while training task 3
-    proc = demo(out, "--resume", stdout=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("[task_003]"):
-            proc.kill()
-            break
-    assert proc.wait(timeout=300) == -signal.SIGKILL
-    assert_consistent(out)
-    assert listed(out)[:3] == [0, 1, 2]
+    killed_in_task_3(out, "--resume")
     assert snapshot(out, list(kept)) == kept
     kept = snapshot(out, [POOLS, SOURCE, *(task_file(i) for i in listed(out))])
 
@@ -125,14 +131,7 @@ def test_killed_chain_run_resumes_to_the_uninterrupted_files(tmp_path):
     chain = ("--model.code_reference", "previous", "--model.key_every", "2")
     reference = demo(tmp_path / "reference", *chain, stdout=subprocess.DEVNULL)
     out = tmp_path / "run"
-    proc = demo(out, *chain, stdout=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("[task_003]"):
-            proc.kill()
-            break
-    assert proc.wait(timeout=300) == -signal.SIGKILL
-    assert_consistent(out)
-    assert listed(out)[:3] == [0, 1, 2]
+    killed_in_task_3(out, *chain)
     kept = snapshot(out, [POOLS, SOURCE, REFERENCE, *(task_file(i) for i in listed(out))])
     assert demo(out, *chain, "--resume", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
     assert snapshot(out, list(kept)) == kept
