@@ -319,35 +319,33 @@ class BoundedSearch:
         moved): the rows not proved by ``|x - p_a| + m + P < l``; leaves ``m`` in ``self._moved``."""
         n, d = x.shape
         moved = torch.empty(n, dtype=x.dtype, device=x.device)
+        dist = torch.empty(n, dtype=x.dtype, device=x.device)
         ones = torch.ones(d, dtype=x.dtype, device=x.device)
         u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
         by_product = _unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
         block = max(1, self.check_elements // d)
         buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
-        dist = torch.empty(min(block, n), dtype=x.dtype, device=x.device)
-        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
-        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
 
-        def sqdist(part: slice, y: Tensor, out: Tensor) -> Tensor:
+        def sqdist(part: slice, y: Tensor, out: Tensor) -> None:
             diff = buf[: part.stop - part.start]
             torch.sub(x[part], y[part], out=diff)
             if by_product:  # the squares summed by a product with a vector of ones: the fastest way
-                torch.mv(diff.square_(), ones, out=out)
+                torch.mv(diff.square_(), ones, out=out[part])
             else:
-                torch.sum(diff.square_(), dim=1, out=out)
-            return out.mul_(scale).sqrt_()
+                torch.sum(diff.square_(), dim=1, out=out[part])
 
-        failed = []
         for start in range(0, n, block):
             part = slice(start, min(n, start + block))
             if pool_moved:
                 torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
-            m = sqdist(part, self.anchor, moved[part])
-            near = sqdist(part, self.searched, dist[: part.stop - start])
-            ok = near.add_(m).mul_(1 + SLACK) < self._penalty(self.lower[part])  # a NaN anywhere: not proved
-            failed.append(ok.logical_not_().nonzero().squeeze(1).add_(start))
-        self._moved = moved
-        return torch.cat(failed) if failed else torch.zeros(0, dtype=torch.long, device=x.device)
+            sqdist(part, self.searched, dist)
+            sqdist(part, self.anchor, moved)
+        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
+        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
+        self._moved = moved.mul_(scale).sqrt_()
+        # Written so that a NaN anywhere counts as a failed proof.
+        ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
+        return ok.logical_not_().nonzero().squeeze(1)
 
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
         """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the

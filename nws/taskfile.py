@@ -215,6 +215,20 @@ def read_pools(data: bytes, what: str) -> tuple[dict[str, Tensor], str, ModelSpe
     return books, fingerprint, spec
 
 
+def adopt_legacy_biases(model: nn.Module, stored: Mapping[str, Tensor]) -> None:
+    """Give each bias-free Conv2d or Linear of ``model`` whose bias ``stored`` holds (float32, one value per
+    output) a bias, for the state to load into: runs written before nws's models lost their biases (the
+    convnet's convs and every classifier, 2026-12-02) still load. Any other extra key is left for the state
+    check to refuse."""
+    modules = dict(model.named_modules())
+    for key, value in stored.items():
+        name, _, leaf = key.rpartition(".")
+        module = modules.get(name)
+        if (leaf == "bias" and isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None
+                and value.dtype == torch.float32 and tuple(value.shape) == (module.weight.shape[0],)):
+            module.bias = nn.Parameter(torch.zeros_like(value))
+
+
 def stored_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """What a task file of format 2 stores besides its codes: :func:`split_state` without the
     ``num_batches_tracked`` counters of BatchNorm layers that never read them (their momentum is set)."""
@@ -435,6 +449,7 @@ def build_task(tf: TaskFile, books: dict[str, Tensor], run_spec: ModelSpec, refe
         state = {k.split(".", 1)[1]: v for k, v in tf.tensors.items() if k.startswith(("bn.", "other."))}
         if len(state) + 1 != len(tf.tensors):
             raise StoreError(f"{what} holds unexpected tensors")
+        adopt_legacy_biases(model, state)
         bn, other = split_state(model)
         check_state(state, {**bn, **other}, what)
     else:
@@ -470,6 +485,7 @@ def model_from_source(data: bytes, books: dict[str, Tensor], run_spec: ModelSpec
     if spec != run_spec:
         raise StoreError(f"{what} is for another architecture or NWS settings than this run's pools")
     model = build_model(spec, what)
+    adopt_legacy_biases(model, tensors)
     check_state(tensors, model.state_dict(), what)
     model.load_state_dict(tensors)
     load_pools_into(model, books, what)

@@ -344,6 +344,42 @@ def test_a_run_of_task_format_1_loads_and_evaluates_as_recorded(tmp_path):
         assert all(torch.equal(codes[name], layer.search()) for name, layer in nws_layers(store.model(t["index"])))
 
 
+BIASES = Path(__file__).parent / "fixtures" / "run_biases"  # written by nws ea046b4, whose models had biases
+
+
+def test_a_run_whose_models_had_biases_loads_and_evaluates_as_recorded(tmp_path):
+    """A run written before the models lost their biases (the convnet's classifier had one): its source and
+    tasks rebuild with the stored biases and score exactly what the run recorded."""
+    from nws.config import DataConfig
+    from nws.data import benchmark_from_config
+    from nws.runner import collect_results
+
+    run = Path(shutil.copytree(BIASES, tmp_path / "run"))
+    recorded = json.loads((run / "results.json").read_text())
+    store = TaskStore(run)
+    store.check()
+    benchmark = benchmark_from_config(DataConfig(**recorded["config"]["data"]), recorded["config"]["seed"])
+    results = collect_results(store, benchmark)
+    assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
+    stored = unpack_file((run / task_file(1)).read_bytes(), "nws-task", "t")[0]["other.fc.bias"]
+    assert torch.equal(store.model(1).fc.bias, stored)
+    assert torch.equal(store.load_source().fc.bias, unpack_file((run / SOURCE).read_bytes(), "nws-source", "s")[0]["fc.bias"])
+
+
+def test_a_stored_bias_of_no_bias_free_layer_is_refused(tmp_path):
+    """Only the bias of a bias-free Conv2d or Linear of the model is adopted; any other extra entry is refused."""
+    run = Path(shutil.copytree(BIASES, tmp_path / "run"))
+    for name, key, renamed in ((task_file(1), "other.fc.bias", "other.features.2.bias"),
+                               (SOURCE, "fc.bias", "features.2.bias")):  # features.2: a ReLU
+        (run / name).write_bytes(edit_header((run / name).read_bytes(),
+                                             lambda header, k=key, r=renamed: header.update({r: header.pop(k)})))
+        reseal(run, name)
+    with pytest.raises(StoreError, match="unexpected"):
+        TaskStore(run).model(1)
+    with pytest.raises(StoreError, match="unexpected"):
+        TaskStore(run).load_source()
+
+
 def test_a_format_1_task_for_another_architecture_is_refused(tmp_path):
     run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
     name = task_file(1)
