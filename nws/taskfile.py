@@ -217,9 +217,9 @@ def read_pools(data: bytes, what: str) -> tuple[dict[str, Tensor], str, ModelSpe
 
 def adopt_legacy_biases(model: nn.Module, stored: Mapping[str, Tensor]) -> None:
     """Give each bias-free Conv2d or Linear of ``model`` whose bias ``stored`` holds (float32, one value per
-    output) a bias, for the state to load into: runs written before nws's models lost their biases (the
-    convnet's convs and every classifier, 2026-12-02) still load. Any other extra key is left for the state
-    check to refuse."""
+    output) a bias, for the state to load into: runs written before nws's models lost their biases (every
+    classifier and VGG16-BN's convs, 2026-12-02) still load. Any other extra key is left for the state check
+    to refuse."""
     modules = dict(model.named_modules())
     for key, value in stored.items():
         name, _, leaf = key.rpartition(".")
@@ -261,11 +261,9 @@ def flatten_state(kind: str, state: dict[str, Tensor], dtype: torch.dtype = torc
     return {name: torch.cat(parts) for name, parts in groups.items()}
 
 
-def _stored_as(tensors: dict[str, Tensor], kind: str, dtype: torch.dtype, what: str) -> str:
-    """The name of the flat tensor holding ``kind``'s entries of ``dtype``: float32 entries may be stored in one
-    of :data:`FLOAT_STORAGE`, every other dtype as itself."""
-    if dtype != torch.float32:
-        return f"{kind}.{_dtype_name(dtype)}"
+def _float_name(tensors: dict[str, Tensor], kind: str, what: str) -> str:
+    """The name of the flat tensor holding ``kind``'s float32 entries, which a file may store in any one of
+    :data:`FLOAT_STORAGE` (every other dtype is stored as itself)."""
     names = [name for name in (f"{kind}.{_dtype_name(d)}" for d in FLOAT_STORAGE) if name in tensors]
     if len(names) > 1:
         raise StoreError(f"{what} stores its {kind} floats in more than one precision ({', '.join(names)})")
@@ -278,8 +276,9 @@ def unflatten_state(tensors: dict[str, Tensor], kind: str, expected: dict[str, T
     stored in a lower float precision come back as float32."""
     state: dict[str, Tensor] = {}
     used: dict[str, int] = {}
+    floats = _float_name(tensors, kind, what)
     for key, ref in expected.items():
-        name = _stored_as(tensors, kind, ref.dtype, what)
+        name = floats if ref.dtype == torch.float32 else f"{kind}.{_dtype_name(ref.dtype)}"
         flat = tensors.get(name)
         if flat is None or flat.dim() != 1 or f"{kind}.{_dtype_name(flat.dtype)}" != name:
             raise StoreError(f"{what}: no {name} tensor (1-D {name.split('.', 1)[1]}) for the model's {key}")

@@ -168,7 +168,8 @@ def test_bounded_search_random_walk(one_thread: None, row_block: int, monkeypatc
 
 
 @pytest.mark.parametrize("row_block", [ROW_BLOCK, 7])  # 7: the failed kernels resolved in many blocks
-def test_bounded_search_moving_pool_random_walk(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounded_search_moving_pool_random_walk(one_thread: None, row_block: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels and pool entries both move every step (as in pool pretraining: SGD on the kernels, an EMA of
     the assigned kernels on the entries), with snaps onto entries, exact midpoints and jumps: the search
     equals brute force on every step, and the drift bounds spare most kernels a search."""

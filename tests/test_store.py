@@ -363,7 +363,8 @@ def test_a_run_whose_models_had_biases_loads_and_evaluates_as_recorded(tmp_path)
     assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
     stored = unpack_file((run / task_file(1)).read_bytes(), "nws-task", "t")[0]["other.fc.bias"]
     assert torch.equal(store.model(1).fc.bias, stored)
-    assert torch.equal(store.load_source().fc.bias, unpack_file((run / SOURCE).read_bytes(), "nws-source", "s")[0]["fc.bias"])
+    source = unpack_file((run / SOURCE).read_bytes(), "nws-source", "s")[0]
+    assert torch.equal(store.load_source().fc.bias, source["fc.bias"])
 
 
 def test_a_stored_bias_of_no_bias_free_layer_is_refused(tmp_path):
