@@ -12,16 +12,20 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from nws.launch import SLURM_ACTIVE
 
 pytestmark = pytest.mark.slurm
 
@@ -83,9 +87,28 @@ def nws(*args: str, srun: list[str] | None = None, wait: bool = True, **kwargs):
 
 
 def states(job_id: str) -> list[str]:
-    """``ID STATE`` of the job (each task of an array), finished ones included."""
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", job_id], capture_output=True, text=True)
-    return sorted(proc.stdout.splitlines())
+    """``ID STATE`` of each task of the job once none is active or COMPLETING any more (a launcher returns as
+    soon as a job's result exists, while SLURM may still be cleaning up): squeue polled until then, failing
+    with the last states seen after ``TIMEOUT``."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", job_id], capture_output=True,
+                              text=True, timeout=60)
+        seen = sorted(proc.stdout.splitlines())
+        if proc.returncode == 0 and seen and not any(line.split()[1] in SLURM_ACTIVE for line in seen):
+            return seen
+        assert time.monotonic() < deadline, f"job {job_id} still active after {TIMEOUT} s: {seen or proc.stderr}"
+        time.sleep(0.2)
+
+
+def read_line(stream, timeout: float = TIMEOUT) -> str:
+    """The next line of a child's ``stream``, failing after ``timeout`` seconds instead of blocking forever."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"no line from the child within {timeout} s", pytrace=False)
 
 
 def listed(run: Path) -> list[int]:
@@ -172,7 +195,10 @@ def test_job_cancelled_mid_task_resumes_to_the_uninterrupted_files(tmp_path):
     seed_dir = out / "seed_7"
     launch = nws("-m", "nws.cli", "launch", CONFIG, "--seeds", "7", "--out", str(out), "--slurm", slurm_spec(), *run,
                  wait=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job = re.match(r"seed 7: SLURM job (\S+) -> ", launch.stdout.readline()).group(1)
+    line = read_line(launch.stdout)
+    job = re.match(r"seed 7: SLURM job (\S+) -> ", line)
+    assert job, line + launch.stderr.read()[-3000:] if launch.poll() is not None else line
+    job = job.group(1)
     checkpoint = seed_dir / "checkpoints" / "task_001" / "last.ckpt"
     deadline = time.monotonic() + TIMEOUT
     while not checkpoint.exists():
