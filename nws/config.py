@@ -50,7 +50,7 @@ DeviceList = restricted_string_type("DeviceList", r"^(auto|\d+(,\d+)*,|\d+(,\d+)
 def registered_name(kind: str, names: str):
     """A ``str`` type that accepts the names registered in ``names`` (``module:attribute``, a collection or a
     function returning one), looked up when a value is parsed or ``--help`` shown."""
-    extend = {"_names": names}
+    extend = {"_names": names, "_kind": kind}
     return extend_base_type(f"{kind.title()}Name", str, lambda cls, value: _check_name(cls, value, kind),
                             extra_attrs=extend, register_key=(kind, names))
 
@@ -426,6 +426,8 @@ def explain(message: str, given: Any = None, types: Mapping[str, Any] | None = N
     value = given(key) if given is not None else None
     if typing.get_origin(typehint) is list and not isinstance(value, list):
         value = None  # one of several values given after the option: which one is not known
+    if hasattr(typehint, "_names") and value is not None:
+        return f"{key}: unknown {typehint._kind} {value!r}; choose one of {', '.join(registered_names(typehint))}"
     shown = f"{value!r} is not allowed" if value is not None else "not allowed"
     return f"{key}: {shown} ({allowed(typehint)})"
 
