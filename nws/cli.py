@@ -1,17 +1,25 @@
-"""The ``nws`` command: ``demo``, ``run``, ``eval``, ``report``, ``data``, ``launch`` and ``pools``.
+"""The ``nws`` command: one jsonargparse parser with a subcommand per job (:data:`COMMANDS`).
 
-Problems with the user's input (a missing or malformed config, an unknown key, a wrong type, a missing or
+Every run setting has one spelling in every command (``--group.key value``, as in the config files), no
+long option may be abbreviated, and every ``--help`` says what each option allows and gives an example.
+Problems with the user's input (a missing or malformed config, an unknown key, a wrong value, a missing or
 corrupt run) end with one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Optional
 
-from nws.config import ConfigError, RunConfig, one_line, parse_run_args
+from jsonargparse import Namespace
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from nws.config import (ConfigError, ModelConfig, Parser, add_settings, config_from_namespace,
+                        explain, given_on_command_line, packaged_configs, registered_name,
+                        setting_types, stored_config)
 from nws.errors import NWSError
 
 USAGE_ERROR = 2
@@ -21,42 +29,88 @@ class UsageError(NWSError):
     """Bad command-line arguments."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are :class:`UsageError` (one line, exit 2) instead of usage text."""
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it does (one line), an example, its options and what it runs."""
 
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+    about: str
+    example: str
+    options: Callable[[Parser], None]
+    handler: Callable[[Namespace], int]
 
 
-def _run(config: RunConfig, resume: bool = False) -> None:
+# ------------------------------------------------------------------------------------------ run, demo, compare
+
+
+# Read from nws.methods when a method is named or --help shown (importing the methods imports Lightning).
+MethodName = registered_name("method", "nws.methods:METHODS")
+
+
+def _run_options(parser: Parser) -> None:
+    add_settings(parser, MethodName)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out: finished tasks are kept, the rest learned")
+
+
+def _demo_options(parser: Parser) -> None:
+    _run_options(parser)
+    parser.add_argument("--compare", action="store_true",
+                        help="run NWS and every baseline on the same tasks instead, then the report "
+                        "(nws demo --compare --help: its options)")
+
+
+def _compare_options(parser: Parser) -> None:
+    add_settings(parser, skip=["method"])
+    parser.set_defaults(out="runs/compare")
+
+
+def cmd_run(args: Namespace) -> int:
     from nws.engine import shutdown_distributed
-    from nws.report import run_markdown
     from nws.runner import Runner
-    from nws.store import atomic_write
 
-    runner = Runner(config)
-    results = runner.run(resume=resume)
+    runner = Runner(config_from_namespace(args.as_dict()))
+    results = runner.run(resume=args.resume)
     shutdown_distributed()
     if not runner.ctx.writer:  # a distributed rank other than 0: rank 0 reports
-        return
+        return 0
+    from nws.report import run_markdown
+    from nws.store import atomic_write
+
     table = run_markdown(results)
     atomic_write(runner.out / "results.md", table.encode())
     print()
     print(table, end="")
     print(f"Results: {runner.out / 'results.json'}")
+    return 0
 
 
-def cmd_eval(argv: Sequence[str]) -> int:
-    parser = _OneLineParser(prog="nws eval", description="Evaluate stored tasks from storage alone, on the run's "
-                            "own benchmark and device settings.")
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--task", type=int, default=None, help="only this task index")
-    parser.add_argument("--data-root", default=None, help="where the benchmark's data is now, if it moved "
-                        "(default: the run's data.root)")
-    args = parser.parse_args(argv)
+def cmd_compare(args: Namespace) -> int:
+    from nws.compare import compare
+
+    config = config_from_namespace(args.as_dict())
+    out = Path(config.out)
+    result = compare(config, out)
+    print()
+    print((out / "report" / "report.md").read_text().split("\n\n![")[0])
+    print("Seconds: " + ", ".join(f"{m} {s:.0f}" for m, s in result["seconds"].items())
+          + f"; total {sum(result['seconds'].values()):.0f}")
+    print(f"Report: {out / 'report' / 'report.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval, report, configs
+
+
+def _eval_options(parser: Parser) -> None:
+    parser.add_argument("--run", type=str, required=True, help="run directory")
+    parser.add_argument("--task", type=Optional[NonNegativeInt], default=None, help="only this task index")
+    parser.add_argument("--data.root", type=Optional[str], default=None,
+                        help="where the benchmark's files are now, if they moved (default: the run's data.root)")
+
+
+def cmd_eval(args: Namespace) -> int:
     import dataclasses
 
-    from nws.config import config_from_dict
     from nws.data import benchmark_from_config
     from nws.engine import eval_device, evaluate
     from nws.methods import open_run
@@ -64,10 +118,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
     store = open_run(args.run)
     if "config" not in store.manifest:
         raise UsageError(f"{args.run} does not record its config, so its benchmark is unknown")
-    config = config_from_dict(store.manifest["config"], f"{args.run}'s config")
-    data = dataclasses.replace(config.data, source="none",
-                               root=args.data_root if args.data_root is not None else config.data.root)
-    benchmark = benchmark_from_config(data, config.seed)
+    config = stored_config(store.manifest["config"], f"{args.run}'s config")
+    root = args.data.root if args.data.root is not None else config.data.root
+    benchmark = benchmark_from_config(dataclasses.replace(config.data, source="none", root=root), config.seed)
     device = eval_device(config.trainer)
     entries = [t for t in store.tasks() if args.task is None or t["index"] == args.task]
     if not entries:
@@ -81,7 +134,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
                            num_workers=config.data.num_workers, device=device)
         except NWSError as err:
             failed += 1
-            print(f"task {t['index']} ({t['name']}): FAILED: {one_line(err)}")
+            print(f"task {t['index']} ({t['name']}): FAILED: {' '.join(str(err).split())}")
             continue
         recorded = t.get("acc_after_training")
         note = f" (after training: {100 * recorded:.2f}%)" if recorded is not None else ""
@@ -89,210 +142,258 @@ def cmd_eval(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-def cmd_report(argv: Sequence[str]) -> int:
-    parser = _OneLineParser(prog="nws report", description="Compare runs: a markdown table and plots. "
-                                     "Runs of one method and settings with different seeds are averaged.")
-    parser.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
-    parser.add_argument("--out", default=None, help="report directory (default: report/ next to the first run, "
-                        "or inside it if it is a directory of runs)")
-    args = parser.parse_args(argv)
+def _report_options(parser: Parser) -> None:
+    parser.add_argument("runs", type=str, nargs="+", help="run directories, or directories holding runs")
+    parser.add_argument("--out", type=Optional[str], default=None,
+                        help="report directory (default: report/ next to the first run, or inside it if it is a "
+                        "directory of runs)")
 
+
+def cmd_report(args: Namespace) -> int:
+    return _report([str(r) for r in _flat(args.runs)], args.out)
+
+
+def _flat(items: Any) -> list:
+    return [x for item in items for x in (item if isinstance(item, list) else [item])]
+
+
+def _report(runs: list[str], out_dir: str | None) -> int:
     from nws.report import write_report
 
-    first = Path(args.runs[0]).resolve()
-    out = Path(args.out) if args.out else (first.parent if (first / "results.json").is_file() else first) / "report"
-    write_report(args.runs, out)
+    first = Path(runs[0]).resolve()
+    out = Path(out_dir) if out_dir else (first.parent if (first / "results.json").is_file() else first) / "report"
+    write_report(runs, out)
     print((out / "report.md").read_text().split("\n\n![")[0])
     print(f"Report: {out / 'report.md'}")
     return 0
 
 
-def cmd_data(argv: Sequence[str]) -> int:
-    parser = _OneLineParser(prog="nws data", description="Get or check benchmark data.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    get = sub.add_parser("cifar100", help="download (or use the archive already there), verify and extract CIFAR-100")
-    get.add_argument("--root", required=True, help="directory for cifar-100-python/ (and the archive)")
-    for name in ("fashion-mnist", "mnist"):
-        idx = sub.add_parser(name, help=f"verify the official {name} IDX files in a folder, downloading missing ones")
-        idx.add_argument("--root", required=True, help="folder holding (or to hold) the four .gz or gunzipped files")
-    check = sub.add_parser("check", help="validate a benchmark's layout and class counts")
-    check.add_argument("--root", required=True, nargs="+", help="the benchmark's data root (--data.root of a "
-                       "run); for folders, each task folder (and the source folder)")
-    check.add_argument("--benchmark", default="cub2sketches",
-                       choices=["cub2sketches", "split_cifar100", "split_fashion_mnist", "imagenet", "folders"])
-    args = parser.parse_args(argv)
-    if args.action == "cifar100":
+def cmd_configs(args: Namespace) -> int:
+    configs = packaged_configs()
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:{width}s}  {first}")
+    print(f"\nnws run --config NAME [--group.key value ...]; the files are in {path.parent}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _data_options(parser: Parser) -> None:
+    from nws.data import benchmark_entry, list_benchmarks
+
+    sub = parser.add_subcommands(dest="action", required=True)
+    for name, about in (("cifar100", "download (or use the archive already there), verify and extract CIFAR-100"),
+                        ("fashion-mnist", "verify the official Fashion-MNIST IDX files in a folder, downloading "
+                         "missing ones"),
+                        ("mnist", "verify the official MNIST IDX files in a folder, downloading missing ones")):
+        get = Parser(prog=f"nws data {name}", description=about, epilog=f"example:\n  nws data {name} --root data/{name}")
+        get.add_argument("--root", type=str, required=True, help="the folder for the files (created if missing)")
+        sub.add_subcommand(name, get, help=about)
+    checked = [b for b in list_benchmarks() if benchmark_entry(b).check is not None]
+    about = "validate a benchmark's files: layout, class counts, images per split"
+    check = Parser(prog="nws data check", description=about + ". Benchmarks: " + "; ".join(
+        f"{b}: {benchmark_entry(b).about}" for b in checked),
+        epilog="example:\n  nws data check --benchmark cub2sketches --root data/cub2sketches")
+    check.add_argument("--benchmark", type=Literal[tuple(checked)], required=True, help="the benchmark to check")
+    check.add_argument("--root", type=str, nargs="+", required=True,
+                       help="the benchmark's data root (--data.root of a run); for folders, each task folder")
+    sub.add_subcommand("check", check, help=about)
+
+
+def cmd_data(args: Namespace) -> int:
+    action = args.action
+    sub = args[action]
+    if action == "cifar100":
         from nws.data.cifar100 import prepare
 
-        print(prepare(args.root)[1])
+        print(prepare(sub.root)[1])
         return 0
-    if args.action in ("fashion-mnist", "mnist"):
+    if action in ("fashion-mnist", "mnist"):
         from nws.data import mnist
 
-        print(mnist.prepare(args.root, args.action)[1])
+        print(mnist.prepare(sub.root, action)[1])
         return 0
-    roots = args.root
-    if args.benchmark != "folders" and len(roots) > 1:
-        raise UsageError(f"nws data check: --benchmark {args.benchmark} takes one --root")
-    if args.benchmark == "split_fashion_mnist":
-        from nws.data import mnist
+    from nws.data import benchmark_entry
 
-        data = mnist.load_idx_data(roots[0], mnist.FASHION_MNIST, "--root")
-        rows = [{"name": "fashion-mnist", "classes": 10, "train": len(data.labels["train"]),
-                 "test": len(data.labels["test"])}]
-    elif args.benchmark == "split_cifar100":
-        from nws.data.cifar100 import load_cifar100
-
-        data = load_cifar100(roots[0])
-        rows = [{"name": "cifar100", "classes": 100, "train": len(data.fine["train"]), "test": len(data.fine["test"])}]
-    else:
-        from nws.data.folders import check_cub2sketches, check_folders, check_imagenet
-
-        check_one = {"cub2sketches": check_cub2sketches, "imagenet": check_imagenet}.get(args.benchmark)
-        rows = check_folders(roots) if check_one is None else check_one(roots[0])
-    test = "val" if args.benchmark == "imagenet" else "test"
+    entry, roots = benchmark_entry(sub.benchmark), [Path(r) for r in _flat(sub.root)]
+    if len(roots) > 1 and not entry.many_roots:
+        raise UsageError(f"nws data check: --benchmark {entry.name} takes one --root")
+    rows = entry.check(roots)
+    test = entry.test_split
     print(f"| data set | classes | train images | {test} images |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['classes']} | {r['train']} | {r[test]} |")
-    print(f"{', '.join(roots)}: layout and class counts OK for {args.benchmark}")
+    print(f"{', '.join(map(str, roots))}: layout and class counts OK for {entry.name}")
     return 0
 
 
-def cmd_launch(argv: Sequence[str]) -> int:
-    parser = _OneLineParser(
-        prog="nws launch", description="One run per seed (submitit: SLURM or local processes), then nws report. "
-        "Other --group.key value arguments override the config, as for nws run.", allow_abbrev=False)
-    parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
-    parser.add_argument("--out", default=None, help="directory of the runs, one seed_<S>/ each (default: the "
-                        "config's out)")
-    parser.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
-                        help="submit to SLURM: partition, gpus (per node), nodes, hours, cpus, mem (GB), account, "
-                        "qos, constraint")
+# ------------------------------------------------------------------------------------------ launch
+
+
+def _launch_options(parser: Parser) -> None:
+    add_settings(parser, MethodName)
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one run per seed")
+    parser.add_argument("--slurm", type=Optional[str], default=None,
+                        help="submit to SLURM, as KEY=VALUE,...: partition, gpus (per node), nodes, hours, cpus, "
+                        "mem (GB), account, qos, constraint")
     parser.add_argument("--parallel", action="store_true", help="local jobs: run all seeds at once")
-    parser.add_argument("--no-wait", action="store_true", help="SLURM: submit and return; report later")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--no_wait", action="store_true", help="SLURM: submit and return; report later")
+
+
+def cmd_launch(args: Namespace) -> int:
     from nws.launch import launch
 
-    dirs = launch(args.config, args.seeds, overrides, out=Path(args.out) if args.out else None, slurm=args.slurm,
-                  parallel=args.parallel, wait=not args.no_wait)
+    config = config_from_namespace(args.as_dict())
+    dirs = launch(config, _flat(args.seeds), slurm=args.slurm, parallel=args.parallel, wait=not args.no_wait)
     if args.no_wait:
         print("when the jobs are done: nws report " + " ".join(str(d) for d in dirs))
         return 0
-    return cmd_report([str(d) for d in dirs] + ["--out", str(dirs[0].parent / "report")])
+    return _report([str(d) for d in dirs], str(dirs[0].parent / "report"))
 
 
-def cmd_compare(argv: Sequence[str]) -> int:
-    """``nws demo --compare``: NWS and every baseline on the demo data, then the report."""
-    from nws.compare import compare
-
-    config, resume = parse_run_args(argv, prog="nws demo --compare", require_config=False)
-    if resume:
-        raise UsageError("--compare runs every method afresh; --resume does not apply")
-    explicit = any(a.split("=")[0] in ("--out", "--config") for a in argv)
-    out = Path(config.out if explicit else "runs/compare")
-    result = compare(config, out)
-    print()
-    print((out / "report" / "report.md").read_text().split("\n\n![")[0])
-    print("Seconds: " + ", ".join(f"{m} {s:.0f}" for m, s in result["seconds"].items())
-          + f"; total {sum(result['seconds'].values()):.0f}")
-    print(f"Report: {out / 'report' / 'report.md'}")
-    return 0
+# ------------------------------------------------------------------------------------------ pools
 
 
-def cmd_pools(argv: Sequence[str]) -> int:
-    """``nws pools from-checkpoint`` / ``import-reference``: pools without pretraining, written as a directory
-    that ``nws run --pretrained DIR`` starts its first task from."""
-    parser = _OneLineParser(prog="nws pools", description="Pools without pretraining. The output directory "
-                            "holds the pools and the starting network; start a run from it with "
-                            "nws run ... --pretrained DIR.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{from-checkpoint,import-reference}")
-    ck = sub.add_parser("from-checkpoint", help="k-means pools of an ordinary pretrained state dict")
-    ck.add_argument("weights", help="state dict: .pt/.pth (torch.load weights_only) or .safetensors")
-    ck.add_argument("--arch", required=True, help="nws.models builder (resnet18, resnet34, vgg16_bn, ...)")
-    ck.add_argument("--kwargs", default="{}", help="builder arguments as YAML, e.g. '{maxpool: false}'")
-    ck.add_argument("--pool-size", type=int, default=512, help="K, entries per pool")
-    ck.add_argument("--group-size", type=int, default=1, help="g, input channels per grouped kernel")
-    ck.add_argument("--exclude", nargs="*", default=[], help="module-name patterns left unsearched")
-    ck.add_argument("--iters", type=int, default=25, help="at most this many Lloyd iterations")
+POOL_SETTINGS = ("name", "kwargs", "pool_size", "group_size", "exclude", "zero_entry")
+
+
+def _pools_options(parser: Parser) -> None:
+    sub = parser.add_subcommands(dest="action", required=True)
+    about = "k-means pools of an ordinary pretrained state dict"
+    ck = Parser(prog="nws pools from-checkpoint", description=about + "; start a run from them with nws run "
+                "--pretrained DIR", epilog="example:\n  nws pools from-checkpoint resnet18.pth --model.name resnet18 "
+                "--out runs/pools_r18")
+    ck.add_argument("weights", type=str, help="state dict: .pt/.pth (torch.load weights_only) or .safetensors")
+    ck.add_class_arguments(ModelConfig, "model",
+                           skip={f.name for f in ModelConfig.__dataclass_fields__.values()} - set(POOL_SETTINGS))
+    ck.groups["model"].title = "model: the checkpoint's network and the pools (as for nws run)"
+    name = next(a for a in ck._actions if a.dest == "model.name")
+    name.required, name.default = True, None  # the checkpoint's architecture: no default
+    ck.add_argument("--iters", type=NonNegativeInt, default=25, help="at most this many Lloyd iterations")
     ck.add_argument("--seed", type=int, default=0, help="seeds the k-means++ draws (layer i: seed + i)")
-    ck.add_argument("--zero-entry", action="store_true", help="entry 0 of every pool is all zero (sparsity)")
-    ck.add_argument("--new-head", action="store_true", help="drop the checkpoint's classifier and start a fresh "
+    ck.add_argument("--new_head", action="store_true", help="drop the checkpoint's classifier and start a fresh "
                     "one (e.g. torchvision vgg16_bn's three-layer head)")
-    ck.add_argument("--out", required=True, help="directory to write (must not hold a run)")
-    ref = sub.add_parser("import-reference", help="the reference implementation's pool-pretraining checkpoint")
-    ref.add_argument("checkpoint", help="torch.save file of the reference (read with weights_only=True)")
-    ref.add_argument("--out", required=True, help="directory to write (must not hold a run)")
-    args = parser.parse_args(argv)
+    ck.add_argument("--out", type=str, required=True, help="directory to write (must not hold a run)")
+    sub.add_subcommand("from-checkpoint", ck, help=about)
+    about = "the reference implementation's pool-pretraining checkpoint"
+    ref = Parser(prog="nws pools import-reference", description=about,
+                 epilog="example:\n  nws pools import-reference kernel_pool.pth --out runs/pools_ref")
+    ref.add_argument("checkpoint", type=str, help="torch.save file of the reference (read with weights_only=True)")
+    ref.add_argument("--out", type=str, required=True, help="directory to write (must not hold a run)")
+    sub.add_subcommand("import-reference", ref, help=about)
+
+
+def cmd_pools(args: Namespace) -> int:
     import time
+
     import yaml
 
     from nws import pool_sources as ps
     from nws.store import MANIFEST, save_pools_run
 
-    if (Path(args.out) / MANIFEST).exists():
-        raise UsageError(f"{args.out} already holds a run; choose another output directory")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"{args.out} exists and is not a directory")
+    sub = args[args.action]
+    if (Path(sub.out) / MANIFEST).exists():
+        raise UsageError(f"{sub.out} already holds a run; choose another output directory")
+    if Path(sub.out).exists() and not Path(sub.out).is_dir():
+        raise UsageError(f"{sub.out} exists and is not a directory")
     start = time.perf_counter()
     if args.action == "from-checkpoint":
-        try:
-            kwargs = yaml.safe_load(args.kwargs)
-        except yaml.YAMLError as err:
-            raise UsageError(f"--kwargs is not YAML ({one_line(err)})") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError(f"--kwargs must be a mapping such as '{{maxpool: false}}', got {args.kwargs!r}")
-        if args.pool_size < 1 + args.zero_entry or args.group_size < 1 or args.iters < 0:
-            raise UsageError("--pool-size must be >= 1 (>= 2 with --zero-entry), --group-size >= 1, --iters >= 0")
-        model, spec, report = ps.pools_from_checkpoint(args.weights, args.arch, args.pool_size, args.group_size,
-                                                       kwargs, args.exclude, args.iters, args.seed, args.zero_entry,
-                                                       args.new_head)
-        source = {"name": f"k-means of {args.weights}", "pools": "kmeans", "iters": args.iters, "seed": args.seed}
+        m = sub.model
+        if m.pool_size < 1 + m.zero_entry:
+            raise UsageError(f"model.pool_size: {m.pool_size} is not allowed (an integer >= 2 with "
+                             "model.zero_entry)")
+        model, spec, report = ps.pools_from_checkpoint(sub.weights, m.name, m.pool_size, m.group_size,
+                                                       dict(m.kwargs), list(m.exclude), sub.iters, sub.seed,
+                                                       m.zero_entry, sub.new_head)
+        source = {"name": f"k-means of {sub.weights}", "pools": "kmeans", "iters": sub.iters, "seed": sub.seed}
     else:
-        model, spec, report = ps.reference_pools(args.checkpoint)
-        source = {"name": f"reference checkpoint {args.checkpoint}", "pools": "reference"}
+        model, spec, report = ps.reference_pools(sub.checkpoint)
+        source = {"name": f"reference checkpoint {sub.checkpoint}", "pools": "reference"}
     seconds = time.perf_counter() - start
     try:
-        save_pools_run(args.out, model, spec, {**source, "quantisation": [r.to_json() for r in report]})
+        save_pools_run(sub.out, model, spec, {**source, "quantisation": [r.to_json() for r in report]})
     except OSError as err:
-        raise UsageError(f"cannot write {args.out} ({err.strerror or err})") from None
+        raise UsageError(f"cannot write {sub.out} ({err.strerror or err})") from None
     print(ps.format_report(report))
     kwargs_yaml = yaml.safe_dump(spec.kwargs, default_flow_style=True).strip()
-    print(f"\nPools of {spec.name} (K={spec.pool_size}, g={spec.group_size}) in {args.out} ({seconds:.1f} s). "
-          f"Start a run from them with: --pretrained {args.out} --model.name {spec.name} "
+    print(f"\nPools of {spec.name} (K={spec.pool_size}, g={spec.group_size}) in {sub.out} ({seconds:.1f} s). "
+          f"Start a run from them with: --pretrained {sub.out} --model.name {spec.name} "
           f"--model.kwargs '{kwargs_yaml}' --model.pool_size {spec.pool_size} --model.group_size {spec.group_size}"
           + (f" --model.exclude '{list(spec.exclude)}'" if spec.exclude else ""))
     return 0
 
 
+# ------------------------------------------------------------------------------------------ the parser
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("run the pipeline on the embedded digits data (--compare: NWS and every baseline)",
+                    "nws demo --task.epochs 5", _demo_options, cmd_run),
+    "run": Command("pretrain pools, learn every task, report accuracy and memory (no --config: the demo's "
+                   "settings)", "nws run --config split_cifar100_resnet18 --data.root data/cifar100",
+                   _run_options, cmd_run),
+    "compare": Command("NWS and every baseline on the same tasks, then the report (also: nws demo --compare)",
+                       "nws compare --config split_fashion_mnist_convnet --data.root data/fashion-mnist",
+                       _compare_options, cmd_compare),
+    "eval": Command("evaluate a run's stored tasks from its files alone, on the run's own benchmark",
+                    "nws eval --run runs/demo --task 0", _eval_options, cmd_eval),
+    "report": Command("tables and plots comparing runs (methods, seeds)", "nws report runs/compare",
+                      _report_options, cmd_report),
+    "configs": Command("list the packaged configs (nws run --config NAME)", "nws configs", lambda p: None,
+                       cmd_configs),
+    "data": Command("get CIFAR-100, Fashion-MNIST or MNIST, or check a benchmark's files",
+                    "nws data check --benchmark folders --root data/birds data/cars", _data_options, cmd_data),
+    "launch": Command("one run per seed (SLURM or local jobs), then nws report",
+                      "nws launch --config digits_convnet --seeds 1 2 3 --out runs/seeds", _launch_options,
+                      cmd_launch),
+    "pools": Command("pools without pretraining: k-means of a checkpoint, or the reference's published pools",
+                     "nws pools from-checkpoint resnet18.pth --model.name resnet18 --out runs/pools_r18",
+                     _pools_options, cmd_pools),
+}
+
+
+NESTED = ("data", "pools")
+
+
+def build_parser() -> Parser:
+    """The ``nws`` parser: one subcommand per entry of :data:`COMMANDS`."""
+    from nws import __version__
+
+    parser = Parser(prog="nws", description="Neural Weight Search: task-incremental learning by searching frozen "
+                    "kernel pools.", epilog="example:\n  nws demo\n  nws run --help")
+    parser.add_argument("--version", action="version", version=f"nws {__version__}")
+    sub = parser.add_subcommands(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = Parser(prog=f"nws {name}", description=command.about, epilog=f"example:\n  {command.example}")
+        if name not in NESTED:
+            command.options(p)
+        sub.add_subcommand(name, p, help=command.about)
+        if name in NESTED:  # jsonargparse: a level of subcommands is added before the next
+            command.options(p)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "run the pipeline on the embedded digits data (--compare: and every baseline)",
-                "run": "run the pipeline from a config",
-                "eval": "evaluate a run's stored tasks",
-                "report": "tables and plots comparing runs (methods, seeds)",
-                "data": "get CIFAR-100 (nws data cifar100) or check a benchmark's files (nws data check)",
-                "launch": "one run per seed (SLURM or local jobs), then nws report",
-                "pools": "pools without pretraining: k-means of a checkpoint, or the reference's published pools"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        lines = "\n".join(f"  {c:6s} {h}" for c, h in commands.items())
-        print(f"usage: nws {{{','.join(commands)}}} ...\n\ncommands:\n{lines}")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"nws: error: unknown command {argv[0]!r}", file=sys.stderr)
-            return USAGE_ERROR
-        return 0
-    command, rest = argv[0], argv[1:]
-    handlers = {"eval": cmd_eval, "pools": cmd_pools, "report": cmd_report, "data": cmd_data, "launch": cmd_launch}
+    if argv[:1] == ["demo"] and "--compare" in argv:  # `nws demo --compare` is `nws compare`
+        argv = ["compare", *(a for a in argv[1:] if a != "--compare")]
     try:
-        if command in handlers:
-            return handlers[command](rest)
-        if command == "demo" and "--compare" in rest:
-            return cmd_compare([a for a in rest if a != "--compare"])
-        config, resume = parse_run_args(rest, prog=f"nws {command}", require_config=command == "run")
-        _run(config, resume)
-        return 0
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command].handler(args[args.command])
+    except ConfigError as err:
+        types = {**setting_types(), "method": MethodName, "seeds": list[int], "task": Optional[NonNegativeInt],
+                 "iters": NonNegativeInt}
+        print(f"nws: error: {explain(str(err), given_on_command_line(argv), types)}", file=sys.stderr)
+        return USAGE_ERROR
     except NWSError as err:
-        print(f"nws: error: {one_line(err)}", file=sys.stderr)
+        print(f"nws: error: {' '.join(str(err).split())}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("nws: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 """``nws launch``: one run per seed as submitit jobs (SLURM, or local processes), then ``nws report``.
 
-Each job runs ``nws run --config CONFIG --seed S --out OUT/seed_S [overrides]`` in a fresh Python process,
+The settings are parsed and checked once, here, and written to ``OUT/launch/config.yaml``; each job runs
+``nws run --config OUT/launch/config.yaml --seed S --out OUT/seed_S`` in a fresh Python process,
 so Lightning's DDP launcher (which re-runs the command once per extra GPU) and its SLURM environment (one
 task per GPU, as submitit starts them) work as for a run started by hand. Every run writes its own run
 directory with the usual ``results.json``; ``nws report OUT/seed_*`` aggregates them (mean and std over the
@@ -9,6 +10,7 @@ seeds).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nws.config import parse_run_config
+from nws.config import RunConfig, validate
 from nws.errors import NWSError
 
 # --slurm keys: our name -> (submitit parameter, type).
@@ -76,9 +78,10 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed_{seed}"
 
 
-def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None = None,
-           slurm: str | None = None, parallel: bool = False, wait: bool = True) -> list[Path]:
-    """Submit one ``nws run`` per seed; returns the run directories (finished, when ``wait``).
+def launch(config: RunConfig, seeds: Sequence[int], slurm: str | None = None, parallel: bool = False,
+           wait: bool = True) -> list[Path]:
+    """Submit one ``nws run`` of ``config`` per seed, into ``config.out``/seed_<S>; returns the run directories
+    (finished, when ``wait``).
 
     Without ``slurm``, jobs run as local processes (submitit's ``LocalExecutor``), one after another, or all
     at once with ``parallel``. With ``slurm``, they are submitted together as a SLURM job array, and
@@ -86,25 +89,21 @@ def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Pat
     """
     import submitit
 
-
     if len(set(seeds)) != len(seeds) or not seeds:
         raise LaunchError("--seeds needs one or more distinct seeds")
-    base = parse_run_config(["--config", config, *overrides])
-    out = Path(out if out is not None else base.out)
-    extra: list[str] = []
+    out = Path(config.out)
     spec = parse_slurm(slurm) if slurm is not None else None
     if spec is not None and spec.gpus > 0:
-        extra = ["--trainer.accelerator", "gpu", "--trainer.devices", str(spec.gpus),
-                 "--trainer.num_nodes", str(spec.nodes)]
-    argvs = {}
+        config = dataclasses.replace(config, trainer=dataclasses.replace(
+            config.trainer, accelerator="gpu", devices=spec.gpus, num_nodes=spec.nodes))
+    config = validate(config)
     for seed in seeds:
-        run_dir = seed_dir(out, seed)
-        if (run_dir / "manifest.json").exists():
-            raise LaunchError(f"{run_dir} already holds a run; choose another --out")
-        argv = ["--config", str(config), *overrides, *extra, "--seed", str(seed), "--out", str(run_dir)]
-        parse_run_config(argv)  # every job's settings are checked before anything is submitted
-        argvs[seed] = argv
+        if (seed_dir(out, seed) / "manifest.json").exists():
+            raise LaunchError(f"{seed_dir(out, seed)} already holds a run; choose another --out")
     folder = out / "launch"
+    settings = folder / "config.yaml"
+    argvs = {seed: ["--config", str(settings), "--seed", str(seed), "--out", str(seed_dir(out, seed))]
+             for seed in seeds}
     if spec is not None:
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
@@ -112,12 +111,14 @@ def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Pat
             raise LaunchError("--slurm: no SLURM here (srun not found); submit from a SLURM login node, or drop "
                               "--slurm to run the seeds as local processes") from None
         executor.update_parameters(name=f"nws-{out.name}", **{k: v for k, v in spec.params.items()})
+        _write_settings(settings, config)
         with executor.batch():
             jobs = {seed: executor.submit(run_job, argv) for seed, argv in argvs.items()}
     else:
         if not wait:
-            raise LaunchError("--no-wait needs --slurm: local jobs end with this command")
+            raise LaunchError("--no_wait needs --slurm: local jobs end with this command")
         executor = submitit.LocalExecutor(folder=folder)
+        _write_settings(settings, config)
         executor.update_parameters(timeout_min=60 * 24 * 365, **_local_gpus())
         jobs = {}
         for seed, argv in argvs.items():
@@ -138,6 +139,14 @@ def launch(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Pat
             _await_without_accounting(seed, job, folder)
         _wait(seed, job, folder)
     return [seed_dir(out, s) for s in seeds]
+
+
+def _write_settings(path: Path, config: RunConfig) -> None:
+    """The settings every job runs with, as a config file."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def _local_gpus() -> dict:

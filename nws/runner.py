@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nws.config import ConfigError, RunConfig, validate
+from nws.config import ConfigError, RunConfig, stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
 from nws.engine import barrier, eval_device, evaluate, is_global_zero
 from nws.errors import StoreError
@@ -118,7 +118,8 @@ class Runner:
             raise StoreError(f"--resume: {self.out} holds a run of method {store.method}, not {self.method.name}")
         current = json.loads(json.dumps(dataclasses.asdict(self.config)))
         stored = store.manifest.setdefault("config", current)  # a store written from Python may not record it
-        differ = config_differences(stored, current) if isinstance(stored, dict) else ["config: not a mapping"]
+        stored_config(stored, f"--resume: {self.out}'s config")  # refuses settings nws no longer has
+        differ = config_differences(stored, current)
         if differ:
             raise StoreError(f"--resume: {self.out} was run with other settings ({'; '.join(differ[:3])}); "
                              "resume with the same config or choose another output directory")

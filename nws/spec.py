@@ -12,7 +12,8 @@ from nws.errors import StoreError
 from nws.models import create_model
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON metadata checks)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -44,7 +45,7 @@ class ModelSpec:
     def from_json(cls, d: Any, what: str = "file metadata") -> ModelSpec:
         """The spec in ``d`` (as :meth:`to_json` writes it); :class:`StoreError` for anything else."""
         ok = (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("kwargs"), dict)
-              and all(_is_int(d.get(k)) and d[k] >= 1 for k in ("num_classes", "pool_size", "group_size"))
+              and all(is_int(d.get(k)) and d[k] >= 1 for k in ("num_classes", "pool_size", "group_size"))
               and _str_list(d.get("exclude")))
         if not ok:
             raise StoreError(f"{what} has a bad model spec")

@@ -102,3 +102,91 @@ def test_a_config_that_is_not_a_yaml_mapping_is_one_short_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and len(err) < 200 and "just some text" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def help_text(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def every_command() -> list[list[str]]:
+    from nws.cli import COMMANDS, NESTED, build_parser
+
+    parser = build_parser()
+    commands = [[name] for name in COMMANDS if name not in NESTED]
+    for name in NESTED:
+        sub = parser._subcommands_action._name_parser_map[name]
+        commands += [[name, action] for action in sub._subcommands_action._name_parser_map]
+    return commands
+
+
+def test_every_help_shows_an_example_and_what_each_option_allows(capsys):
+    for argv in every_command():
+        text = help_text(capsys, argv)
+        assert "example: nws " in text, argv
+        if argv != ["configs"]:
+            assert "type: " in text, argv
+
+
+def test_run_help_names_every_setting_with_its_meaning_and_allowed_values(capsys):
+    from nws.config import allowed, setting_types
+
+    text = help_text(capsys, ["run"])
+    for key, typehint in setting_types().items():
+        assert f"--{key} " in text and allowed(typehint) in text, key
+    assert "<class '" not in text and "model: the network and its pools:" in text
+    assert "one of sgd, adam" in text and "one of nws, " in text
+
+
+def test_demo_help_mentions_compare_and_compare_lists_only_its_options(capsys):
+    assert "--compare" in help_text(capsys, ["demo"])
+    text = help_text(capsys, ["demo", "--compare"])
+    assert "[--resume]" not in text and "[--method METHOD]" not in text and "--task.epochs" in text
+
+
+def test_abbreviated_options_are_refused(capsys):
+    assert main(["run", "--task.epoch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--task.epoch 2" in err
+
+
+def test_version(capsys):
+    from nws import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"nws {__version__}"
+
+
+def test_configs_lists_the_packaged_configs_by_name(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("digits_convnet ") and "embedded demo" in line for line in lines)
+    assert len([line for line in lines if line.split(" ")[0].endswith(("_resnet18", "_convnet", "_bn", "_v2"))]) == 12
+
+
+@pytest.mark.parametrize("name", ["digits_convnet", "digits_convnet.yaml"])
+def test_a_config_is_found_by_its_name(name):
+    assert parse_run_config(["--config", name]) == parse_run_config(["--config", str(CONFIGS / "digits_convnet.yaml")])
+
+
+def test_run_without_config_starts_from_the_defaults():
+    assert parse_run_config([]) == RunConfig(data=dataclasses.replace(RunConfig().data))
+
+
+def test_a_stored_config_is_read_by_the_same_parser():
+    from nws.config import ConfigError, stored_config
+
+    stored = dataclasses.asdict(RunConfig())
+    del stored["data"]["augment"]  # a run made before the setting existed: the default
+    assert stored_config(stored) == RunConfig()
+    stored["model"]["dropped"] = 1
+    with pytest.raises(ConfigError, match="model.dropped.*nws upgrade"):
+        stored_config(stored)
+    with pytest.raises(ConfigError, match="task.epochs: -1 is not allowed"):
+        stored_config({"task": {"epochs": -1}})

@@ -236,7 +236,7 @@ def test_pretrained_run_must_match_the_model(pretrained, cifar_root, tmp_path, c
 
 def test_launch_two_seeds_locally_then_report(tmp_path, capsys):
     out = tmp_path / "runs"
-    assert main(["launch", str(CONFIGS / "digits_convnet.yaml"), "--seeds", "1993", "1994", "--out", str(out),
+    assert main(["launch", "--config", str(CONFIGS / "digits_convnet.yaml"), "--seeds", "1993", "1994", "--out", str(out),
                  "--parallel", "--pretrain.epochs", "1", "--task.epochs", "1", "--model.pool_size", "16",
                  "--trainer.logger", "none", "--trainer.progress_bar", "false", "--data.num_tasks", "1"]) == 0
     printed = capsys.readouterr().out
@@ -248,11 +248,11 @@ def test_launch_two_seeds_locally_then_report(tmp_path, capsys):
 
 
 def test_launch_errors_are_one_line(tmp_path, capsys):
-    base = ["launch", str(CONFIGS / "digits_convnet.yaml"), "--out", str(tmp_path)]
+    base = ["launch", "--config", str(CONFIGS / "digits_convnet.yaml"), "--out", str(tmp_path)]
     assert main([*base, "--seeds", "1", "1"]) == 2
     assert main([*base, "--seeds", "1", "--slurm", "partition=gpu,gpu=8"]) == 2
     assert main([*base, "--seeds", "1", "--task.epochs", "many"]) == 2
-    assert main([*base, "--seeds", "1", "--no-wait"]) == 2
+    assert main([*base, "--seeds", "1", "--no_wait"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 4 and all(e.startswith("nws: error:") for e in errors)
     assert "distinct" in errors[0] and "gpu=8" in errors[1] and "task.epochs" in errors[2] and "--slurm" in errors[3]
@@ -269,8 +269,8 @@ def test_launch_on_slurm_submits_one_array_job(tmp_path, monkeypatch, capsys):
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     out = tmp_path / "runs"
-    assert main(["launch", str(CONFIGS / "split_cifar100_resnet18.yaml"), "--seeds", "1993", "1994", "1995",
-                 "--out", str(out), "--slurm", "partition=gpu,gpus=2,nodes=1,hours=1.5,cpus=8", "--no-wait",
+    assert main(["launch", "--config", str(CONFIGS / "split_cifar100_resnet18.yaml"), "--seeds", "1993", "1994", "1995",
+                 "--out", str(out), "--slurm", "partition=gpu,gpus=2,nodes=1,hours=1.5,cpus=8", "--no_wait",
                  "--data.root", "/data/cifar"]) == 0
     printed = capsys.readouterr().out
     assert [f"seed {s}: SLURM job 4242_{i}" in printed for i, s in enumerate((1993, 1994, 1995))] == [True] * 3
@@ -280,6 +280,6 @@ def test_launch_on_slurm_submits_one_array_job(tmp_path, monkeypatch, capsys):
                  "--cpus-per-task=8", "--time=90"):
         assert f"#SBATCH {line}" in script, line
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert main(["launch", str(CONFIGS / "digits_convnet.yaml"), "--seeds", "1", "--out", str(tmp_path / "x"),
+    assert main(["launch", "--config", str(CONFIGS / "digits_convnet.yaml"), "--seeds", "1", "--out", str(tmp_path / "x"),
                  "--slurm", "gpus=1"]) == 2
     assert "no SLURM here" in capsys.readouterr().err

@@ -222,7 +222,7 @@ def test_an_archive_already_there_is_used(cifar_root, tmp_path, monkeypatch, cap
     (tmp_path / "cifar-100-python.tar.gz").write_bytes((cifar_root / "cifar-100-python.tar.gz").read_bytes())
     with pytest.raises(cifar.CIFARError, match="holds 300 images, CIFAR-100 has 50000"):
         cifar.prepare(tmp_path)  # the real structure check: a full CIFAR-100 has 50,000 training images
-    assert main(["data", "check", "--root", str(tmp_path), "--benchmark", "split_cifar100"]) == 0
+    assert main(["data", "check", "--benchmark", "cub2sketches", "--root", str(tmp_path), "--benchmark", "split_cifar100"]) == 0
     assert "| cifar100 | 100 | 300 | 100 |" in capsys.readouterr().out
 
 
@@ -259,7 +259,7 @@ def fine_root(tmp_path_factory) -> Path:
 def test_cub2sketches_layout_check(fine_root, capsys):
     rows = check_cub2sketches(fine_root)
     assert [(r["name"], r["classes"], r["train"], r["test"]) for r in rows] == [(n, c, c, c) for n, c in CUB2SKETCHES]
-    assert main(["data", "check", "--root", str(fine_root)]) == 0
+    assert main(["data", "check", "--benchmark", "cub2sketches", "--root", str(fine_root)]) == 0
     out = capsys.readouterr().out
     assert "| stanford_cars_cropped | 196 | 196 | 196 |" in out and "layout and class counts OK" in out
 
@@ -271,7 +271,7 @@ def test_cub2sketches_layout_errors(tmp_path, capsys):
     make_image_folders(tmp_path / "cubs_cropped", ["c199"], {"train": 1}, (8, 8))
     with pytest.raises(LayoutError, match="different classes"):
         check_cub2sketches(tmp_path)
-    assert main(["data", "check", "--root", str(tmp_path / "nowhere")]) == 2
+    assert main(["data", "check", "--benchmark", "cub2sketches", "--root", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
 

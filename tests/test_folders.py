@@ -72,3 +72,25 @@ def test_a_missing_or_malformed_task_folder_is_one_line(folders, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
     assert not out.exists()
+
+
+def test_one_folder_relative_paths_and_eval_from_elsewhere(folders, tmp_path, monkeypatch, capsys):
+    """``--data.tasks birds`` (one folder, relative): stored absolute, so ``nws eval`` works from any directory;
+    without --data.image_size the images' shorter side (all 20x14: 14) is the input side, with light augmentation."""
+    from nws.config import parse_run_config
+    from nws.data import load_benchmark
+
+    monkeypatch.chdir(folders)
+    small = [a for a in SMALL if a not in ("--data.image_size", "8")]
+    config = parse_run_config(["--data.name", "folders", "--data.tasks", "birds", "--data.source", "source"])
+    assert config.data.tasks == [str(folders / "birds")] and config.data.source == str(folders / "source")
+    bench = load_benchmark("folders", tasks="birds", source="source")
+    assert bench.tasks[0].train[0][0].shape == (3, 14, 14)
+    assert "RandomCrop" in repr(bench.tasks[0].train.transform)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--data.name", "folders", "--data.tasks", "birds", "--data.source",
+                 "source", *small]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out)]) == 0
+    assert "task 0 (birds): accuracy" in capsys.readouterr().out

@@ -321,8 +321,8 @@ def test_from_checkpoint_cli_round_trip(tmp_path, capsys):
     save_file(net.state_dict(), tmp_path / "net.safetensors")
     torch.save(net.state_dict(), tmp_path / "net.pth")
     out = tmp_path / "pools"
-    argv = ["pools", "from-checkpoint", str(tmp_path / "net.pth"), "--arch", "convnet", "--kwargs",
-            "{widths: [8, 16]}", "--pool-size", "16", "--out", str(out)]
+    argv = ["pools", "from-checkpoint", str(tmp_path / "net.pth"), "--model.name", "convnet", "--model.kwargs",
+            "{widths: [8, 16]}", "--model.pool_size", "16", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "features.0" in printed and "--pretrained" in printed
@@ -370,8 +370,8 @@ def test_group_size_2_from_checkpoint_to_eval(tmp_path, capsys):
     torch.manual_seed(0)
     save_file(create_model("convnet", num_classes=10, widths=(8, 16)).state_dict(), tmp_path / "net.safetensors")
     pools = tmp_path / "pools"
-    assert main(["pools", "from-checkpoint", str(tmp_path / "net.safetensors"), "--arch", "convnet", "--kwargs",
-                 "{widths: [8, 16]}", "--pool-size", "16", "--group-size", "2", "--out", str(pools)]) == 0
+    assert main(["pools", "from-checkpoint", str(tmp_path / "net.safetensors"), "--model.name", "convnet", "--model.kwargs",
+                 "{widths: [8, 16]}", "--model.pool_size", "16", "--model.group_size", "2", "--out", str(pools)]) == 0
     assert "--model.group_size 2" in capsys.readouterr().out
     books, _ = TaskStore(pools).pools()
     assert {n: b.shape for n, b in books.items()} == {"features.0": (16, 9), "features.4": (16, 18), "fc": (16, 1)}
@@ -409,12 +409,12 @@ def test_import_reference_cli(tmp_path, reference_file, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["from-checkpoint", "{missing}", "--arch", "convnet", "--out", "{out}"], "does not exist"),
-    (["from-checkpoint", "{garbage}", "--arch", "convnet", "--out", "{out}"], "cannot be loaded"),
-    (["from-checkpoint", "{net}", "--arch", "resnet18", "--out", "{out}"], "does not match"),
-    (["from-checkpoint", "{net}", "--arch", "convnet", "--kwargs", "[1]", "--out", "{out}"], "mapping"),
-    (["from-checkpoint", "{net}", "--arch", "convnet", "--pool-size", "0", "--out", "{out}"], "pool-size"),
-    (["from-checkpoint", "{net}", "--out", "{out}"], "--arch"),
+    (["from-checkpoint", "{missing}", "--model.name", "convnet", "--out", "{out}"], "does not exist"),
+    (["from-checkpoint", "{garbage}", "--model.name", "convnet", "--out", "{out}"], "cannot be loaded"),
+    (["from-checkpoint", "{net}", "--model.name", "resnet18", "--out", "{out}"], "does not match"),
+    (["from-checkpoint", "{net}", "--model.name", "convnet", "--model.kwargs", "[1]", "--out", "{out}"], "mapping"),
+    (["from-checkpoint", "{net}", "--model.name", "convnet", "--model.pool_size", "0", "--out", "{out}"], "model.pool_size"),
+    (["from-checkpoint", "{net}", "--out", "{out}"], "model.name"),
     (["import-reference", "{net}", "--out", "{out}"], "reference"),
     (["bogus"], "invalid choice"),
 ])

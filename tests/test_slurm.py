@@ -117,7 +117,7 @@ def listed(run: Path) -> list[int]:
 
 def test_launch_runs_the_seeds_as_one_array_job_and_reports_them(tmp_path):
     out = tmp_path / "runs"
-    proc = nws("-m", "nws.cli", "launch", CONFIG, "--seeds", "1", "2", "--out", str(out), "--slurm", slurm_spec(),
+    proc = nws("-m", "nws.cli", "launch", "--config", CONFIG, "--seeds", "1", "2", "--out", str(out), "--slurm", slurm_spec(),
                *TINY, "--data.num_tasks", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = re.findall(r"^seed (\d+): SLURM job (\d+)_(\d+) -> ", proc.stdout, re.M)
@@ -193,7 +193,7 @@ def test_job_cancelled_mid_task_resumes_to_the_uninterrupted_files(tmp_path):
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = tmp_path / "runs"
     seed_dir = out / "seed_7"
-    launch = nws("-m", "nws.cli", "launch", CONFIG, "--seeds", "7", "--out", str(out), "--slurm", slurm_spec(), *run,
+    launch = nws("-m", "nws.cli", "launch", "--config", CONFIG, "--seeds", "7", "--out", str(out), "--slurm", slurm_spec(), *run,
                  wait=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = read_line(launch.stdout)
     job = re.match(r"seed 7: SLURM job (\S+) -> ", line)

@@ -19,6 +19,7 @@ import numpy as np
 
 from nws.data.arrays import ArrayImages, channel_stats
 from nws.data.base import Benchmark, Task
+from nws.data.registry import DataRequest, register_benchmark
 from nws.data.download import OfflineError, download, md5sum, safe_extract
 from nws.data.transforms import cifar_transforms
 from nws.errors import NWSError
@@ -236,3 +237,15 @@ def split_cifar100(root: str | Path | None, source: str | None, source_root: str
     else:
         raise NWSError(f"data.source for split_cifar100 must be imagenet, cifar100 or none, got {source!r}")
     return Benchmark(source=src, tasks=tasks, in_channels=3)
+
+
+def check_split_cifar100(roots: list[Path]) -> list[dict]:
+    """``nws data check``: the CIFAR-100 files under the root, verified."""
+    data = load_cifar100(roots[0])
+    return [{"name": "cifar100", "classes": 100, "train": len(data.fine["train"]), "test": len(data.fine["test"])}]
+
+
+@register_benchmark("split_cifar100", "20 tasks, one per CIFAR-100 superclass (5 classes each)",
+                    check=check_split_cifar100)
+def build_split_cifar100(request: DataRequest) -> Benchmark:
+    return split_cifar100(request.root, request.source, request.source_root, request.image_size)

@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nws.data.base import Benchmark, Task
+from nws.data.registry import DataRequest, register_benchmark
+from nws.errors import NWSError
 
 SOURCE_FRACTION = 0.4
 TASK_TRAIN_FRACTION = 2 / 3
@@ -71,3 +73,16 @@ def digits_benchmark(seed: int = 0) -> Benchmark:
         tasks.append(Task(f"digits {pair[0]}/{pair[1]}", [str(d) for d in pair],
                           _dataset(images[tr], relabel(labels[tr])), _dataset(images[te], relabel(labels[te]))))
     return Benchmark(source=source_task, tasks=tasks, in_channels=1)
+
+
+@register_benchmark("digits", "the embedded demo: scikit-learn's 8x8 digits, a source split and five two-digit "
+                    "tasks (no files)")
+def build_digits(request: DataRequest) -> Benchmark:
+    """:func:`digits_benchmark`; its own source split, or none (``data.source: none``)."""
+    if request.source not in (None, "none"):
+        raise NWSError(f"the digits benchmark has its own source split; data.source must be unset or none, "
+                       f"got {request.source!r}")
+    bench = digits_benchmark(seed=request.seed)
+    if request.source == "none":
+        bench.source = None
+    return bench

@@ -8,8 +8,10 @@ CUB-to-Sketches (5 tasks, in this order): ``<root>/<name>/{train,test}/<class>/<
 ``cubs_cropped`` (200 classes), ``stanford_cars_cropped`` (196), ``flowers`` (102), ``wikiart`` (195),
 ``sketches`` (250) -- the directory names of the reference's (and CPG's / Piggyback's) data.
 ImageNet: ``<root>/{train,val}/<wnid>/<image>``. Your own tasks (``data.name: folders``): each task is a
-folder ``DIR/{train,test}/<class>/<image>``, named after ``DIR``, with ImageNet-style transforms at
-``data.image_size``; ``data.source`` may name a folder of the same layout to pretrain the pools on.
+folder ``DIR/{train,test}/<class>/<image>``, named after ``DIR``, at ``data.image_size`` (by default the images'
+own side when they all have one size, else 224) with the ``data.augment`` training augmentation (by default
+``standard`` from 64 px, ``light`` below); ``data.source`` may name a folder of the same layout to pretrain the
+pools on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from nws.data.base import Benchmark, Task
-from nws.data.transforms import folder_transforms, imagenet_transforms
+from nws.data.registry import DataRequest, register_benchmark
+from nws.data.transforms import folder_transforms, imagenet_transforms, task_folder_transforms
 from nws.errors import NWSError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -199,18 +202,39 @@ def task_name(root: str | Path) -> str:
     return Path(root).expanduser().resolve().name
 
 
-def user_task(root: str | Path, image_size: int | None) -> Task:
-    """A task folder ``root/{train,test}/<class>/<image>`` with ImageNet-style transforms."""
+def common_side(splits: list[FolderSplit]) -> int | None:
+    """The images' shorter side when every image of ``splits`` has the same size (read from the file headers),
+    else None."""
+    sizes = set()
+    for split in splits:
+        for path, _ in split.samples:
+            try:
+                with Image.open(path) as img:
+                    sizes.add(img.size)
+            except (OSError, UnidentifiedImageError) as err:
+                raise LayoutError(f"cannot decode image {path} ({err})") from None
+            if len(sizes) > 1:
+                return None
+    return max(8, min(sizes.pop())) if sizes else None
+
+
+def user_task(root: str | Path, image_size: int | None, augment: str = "standard") -> Task:
+    """A task folder ``root/{train,test}/<class>/<image>`` at ``image_size`` (default 224), ``augment`` for
+    training (:func:`~nws.data.transforms.task_folder_transforms`)."""
     scanned = scan_dataset(Path(root).expanduser(), ("train", "test"))
     size = _size(image_size)
     return Task(task_name(root), scanned["train"].classes,
-                ImageFolderDataset(scanned["train"], imagenet_transforms(size, train=True)),
-                ImageFolderDataset(scanned["test"], imagenet_transforms(size, train=False)))
+                ImageFolderDataset(scanned["train"], task_folder_transforms(size, augment, train=True)),
+                ImageFolderDataset(scanned["test"], task_folder_transforms(size, augment, train=False)))
 
 
-def folders(tasks: list[str] | None, source: str | None, image_size: int | None) -> Benchmark:
-    """A user's own sequence: one task per folder of ``tasks``, in that order; the pools are pretrained on the
-    folder ``source`` (same layout) unless it is ``None``/``none`` (pools from a ``pretrained`` run)."""
+def folders(tasks: list[str] | str | None, source: str | None, image_size: int | None,
+            augment: str = "auto") -> Benchmark:
+    """A user's own sequence: one task per folder of ``tasks`` (or the one folder), in that order; the pools
+    are pretrained on the folder ``source`` (same layout) unless it is ``None``/``none`` (pools from a
+    ``pretrained`` run). ``image_size`` None: the images' own side if they all have one size, else 224;
+    ``augment`` auto: ``standard`` from 64 px, ``light`` below."""
+    tasks = [tasks] if isinstance(tasks, str) else tasks
     if not tasks:
         raise LayoutError("data.name folders needs data.tasks: a list of task folders, each holding "
                           "train/<class>/<image> and test/<class>/<image>")
@@ -219,5 +243,37 @@ def folders(tasks: list[str] | None, source: str | None, image_size: int | None)
     if twice:
         raise LayoutError(f"data.tasks: two task folders are named {twice[0]!r}; tasks are named after their "
                           "folders, so give them different names")
-    src = None if source in (None, "none") else user_task(source, image_size)
-    return Benchmark(source=src, tasks=[user_task(t, image_size) for t in tasks], in_channels=3)
+    folders_ = [*tasks, *([] if source in (None, "none") else [source])]
+    if image_size is None:
+        splits = [s for f in folders_ for s in scan_dataset(Path(f).expanduser(), ("train", "test")).values()]
+        image_size = common_side(splits) or DEFAULT_IMAGE_SIZE
+    if augment == "auto":
+        augment = "standard" if _size(image_size) >= 64 else "light"
+    src = None if source in (None, "none") else user_task(source, image_size, augment)
+    return Benchmark(source=src, tasks=[user_task(t, image_size, augment) for t in tasks], in_channels=3)
+
+
+def _no_augment(request: DataRequest, name: str) -> None:
+    if request.augment != "auto":
+        raise NWSError(f"data.augment is for data.name folders; {name} uses the reference's transforms "
+                       f"(data.augment must be auto, got {request.augment!r})")
+
+
+@register_benchmark("cub2sketches", "five fine-grained data sets: CUB-200, Stanford Cars, Flowers, WikiArt, "
+                    "Sketches (image folders)", check=lambda roots: check_cub2sketches(roots[0]))
+def build_cub2sketches(request: DataRequest) -> Benchmark:
+    _no_augment(request, "cub2sketches")
+    return cub2sketches(request.root, request.source, request.source_root, request.image_size)
+
+
+@register_benchmark("imagenet", "pool pretraining alone on ImageNet-style folders (train/, val/), no tasks",
+                    check=lambda roots: check_imagenet(roots[0]), test_split="val")
+def build_imagenet(request: DataRequest) -> Benchmark:
+    _no_augment(request, "imagenet")
+    return imagenet(request.root, request.source, request.source_root, request.image_size)
+
+
+@register_benchmark("folders", "your own tasks: data.tasks, each folder DIR/{train,test}/<class>/<image>",
+                    check=check_folders, many_roots=True)
+def build_folders(request: DataRequest) -> Benchmark:
+    return folders(request.tasks, request.source, request.image_size, request.augment)

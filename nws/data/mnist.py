@@ -30,6 +30,7 @@ import numpy as np
 
 from nws.data.arrays import ArrayImages, channel_stats
 from nws.data.base import Benchmark, Task
+from nws.data.registry import DataRequest, register_benchmark
 from nws.data.download import DownloadError, OfflineError, download, md5sum
 from nws.data.transforms import mnist_transforms
 from nws.errors import NWSError
@@ -318,3 +319,17 @@ def split_fashion_mnist(root: str | Path | None, source: str | None, source_root
     else:
         raise NWSError(f"data.source for split_fashion_mnist must be digits, mnist or none, got {source!r}")
     return Benchmark(source=src, tasks=tasks, in_channels=1)
+
+
+def check_split_fashion_mnist(roots: list[Path]) -> list[dict]:
+    """``nws data check``: the Fashion-MNIST IDX files under the root, verified."""
+    data = load_idx_data(roots[0], FASHION_MNIST, "--root")
+    return [{"name": "fashion-mnist", "classes": 10, "train": len(data.labels["train"]),
+             "test": len(data.labels["test"])}]
+
+
+@register_benchmark("split_fashion_mnist", "five two-class Fashion-MNIST tasks (0/1, 2/3, ..., 8/9), 28x28",
+                    check=check_split_fashion_mnist)
+def build_split_fashion_mnist(request: DataRequest) -> Benchmark:
+    return split_fashion_mnist(request.root, request.source, request.source_root, request.image_size,
+                               seed=request.seed)

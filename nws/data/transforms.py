@@ -223,6 +223,28 @@ def imagenet_transforms(image_size: int, train: bool) -> Compose:
     return Compose([Resize(round(image_size * 256 / 224)), CenterCrop(image_size), ToTensor(), norm])
 
 
+AUGMENTS = ("none", "light", "standard")
+
+
+def task_folder_transforms(image_size: int, augment: str, train: bool) -> Compose:
+    """Your own image folders (``data.name: folders``) at ``image_size``, ImageNet normalisation.
+
+    ``standard``: the ImageNet recipe (random-resized crop and flip; test: resize the shorter side to
+    ``image_size * 256 / 224`` and take the centre crop). ``light``, for small images, where such crops
+    would cut away most of the picture: resize to ``image_size`` square, then (train) a random crop after
+    zero-padding by an eighth of the side, and a flip. ``none``: resize to ``image_size`` square.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if augment == "standard":
+        return imagenet_transforms(image_size, train)
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    steps: list[Callable] = [Resize((image_size, image_size)), ToTensor()]
+    if train and augment == "light":
+        steps += [RandomCrop(image_size, padding=max(1, image_size // 8)), RandomHorizontalFlip()]
+    return Compose([*steps, norm])
+
+
 def cifar_transforms(mean: Sequence[float], std: Sequence[float], train: bool) -> Compose:
     """CIFAR on ``uint8 (3, 32, 32)`` tensors: random crop 32 with padding 4 and a flip (train), then
     normalisation with the given (per-task) mean and std."""
