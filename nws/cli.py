@@ -7,12 +7,15 @@ corrupt run) end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from nws.config import ConfigError, RunConfig, one_line, parse_run_args
 from nws.errors import NWSError
+from nws.interrupts import Interrupted, handle_signals
 
 USAGE_ERROR = 2
 
@@ -167,15 +170,17 @@ def cmd_launch(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default=None, help="directory of the runs, one seed_<S>/ each (default: the "
                         "config's out)")
     parser.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
-                        help="submit to SLURM: partition, gpus (per node), nodes, hours, cpus, mem (GB), account, "
-                        "qos, constraint")
+                        help="submit to SLURM: partition, gpus (per node; none: the runs train on the CPU), nodes, "
+                        "hours, cpus, mem (GB), account, qos, constraint")
     parser.add_argument("--parallel", action="store_true", help="local jobs: run all seeds at once")
     parser.add_argument("--no-wait", action="store_true", help="SLURM: submit and return; report later")
+    parser.add_argument("--resume", action="store_true", help="run again only the seeds that did not finish "
+                        "(each continues where it stopped), then report all of them")
     args, overrides = parser.parse_known_args(argv)
     from nws.launch import launch
 
     dirs = launch(args.config, args.seeds, overrides, out=Path(args.out) if args.out else None, slurm=args.slurm,
-                  parallel=args.parallel, wait=not args.no_wait)
+                  parallel=args.parallel, wait=not args.no_wait, resume=args.resume)
     if args.no_wait:
         print("when the jobs are done: nws report " + " ".join(str(d) for d in dirs))
         return 0
@@ -282,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return USAGE_ERROR
         return 0
     command, rest = argv[0], argv[1:]
+    handle_signals()
     handlers = {"eval": cmd_eval, "pools": cmd_pools, "report": cmd_report, "data": cmd_data, "launch": cmd_launch}
     try:
         if command in handlers:
@@ -294,16 +300,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NWSError as err:
         print(f"nws: error: {one_line(err)}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("nws: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        if sys.stdout.isatty():
+            print(flush=True)  # end a progress bar's line
+        print(f"nws: {interrupted_line(err, command, rest)}", file=sys.stderr, flush=True)
+        return err.exit_code
     except SystemExit as err:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if not isinstance(err, SIGTERMException):  # Lightning's, on SIGTERM (scancel, a time limit): not success
             raise
-        print("nws: error: terminated (SIGTERM) before the run finished; rerun with --resume", file=sys.stderr)
-        return 143
+        print(f"nws: {interrupted_line(Interrupted(signal.SIGTERM, None), command, rest)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def interrupted_line(err: Interrupted, command: str, args: Sequence[str]) -> str:
+    """What stopped, and the exact command that continues it (the same command with ``--resume``)."""
+    what = f"stopped by {signal.Signals(err.signum).name} during {err.stage or 'the run'}"
+    if command in ("run", "demo", "launch") and "--compare" not in args:
+        again = ["nws", command, *args, *([] if "--resume" in args else ["--resume"])]
+        return f"{what}; what was stored is kept. Resume with: {shlex.join(again)}"
+    return what
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class Runner:
         self.ctx.resume = resume
         if not self.ctx.writer:
             return self._follow(resume)
+        finished = None if resume else self.finished()
+        if finished is not None:
+            self.ctx.say(f"{self.out} already holds this run, finished; its results:")
+            return finished
         store = self._reopen() if resume and (self.out / MANIFEST).exists() else self._create()
         method, files = self.method, store.manifest["files"]
         if all(f in files for f in method.source_files):
@@ -103,6 +107,26 @@ class Runner:
             self._learn(store, index)
             barrier()
         return self.finish()
+
+    def finished(self) -> dict[str, Any] | None:
+        """The results of this very run if ``out`` already holds it finished (same settings, files verified),
+        so that running the same command again shows them instead of refusing; None otherwise."""
+        if not (self.out / RESULTS).is_file() or not (self.out / MANIFEST).is_file():
+            return None
+        try:
+            store = RunStore(self.out)
+            results = json.loads((self.out / RESULTS).read_text())
+        except (StoreError, OSError, ValueError):
+            return None
+        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        stored = store.manifest.get("config")
+        if store.method != self.method.name or not isinstance(stored, dict) or config_differences(stored, current):
+            return None
+        done = [t["index"] for t in store.tasks()]
+        if done != list(range(len(self.ctx.benchmark.tasks))) or not isinstance(results, dict):
+            return None
+        store.check()
+        return results
 
     def _create(self) -> RunStore:
         store = self.method.store_class(self.out, create=True)
