@@ -61,13 +61,14 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
     from nws.config import config_from_dict
     from nws.data import benchmark_from_config
-    from nws.engine import eval_device, evaluate
+    from nws.engine import eval_device, evaluate, use_threads
     from nws.methods import open_run
 
     store = open_run(args.run)
     if "config" not in store.manifest:
         raise UsageError(f"{args.run} does not record its config, so its benchmark is unknown")
     config = config_from_dict(store.manifest["config"], f"{args.run}'s config")
+    use_threads(config.trainer)
     data = dataclasses.replace(config.data, source="none",
                                root=args.data_root if args.data_root is not None else config.data.root)
     benchmark = benchmark_from_config(data, config.seed)

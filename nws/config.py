@@ -113,6 +113,9 @@ class TrainerConfig:
     # Under a gradient scaler (16-mixed), a step whose gradients overflow is skipped; this many skipped in a
     # row stop the run.
     max_skipped_steps: int = 100
+    # Compute threads: null follows the CPUs this process may use (its affinity mask, and SLURM's CPUs per task
+    # inside a job), so runs sharing a machine or an allocation do not oversubscribe it.
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -360,6 +363,8 @@ def _check_trainer(t: TrainerConfig) -> None:
            bool(t.devices.strip())), "trainer.devices", t.devices, "an integer >= 1, -1, 'auto' or a device list")
     _check(_integer(t.max_skipped_steps) and t.max_skipped_steps >= 0, "trainer.max_skipped_steps",
            t.max_skipped_steps, "an integer >= 0")
+    _check(t.threads is None or (_integer(t.threads) and t.threads >= 1), "trainer.threads", t.threads,
+           "null (the CPUs this process may use) or an integer >= 1")
 
 
 def _check_baseline(b: BaselineConfig) -> None:

@@ -465,6 +465,24 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256, num_workers
     return correct / max(total, 1)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a container's or a cluster's CPU set),
+    within a SLURM job at most its CPUs per task."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if os.environ.get("SLURM_JOB_ID") and per_task.isdigit() and int(per_task) > 0:
+        cpus = min(cpus, int(per_task))
+    return max(1, cpus)
+
+
+def use_threads(trainer_cfg: TrainerConfig) -> int:
+    """Set torch's compute threads to ``trainer.threads``, or by default to :func:`available_cpus`; returns it."""
+    threads = trainer_cfg.threads or available_cpus()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def eval_device(trainer_cfg: TrainerConfig) -> torch.device:
     """Where to evaluate after training: this process's GPU when training may use GPUs, else the CPU."""
     if trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():

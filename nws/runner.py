@@ -22,7 +22,7 @@ from typing import Any
 
 from nws.config import ConfigError, RunConfig, validate
 from nws.data import Benchmark, benchmark_from_config
-from nws.engine import barrier, eval_device, evaluate, is_global_zero
+from nws.engine import barrier, eval_device, evaluate, is_global_zero, use_threads
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
 from nws.metrics import continual_metrics
@@ -32,7 +32,7 @@ from nws.store import MANIFEST, RunStore, atomic_write
 # Settings that may differ when a run is resumed: where it runs and logs, not what it learns.
 RESUME_MAY_DIFFER = ("out", "data.root", "data.num_workers", "trainer.accelerator", "trainer.devices",
                      "trainer.logger", "trainer.num_nodes", "trainer.strategy", "trainer.progress_bar",
-                     "trainer.checkpoint", "data.source_root")
+                     "trainer.checkpoint", "trainer.threads", "data.source_root")
 RESULTS = "results.json"
 
 
@@ -63,6 +63,7 @@ class Runner:
     def __init__(self, config: RunConfig, benchmark: Benchmark | None = None, progress: bool = True,
                  **method_options: Any):
         self.config = validate(config)
+        use_threads(config.trainer)
         self.method_class = method_class(config.method)
         self.method_class.check(config)
         benchmark = benchmark or benchmark_from_config(config.data, config.seed)

@@ -102,3 +102,26 @@ def test_the_demo_logged_to_a_file_is_short_lines_without_progress_bars(tmp_path
     assert max(len(line) for line in text.splitlines()) <= 200
     assert "[task_004] epoch 15/15: loss " in text and "Average accuracy" in text
     assert "Training" not in text and "Epoch 0" not in text and "it/s" not in text
+
+
+def test_threads_follow_the_cpus_the_process_may_use(monkeypatch):
+    import torch
+
+    from nws.config import TrainerConfig
+    from nws.engine import available_cpus, use_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    one_cpu = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+                              "from nws.engine import available_cpus; print(available_cpus())"],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert one_cpu.stdout.split() == ["1"], one_cpu.stderr
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    try:
+        assert available_cpus() == 1
+        assert use_threads(TrainerConfig()) == 1 and torch.get_num_threads() == 1
+        assert use_threads(TrainerConfig(threads=3)) == 3 and torch.get_num_threads() == 3  # a setting wins
+    finally:
+        torch.set_num_threads(before)
