@@ -8,6 +8,8 @@ corrupt run) end with one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from nws.config import (ConfigError, ModelConfig, Parser, add_settings, config_f
                         explain, given_on_command_line, packaged_configs, registered_name,
                         setting_types, stored_config)
 from nws.errors import NWSError
+from nws.interrupts import Interrupted, handle_signals
 
 USAGE_ERROR = 2
 
@@ -112,13 +115,14 @@ def cmd_eval(args: Namespace) -> int:
     import dataclasses
 
     from nws.data import benchmark_from_config
-    from nws.engine import eval_device, evaluate
+    from nws.engine import eval_device, evaluate, use_threads
     from nws.methods import open_run
 
     store = open_run(args.run)
     if "config" not in store.manifest:
         raise UsageError(f"{args.run} does not record its config, so its benchmark is unknown")
     config = stored_config(store.manifest["config"], f"{args.run}'s config")
+    use_threads(config.trainer)
     root = args.data.root if args.data.root is not None else config.data.root
     benchmark = benchmark_from_config(dataclasses.replace(config.data, source="none", root=root), config.seed)
     device = eval_device(config.trainer)
@@ -237,17 +241,20 @@ def _launch_options(parser: Parser) -> None:
     add_settings(parser, MethodName)
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one run per seed")
     parser.add_argument("--slurm", type=Optional[str], default=None,
-                        help="submit to SLURM, as KEY=VALUE,...: partition, gpus (per node), nodes, hours, cpus, "
-                        "mem (GB), account, qos, constraint")
+                        help="submit to SLURM, as KEY=VALUE,...: partition, gpus (per node; none: the runs train on "
+                        "the CPU), nodes, hours, cpus, mem (GB), account, qos, constraint")
     parser.add_argument("--parallel", action="store_true", help="local jobs: run all seeds at once")
     parser.add_argument("--no_wait", action="store_true", help="SLURM: submit and return; report later")
+    parser.add_argument("--resume", action="store_true", help="run again only the seeds that did not finish "
+                        "(each continues where it stopped), then report all of them")
 
 
 def cmd_launch(args: Namespace) -> int:
     from nws.launch import launch
 
     config = config_from_namespace(args.as_dict())
-    dirs = launch(config, _flat(args.seeds), slurm=args.slurm, parallel=args.parallel, wait=not args.no_wait)
+    dirs = launch(config, _flat(args.seeds), slurm=args.slurm, parallel=args.parallel, wait=not args.no_wait,
+                  resume=args.resume)
     if args.no_wait:
         print("when the jobs are done: nws report " + " ".join(str(d) for d in dirs))
         return 0
@@ -380,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"] and "--compare" in argv:  # `nws demo --compare` is `nws compare`
         argv = ["compare", *(a for a in argv[1:] if a != "--compare")]
+    handle_signals()
     try:
         parser = build_parser()
         if not argv:
@@ -395,16 +403,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NWSError as err:
         print(f"nws: error: {' '.join(str(err).split())}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("nws: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        if sys.stdout.isatty():
+            print(flush=True)  # end a progress bar's line
+        print(f"nws: {interrupted_line(err, argv)}", file=sys.stderr, flush=True)
+        return err.exit_code
     except SystemExit as err:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if not isinstance(err, SIGTERMException):  # Lightning's, on SIGTERM (scancel, a time limit): not success
             raise
-        print("nws: error: terminated (SIGTERM) before the run finished; rerun with --resume", file=sys.stderr)
-        return 143
+        print(f"nws: {interrupted_line(Interrupted(signal.SIGTERM, None), argv)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def interrupted_line(err: Interrupted, argv: Sequence[str]) -> str:
+    """What stopped, and the exact command that continues it (the same command with ``--resume``)."""
+    what = f"stopped by {signal.Signals(err.signum).name} during {err.stage or 'the run'}"
+    if argv[:1] in (["run"], ["demo"], ["launch"]):
+        again = ["nws", *argv, *([] if "--resume" in argv else ["--resume"])]
+        return f"{what}; what was stored is kept. Resume with: {shlex.join(again)}"
+    return what
 
 
 if __name__ == "__main__":

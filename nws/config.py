@@ -221,10 +221,13 @@ class TrainerConfig:
     checkpoint: bool = True
     """write <out>/checkpoints/<stage>/last.ckpt after every epoch (what --resume continues from)"""
     progress_bar: bool = True
-    """show a progress bar"""
+    """show a progress bar on a terminal (elsewhere, such as a log file: one line per epoch)"""
     max_skipped_steps: NonNegativeInt = 100
     """under a gradient scaler (16-mixed), this many steps skipped in a row for overflowing gradients stop
     the run"""
+    threads: Optional[PositiveInt] = None
+    """compute threads; null follows the CPUs this process may use (its affinity mask, SLURM's CPUs per task),
+    so runs sharing a machine or an allocation do not oversubscribe it"""
 
 
 @dataclass

@@ -22,10 +22,14 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import os
 import pickle
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -43,8 +49,10 @@ from torch.utils.data.distributed import DistributedSampler
 from nws.config import LOGGERS, PRECISIONS, TrainConfig, TrainerConfig
 from nws.convert import commitment_loss, nws_layers, update_pools
 from nws.errors import NWSError
+from nws import interrupts
 from nws.pool import all_reduce_step_statistics
 from nws.sparsity import sparsity_loss
+from nws.store import atomic_write
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -133,7 +141,7 @@ class TrainModule(L.LightningModule):
             if self.pretrain:
                 all_reduce_step_statistics(layer.pool for _, layer in nws_layers(self.model) if layer.pool.trainable)
                 update_pools(self.model)
-        self.log_dict({"loss": loss, **logs}, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
+        self.log_dict({"loss": loss, **logs}, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def _count_skip(self, skipped: bool) -> None:
@@ -216,6 +224,49 @@ class StageProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"{self.stage} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
 
+class EpochLines(L.Callback):
+    """One short line per epoch (stage, epoch, mean loss, seconds) for output that is not a terminal, where a
+    progress bar's carriage returns would make one endless line."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start, self.losses = time.perf_counter(), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.losses.append(loss.detach())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        loss = f"loss {torch.stack(self.losses).mean().item():.4f}, " if self.losses else ""
+        print(f"[{self.stage}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {loss}"
+              f"{time.perf_counter() - self.start:.1f} s", flush=True)
+
+
+def progress_callbacks(trainer_cfg: TrainerConfig, stage: str) -> list[L.Callback]:
+    """``trainer.progress_bar``: a bar on a terminal, one line per epoch otherwise (a log file); none if off."""
+    if not trainer_cfg.progress_bar:
+        return []
+    return [StageProgressBar(stage) if sys.stdout.isatty() else EpochLines(stage)]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Epoch checkpoints written atomically (a temporary file renamed over the last one), so that a run stopped
+    while one is written (a signal, a kill, a power cut) still resumes from the previous one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getbuffer())
+
+
 def check_precision(precision: str) -> str:
     """``precision`` if it keeps pools and weights in fp32; :class:`NWSError` otherwise."""
     if str(precision) not in PRECISIONS:
@@ -237,11 +288,53 @@ def precision_plugins(trainer_cfg: TrainerConfig) -> list:
     return [MixedPrecision("16-mixed", "cuda" if uses_cuda(trainer_cfg) else "cpu")]
 
 
-def make_logger(trainer_cfg: TrainerConfig, log_dir: Path, name: str):
-    """CSV (default), TensorBoard or W&B logger writing under ``log_dir/logs/<name>``, or ``False``."""
+class _ResumedWriter(ExperimentWriter):
+    """Lightning's CSV writer, but it keeps the rows of the epochs up to ``keep_epochs`` of an earlier attempt
+    at the stage (Lightning deletes the file), so a resumed stage appends to its own metrics.csv."""
+
+    def __init__(self, log_dir: str, keep_epochs: int):
+        self.keep_epochs = keep_epochs
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [r for r in reader if r.get("epoch") not in (None, "") and float(r["epoch"]) < self.keep_epochs]
+            keys = list(reader.fieldnames or [])
+        if not rows:
+            os.remove(self.metrics_file_path)
+            return
+        self.metrics_keys = sorted(keys)
+        with open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class StageCSVLogger(L.pytorch.loggers.CSVLogger):
+    """CSV logger of one stage; resumed from a checkpoint after ``keep_epochs`` epochs, it appends to the rows
+    of those epochs instead of replacing the file."""
+
+    def __init__(self, *args, keep_epochs: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_epochs = keep_epochs
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedWriter(self.log_dir, self.keep_epochs)
+        return self._experiment
+
+
+def make_logger(trainer_cfg: TrainerConfig, log_dir: Path, name: str, keep_epochs: int = 0):
+    """CSV (default), TensorBoard or W&B logger writing under ``log_dir/logs/<name>``, or ``False``. A stage
+    resumed after ``keep_epochs`` finished epochs keeps their rows in its CSV log."""
     kind = trainer_cfg.logger
     if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(log_dir, name="logs", version=name)
+        return StageCSVLogger(log_dir, name="logs", version=name, keep_epochs=keep_epochs)
     if kind == "tensorboard":
         try:
             import tensorboard  # noqa: F401
@@ -267,6 +360,15 @@ def last_checkpoint(checkpoint_dir: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(checkpoint_dir) / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+def checkpoint_epochs(path: str | os.PathLike) -> int:
+    """How many epochs the checkpoint at ``path`` has finished."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise NWSError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0]})") from None
+    return int(state.get("epoch", -1)) + 1
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -313,28 +415,32 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerC
     quiet_lightning()
     if cfg.epochs < 1:
         return Fitted(model.cpu(), 0)
-    callbacks: list = [StageProgressBar(name)] if trainer_cfg.progress_bar else []
+    callbacks: list = progress_callbacks(trainer_cfg, name)
     if checkpoint_dir is not None and trainer_cfg.checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir, filename=Path(LAST_CHECKPOINT).stem, every_n_epochs=1, save_top_k=1,
             enable_version_counter=False, save_on_train_epoch_end=True))
     if resume_from is not None and not Path(resume_from).is_file():
         raise NWSError(f"checkpoint {resume_from} does not exist")
-    plugins = precision_plugins(trainer_cfg)
+    done_epochs = 0 if resume_from is None else checkpoint_epochs(resume_from)
+    precision = precision_plugins(trainer_cfg)
     trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
                         num_nodes=trainer_cfg.num_nodes, strategy=trainer_cfg.strategy,
-                        precision=None if plugins else check_precision(trainer_cfg.precision), plugins=plugins,
-                        sync_batchnorm=trainer_cfg.sync_batchnorm, logger=make_logger(trainer_cfg, Path(log_dir), name),
-                        callbacks=callbacks, enable_checkpointing=checkpoint_dir is not None and trainer_cfg.checkpoint,
-                        enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False,
+                        precision=None if precision else check_precision(trainer_cfg.precision),
+                        plugins=[*precision, AtomicCheckpointIO()],
+                        sync_batchnorm=trainer_cfg.sync_batchnorm,
+                        logger=make_logger(trainer_cfg, Path(log_dir), name, done_epochs), callbacks=callbacks,
+                        enable_checkpointing=checkpoint_dir is not None and trainer_cfg.checkpoint,
+                        enable_progress_bar=any(isinstance(c, TQDMProgressBar) for c in callbacks), enable_model_summary=False,
                         log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=False,
                         default_root_dir=log_dir)
     module = TrainModule(model, cfg, pretrain=pretrain, params=params, mask_params=mask_params, mask_lr=mask_lr,
                          after_step=after_step, max_skipped=trainer_cfg.max_skipped_steps)
     datamodule = TrainData(data, cfg.batch_size, num_workers=num_workers, seed=seed)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from),
-                    weights_only=True)
+        with interrupts.stage(name):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from),
+                        weights_only=True)
     except (pickle.UnpicklingError, EOFError) as err:
         raise NWSError(f"checkpoint {resume_from} is unreadable ({str(err).splitlines()[0]})") from None
     return Fitted(revert_sync_batchnorm(module.model).cpu(), module.skipped)
@@ -357,6 +463,24 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256, num_workers
     finally:
         model.to(home).train(was_training)
     return correct / max(total, 1)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a container's or a cluster's CPU set),
+    within a SLURM job at most its CPUs per task."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if os.environ.get("SLURM_JOB_ID") and per_task.isdigit() and int(per_task) > 0:
+        cpus = min(cpus, int(per_task))
+    return max(1, cpus)
+
+
+def use_threads(trainer_cfg: TrainerConfig) -> int:
+    """Set torch's compute threads to ``trainer.threads``, or by default to :func:`available_cpus`; returns it."""
+    threads = trainer_cfg.threads or available_cpus()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def eval_device(trainer_cfg: TrainerConfig) -> torch.device:

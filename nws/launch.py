@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -37,13 +38,21 @@ class LaunchError(NWSError):
 class SlurmSpec:
     """The resources of each SLURM job (per seed)."""
 
-    gpus: int = 1
+    gpus: int = 0
     nodes: int = 1
     params: dict | None = None
 
+    def trainer(self) -> dict:
+        """The run's trainer settings that follow what the job asks for: GPUs (one process each, on every node)
+        where it asks for them, the CPU where it asks for none."""
+        if not self.gpus:
+            return {"accelerator": "cpu"}
+        return {"accelerator": "gpu", "devices": self.gpus, "num_nodes": self.nodes}
+
 
 def parse_slurm(text: str) -> SlurmSpec:
-    """``partition=gpu,gpus=8,hours=48,...`` as submitit parameters (one task per GPU, as Lightning expects)."""
+    """``partition=gpu,gpus=8,hours=48,...`` as submitit parameters (one task per GPU, as Lightning expects; no
+    ``gpus``: a CPU job)."""
     params: dict = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
@@ -56,7 +65,7 @@ def parse_slurm(text: str) -> SlurmSpec:
             raise LaunchError(f"--slurm: {key} must be a {kind.__name__}, got {value!r}") from None
     if "timeout_min" in params:
         params["timeout_min"] = max(1, round(params["timeout_min"] * 60))
-    gpus, nodes = params.get("gpus_per_node", 1), params.get("nodes", 1)
+    gpus, nodes = params.get("gpus_per_node", 0), params.get("nodes", 1)
     if gpus < 0 or nodes < 1:
         raise LaunchError("--slurm: gpus must be at least 0 and nodes at least 1")
     params["tasks_per_node"] = max(gpus, 1)
@@ -65,13 +74,31 @@ def parse_slurm(text: str) -> SlurmSpec:
     return SlurmSpec(gpus=gpus, nodes=nodes, params=params)
 
 
+# How a job's log says what ended its run (the run's last line on stderr follows).
+RUN_FAILED = "nws launch: the run failed: "
+
+
 def run_job(argv: list[str]) -> str:
-    """The job of one seed: ``nws run ARGV`` in a child Python process; returns its run directory."""
+    """The job of one seed: ``nws run ARGV`` in a child Python process; returns its run directory. The run's
+    stderr goes to the job's log as it comes; if the run fails, its last line is repeated after
+    :data:`RUN_FAILED`, so the launcher can show it."""
     out = argv[argv.index("--out") + 1]
-    proc = subprocess.run([sys.executable, "-m", "nws.cli", "run", *argv], env=os.environ.copy())
-    if proc.returncode != 0:
-        raise LaunchError(f"nws run for {out} exited with code {proc.returncode} (see this job's log)")
+    proc = subprocess.Popen([sys.executable, "-m", "nws.cli", "run", *argv], env=os.environ.copy(),
+                            stderr=subprocess.PIPE, text=True, errors="replace")
+    last = ""
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        last = line.strip() or last
+    if proc.wait() != 0:
+        sys.stderr.write(f"{RUN_FAILED}{last or f'exit code {proc.returncode}'}\n")
+        sys.stderr.flush()
+        raise LaunchError(f"nws run for {out} exited with code {proc.returncode}")
     return out
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the seed's run finished (its results are written)."""
+    return (run_dir / "results.json").is_file()
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -79,13 +106,16 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 
 def launch(config: RunConfig, seeds: Sequence[int], slurm: str | None = None, parallel: bool = False,
-           wait: bool = True) -> list[Path]:
+           wait: bool = True, resume: bool = False) -> list[Path]:
     """Submit one ``nws run`` of ``config`` per seed, into ``config.out``/seed_<S>; returns the run directories
     (finished, when ``wait``).
 
     Without ``slurm``, jobs run as local processes (submitit's ``LocalExecutor``), one after another, or all
-    at once with ``parallel``. With ``slurm``, they are submitted together as a SLURM job array, and
-    ``trainer.devices``/``trainer.num_nodes`` are set from its ``gpus``/``nodes``.
+    at once with ``parallel``. With ``slurm``, they are submitted together as a SLURM job array; the runs
+    train on what the jobs ask for (``trainer.accelerator``, ``devices`` and ``num_nodes`` from ``gpus`` and
+    ``nodes``; no ``gpus``: the CPU). With ``resume``, only the seeds whose run has not finished are submitted
+    (``nws run --resume``: an interrupted or failed run continues where it stopped); the finished ones are
+    kept as they are and returned with the others.
     """
     import submitit
 
@@ -93,17 +123,35 @@ def launch(config: RunConfig, seeds: Sequence[int], slurm: str | None = None, pa
         raise LaunchError("--seeds needs one or more distinct seeds")
     out = Path(config.out)
     spec = parse_slurm(slurm) if slurm is not None else None
-    if spec is not None and spec.gpus > 0:
-        config = dataclasses.replace(config, trainer=dataclasses.replace(
-            config.trainer, accelerator="gpu", devices=spec.gpus, num_nodes=spec.nodes))
+    if spec is not None:
+        config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, **spec.trainer()))
     config = validate(config)
-    for seed in seeds:
-        if (seed_dir(out, seed) / "manifest.json").exists():
-            raise LaunchError(f"{seed_dir(out, seed)} already holds a run; choose another --out")
     folder = out / "launch"
     settings = folder / "config.yaml"
-    argvs = {seed: ["--config", str(settings), "--seed", str(seed), "--out", str(seed_dir(out, seed))]
-             for seed in seeds}
+    argvs = {}
+    for seed in seeds:
+        run_dir = seed_dir(out, seed)
+        if resume and finished(run_dir):
+            print(f"seed {seed}: finished -> {run_dir}", flush=True)
+            continue
+        if (run_dir / "manifest.json").exists() and not resume:
+            raise LaunchError(f"{run_dir} already holds a run; continue the seeds that did not finish with "
+                              "--resume, or choose another --out")
+        again = ["--resume"] if (run_dir / "manifest.json").exists() else []
+        argvs[seed] = ["--config", str(settings), "--seed", str(seed), "--out", str(run_dir), *again]
+    if not argvs:
+        return [seed_dir(out, s) for s in seeds]
+    failures: dict[int, str] = {}
+
+    def settle(seed: int, job, accounting: bool = True) -> None:
+        try:
+            if not accounting:
+                _await_without_accounting(seed, job)
+            _wait(seed, job)
+        except LaunchError as err:
+            failures[seed] = str(err)
+            print(f"seed {seed}: failed", flush=True)
+
     if spec is not None:
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
@@ -114,6 +162,15 @@ def launch(config: RunConfig, seeds: Sequence[int], slurm: str | None = None, pa
         _write_settings(settings, config)
         with executor.batch():
             jobs = {seed: executor.submit(run_job, argv) for seed, argv in argvs.items()}
+        for seed, job in jobs.items():
+            print(f"seed {seed}: SLURM job {job.job_id} -> {seed_dir(out, seed)}", flush=True)
+        if not wait:
+            return [seed_dir(out, s) for s in seeds]
+        no_accounting = _accounting_error(next(iter(jobs.values())).job_id)
+        if no_accounting:
+            print(f"SLURM keeps no job accounting here ({no_accounting}): job states come from squeue", flush=True)
+        for seed, job in jobs.items():
+            settle(seed, job, accounting=not no_accounting)
     else:
         if not wait:
             raise LaunchError("--no_wait needs --slurm: local jobs end with this command")
@@ -125,19 +182,14 @@ def launch(config: RunConfig, seeds: Sequence[int], slurm: str | None = None, pa
             jobs[seed] = executor.submit(run_job, argv)
             print(f"seed {seed}: job {jobs[seed].job_id} -> {seed_dir(out, seed)}", flush=True)
             if not parallel:
-                _wait(seed, jobs[seed], folder)
-    if spec is not None:
-        for seed, job in jobs.items():
-            print(f"seed {seed}: SLURM job {job.job_id} -> {seed_dir(out, seed)}", flush=True)
-    if not wait:
-        return [seed_dir(out, s) for s in seeds]
-    no_accounting = spec is not None and _accounting_error(next(iter(jobs.values())).job_id)
-    if no_accounting:
-        print(f"SLURM keeps no job accounting here ({no_accounting}): job states come from squeue", flush=True)
-    for seed, job in jobs.items():
-        if no_accounting:
-            _await_without_accounting(seed, job, folder)
-        _wait(seed, job, folder)
+                settle(seed, jobs[seed])
+        if parallel:
+            for seed, job in jobs.items():
+                settle(seed, job)
+    if failures:
+        first = next(iter(failures.values()))
+        more = f" (seeds {', '.join(map(str, failures))} failed)" if len(failures) > 1 else ""
+        raise LaunchError(f"{first}{more}; rerun the same command with --resume to finish the seeds that did not")
     return [seed_dir(out, s) for s in seeds]
 
 
@@ -147,6 +199,18 @@ def _write_settings(path: Path, config: RunConfig) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def _failure(seed: int, job, what: str) -> LaunchError:
+    """A seed's failed job: what went wrong (its run's last line on stderr, else the job log's last line) and
+    the file that holds the traceback."""
+    err = Path(job.paths.stderr)
+    text = err.read_text(errors="replace") if err.is_file() else ""
+    said = re.findall(rf"^{re.escape(RUN_FAILED)}(.*)$", text, re.M)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = said[-1] if said else lines[-1] if lines else None
+    return LaunchError(f"seed {seed} (job {job.job_id}) {what}" + (f": {last}" if last else "")
+                       + f"; traceback in {err}")
 
 
 def _local_gpus() -> dict:
@@ -190,7 +254,7 @@ def _squeue_state(job_id: str) -> str | None:
     return "GONE" if "Invalid job id" in proc.stderr else None
 
 
-def _await_without_accounting(seed: int, job, folder: Path, grace_s: float = 10.0) -> None:
+def _await_without_accounting(seed: int, job, grace_s: float = 10.0) -> None:
     """Wait for a SLURM job without sacct (where submitit would ask it every few seconds, warn each time, and
     wait forever for a job that died without writing its result): until its result file exists, or squeue
     says it ended (cancelled, timed out, killed) and no result came within ``grace_s``."""
@@ -207,14 +271,11 @@ def _await_without_accounting(seed: int, job, folder: Path, grace_s: float = 10.
         if state is not None and state not in SLURM_ACTIVE:
             ended = ended or (state, now)
             if now - ended[1] > grace_s:
-                raise LaunchError(f"seed {seed} (job {job.job_id}) ended {ended[0]} without a result; logs in "
-                                  f"{folder}")
+                raise _failure(seed, job, f"ended {ended[0]} without a result")
 
 
-def _wait(seed: int, job, folder: Path) -> None:
+def _wait(seed: int, job) -> None:
     try:
         job.result()
-    except Exception as err:  # submitit wraps the job's own exception in a FailedJobState/UncompletedJobError
-        last = [line for line in str(err).splitlines() if line.strip()]
-        raise LaunchError(f"seed {seed} (job {job.job_id}) failed: {last[-1] if last else type(err).__name__}; "
-                          f"logs in {folder}") from None
+    except Exception:  # submitit wraps the job's own exception in a FailedJobState/UncompletedJobError
+        raise _failure(seed, job, "failed") from None

@@ -22,7 +22,7 @@ from typing import Any
 
 from nws.config import ConfigError, RunConfig, stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
-from nws.engine import barrier, eval_device, evaluate, is_global_zero
+from nws.engine import barrier, eval_device, evaluate, is_global_zero, use_threads
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
 from nws.metrics import continual_metrics
@@ -32,7 +32,7 @@ from nws.store import MANIFEST, RunStore, atomic_write
 # Settings that may differ when a run is resumed: where it runs and logs, not what it learns.
 RESUME_MAY_DIFFER = ("out", "data.root", "data.num_workers", "trainer.accelerator", "trainer.devices",
                      "trainer.logger", "trainer.num_nodes", "trainer.strategy", "trainer.progress_bar",
-                     "trainer.checkpoint", "data.source_root")
+                     "trainer.checkpoint", "trainer.threads", "data.source_root")
 RESULTS = "results.json"
 
 
@@ -63,6 +63,7 @@ class Runner:
     def __init__(self, config: RunConfig, benchmark: Benchmark | None = None, progress: bool = True,
                  **method_options: Any):
         self.config = validate(config)
+        use_threads(config.trainer)
         self.method_class = method_class(config.method)
         self.method_class.check(config)
         benchmark = benchmark or benchmark_from_config(config.data, config.seed)
@@ -79,6 +80,10 @@ class Runner:
         self.ctx.resume = resume
         if not self.ctx.writer:
             return self._follow(resume)
+        finished = None if resume else self.finished()
+        if finished is not None:
+            self.ctx.say(f"{self.out} already holds this run, finished; its results:")
+            return finished
         store = self._reopen() if resume and (self.out / MANIFEST).exists() else self._create()
         method, files = self.method, store.manifest["files"]
         if all(f in files for f in method.source_files):
@@ -103,6 +108,26 @@ class Runner:
             self._learn(store, index)
             barrier()
         return self.finish()
+
+    def finished(self) -> dict[str, Any] | None:
+        """The results of this very run if ``out`` already holds it finished (same settings, files verified),
+        so that running the same command again shows them instead of refusing; None otherwise."""
+        if not (self.out / RESULTS).is_file() or not (self.out / MANIFEST).is_file():
+            return None
+        try:
+            store = RunStore(self.out)
+            results = json.loads((self.out / RESULTS).read_text())
+        except (StoreError, OSError, ValueError):
+            return None
+        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        stored = store.manifest.get("config")
+        if store.method != self.method.name or not isinstance(stored, dict) or config_differences(stored, current):
+            return None
+        done = [t["index"] for t in store.tasks()]
+        if done != list(range(len(self.ctx.benchmark.tasks))) or not isinstance(results, dict):
+            return None
+        store.check()
+        return results
 
     def _create(self) -> RunStore:
         store = self.method.store_class(self.out, create=True)

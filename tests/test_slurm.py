@@ -72,10 +72,11 @@ def env() -> dict[str, str]:
 
 
 def slurm_spec() -> str:
-    """``--slurm`` for one CPU-only task per seed on the default partition."""
+    """``--slurm`` for one task per seed on the default partition, asking for one CPU and no GPU (none named:
+    the runs train on the CPU, as on a cluster without GPUs)."""
     partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()
     default = [p[:-1] for p in partitions if p.endswith("*")]
-    return ",".join([*(f"partition={p}" for p in default[:1]), "gpus=0", "cpus=1", "hours=0.5"])
+    return ",".join([*(f"partition={p}" for p in default[:1]), "cpus=1", "hours=0.5"])
 
 
 def nws(*args: str, srun: list[str] | None = None, wait: bool = True, **kwargs):
@@ -133,6 +134,34 @@ def test_launch_runs_the_seeds_as_one_array_job_and_reports_them(tmp_path):
     printed = proc.stdout + proc.stderr
     assert "sacct" not in printed.replace("(sacct: ", "")
     assert sum("accounting" in line for line in printed.splitlines()) <= 1
+
+
+def test_a_failed_seed_names_its_log_and_resume_finishes_only_the_seeds_that_did_not(tmp_path):
+    """Seed 2's run cannot write its directory (a file is in the way): the launch fails with one line naming
+    the file that holds the traceback and the run's last line; seed 1 finishes. With the obstacle gone,
+    ``--resume`` runs seed 2 alone and reports both."""
+    out = tmp_path / "runs"
+    (out / "seed_2").parent.mkdir()
+    (out / "seed_2").write_text("in the way")
+    launch = ["-m", "nws.cli", "launch", "--config", CONFIG, "--seeds", "1", "2", "--out", str(out), "--slurm", slurm_spec(),
+              *TINY, "--data.num_tasks", "1"]
+    failed = nws(*launch)
+    assert failed.returncode == 2 and len(failed.stderr.splitlines()) == 1, failed.stdout + failed.stderr
+    log = re.search(r"traceback in (\S+\.err)", failed.stderr)
+    assert log and Path(log.group(1)).is_file() and re.match(r"nws: error: seed 2 \(job \S+\) failed: ", failed.stderr)
+    last_line = failed.stderr.split(" failed: ", 1)[1].split("; traceback in ")[0]
+    assert last_line in Path(log.group(1)).read_text() and "seed_2" in last_line
+    assert (out / "seed_1" / "results.json").is_file()
+    first = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "seed_1").iterdir() if p.is_file()}
+
+    (out / "seed_2").unlink()
+    resumed = nws(*launch, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"^seed 1: finished -> ", resumed.stdout, re.M)
+    assert re.findall(r"^seed (\d+): SLURM job ", resumed.stdout, re.M) == ["2"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "seed_1").iterdir() if p.is_file()} \
+        == first  # seed 1 was not run again
+    assert (out / "seed_2" / "results.json").is_file() and "±" in resumed.stdout
 
 
 def test_ddp_under_srun_holds_identical_ranks_and_stores_what_one_process_stores(tmp_path):

@@ -1,0 +1,53 @@
+"""Interrupts (Ctrl-C, ``kill``, SLURM's pre-emption and time limits) as one exception that names the stage.
+
+:func:`handle_signals` turns SIGINT and SIGTERM into :class:`Interrupted`, a ``BaseException`` that Lightning
+does not swallow (it turns ``KeyboardInterrupt`` into ``exit(1)``), so it reaches the command line, which
+prints what stopped and how to resume, and exits ``128 + signal`` (130, 143). Training marks the stage it is
+in with :func:`stage`. Nothing is written on the way out: what a run stored stays as it was (task files are
+written atomically, epoch checkpoints are complete files), and ``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_stages: list[str] = []
+
+
+class Interrupted(BaseException):
+    """The process received ``signum`` while in ``stage`` (None: between stages)."""
+
+    def __init__(self, signum: int, stage: str | None):
+        super().__init__(f"{signal.Signals(signum).name} during {stage or 'the run'}")
+        self.signum, self.stage = signum, stage
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def current_stage() -> str | None:
+    """The innermost stage being trained, if any."""
+    return _stages[-1] if _stages else None
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Mark ``name`` (``pretrain``, ``task_003``, ...) as the stage an interrupt stops."""
+    _stages.append(name)
+    try:
+        yield
+    finally:
+        _stages.pop()
+
+
+def _raise(signum: int, frame) -> None:  # noqa: ARG001
+    raise Interrupted(signum, current_stage())
+
+
+def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Raise :class:`Interrupted` on these signals from now on (call once, in the main thread)."""
+    for signum in signums:
+        signal.signal(signum, _raise)
