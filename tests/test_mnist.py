@@ -301,6 +301,21 @@ def test_split_fashion_mnist_tasks(fashion):
     assert bench.tasks[0].train.transform.transforms[-1].mean != bench.tasks[4].train.transform.transforms[-1].mean
 
 
+def test_fashion_mnist_pairs_is_every_pair_in_an_order_drawn_from_the_seed(fashion):
+    folder, arrays = fashion
+    bench = load_benchmark("fashion_mnist_pairs", str(folder), seed=1993)
+    pairs = [tuple(FASHION_CLASSES.index(c) for c in t.classes) for t in bench.tasks]
+    assert len(pairs) == 45 and sorted(pairs) == [(a, b) for a in range(10) for b in range(a + 1, 10)]
+    assert [t.name for t in bench.tasks] == [f"fashion-mnist {a}/{b}" for a, b in pairs]
+    assert [t.name for t in load_benchmark("fashion_mnist_pairs", str(folder), seed=1993).tasks] == \
+        [t.name for t in bench.tasks]
+    assert [t.name for t in load_benchmark("fashion_mnist_pairs", str(folder), seed=1994).tasks] != \
+        [t.name for t in bench.tasks]
+    a, b = pairs[0]
+    mask = (arrays["test-labels"] == a) | (arrays["test-labels"] == b)
+    assert bench.tasks[0].test.labels.tolist() == (arrays["test-labels"][mask] == b).astype(int).tolist()
+
+
 def test_padding_to_32_for_the_cifar_stem(fashion):
     folder, arrays = fashion
     bench = load_benchmark("split_fashion_mnist", str(folder), image_size=32, num_tasks=1)

@@ -23,6 +23,7 @@ import hashlib
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,10 +275,11 @@ def array_task(name: str, classes: list[str], images: dict[str, np.ndarray], lab
     return Task(name, classes, *(ArrayImages(images[s], labels[s], transform) for s in ("train", "test")))
 
 
-def split_tasks(data: IDXData, size: int) -> list[Task]:
-    """The five two-class tasks in the literature's order (0/1, 2/3, 4/5, 6/7, 8/9), labelled 0 and 1."""
+def split_tasks(data: IDXData, size: int, pairs: Sequence[tuple[int, int]] = PAIRS) -> list[Task]:
+    """Two-class tasks, one per pair of classes (by default the five of the literature, in its order: 0/1, 2/3,
+    4/5, 6/7, 8/9), labelled 0 and 1."""
     tasks = []
-    for a, b in PAIRS:
+    for a, b in pairs:
         masks = {s: (data.labels[s] == a) | (data.labels[s] == b) for s in SPLITS}
         images = {s: data.images[s][masks[s]] for s in SPLITS}
         labels = {s: (data.labels[s][masks[s]] == b).astype(np.int64) for s in SPLITS}
@@ -300,14 +302,20 @@ def digits_source(size: int, seed: int) -> Task:
                       {s: images[i] for s, i in split.items()}, {s: labels[i] for s, i in split.items()}, size)
 
 
+def all_pairs(seed: int) -> list[tuple[int, int]]:
+    """Every pair of the ten classes (45), in an order drawn from ``seed``."""
+    pairs = [(a, b) for a in range(10) for b in range(a + 1, 10)]
+    return [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
+
+
 def split_fashion_mnist(root: str | Path | None, source: str | None, source_root: str | None,
-                        image_size: int | None, seed: int = 0) -> Benchmark:
-    """Split-Fashion-MNIST from the files at ``root``. The pool-pretraining source is ``digits`` (the default:
-    the embedded digits, no files), ``mnist`` (all 10 MNIST digits, the official files at ``source_root``) or
-    ``none`` (pools from a pretraining run). ``image_size`` (default 28) zero-pads every image, source and
-    tasks alike."""
+                        image_size: int | None, seed: int = 0, pairs: Sequence[tuple[int, int]] = PAIRS) -> Benchmark:
+    """Split-Fashion-MNIST from the files at ``root``, one two-class task per pair in ``pairs``. The
+    pool-pretraining source is ``digits`` (the default: the embedded digits, no files), ``mnist`` (all 10 MNIST
+    digits, the official files at ``source_root``) or ``none`` (pools from a pretraining run). ``image_size``
+    (default 28) zero-pads every image, source and tasks alike."""
     size = image_side(image_size)
-    tasks = split_tasks(load_idx_data(root, FASHION_MNIST, "data.root"), size)
+    tasks = split_tasks(load_idx_data(root, FASHION_MNIST, "data.root"), size, pairs)
     source = source or "digits"
     if source == "digits":
         src = digits_source(size, seed)
@@ -333,3 +341,10 @@ def check_split_fashion_mnist(roots: list[Path]) -> list[dict]:
 def build_split_fashion_mnist(request: DataRequest) -> Benchmark:
     return split_fashion_mnist(request.root, request.source, request.source_root, request.image_size,
                                seed=request.seed)
+
+
+@register_benchmark("fashion_mnist_pairs", "45 two-class Fashion-MNIST tasks, every pair of the ten classes, in an "
+                    "order drawn from the seed (a long real sequence), 28x28", check=check_split_fashion_mnist)
+def build_fashion_mnist_pairs(request: DataRequest) -> Benchmark:
+    return split_fashion_mnist(request.root, request.source, request.source_root, request.image_size,
+                               seed=request.seed, pairs=all_pairs(request.seed))
