@@ -30,20 +30,17 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _run(config: RunConfig, resume: bool = False) -> None:
     from nws.engine import shutdown_distributed
-    from nws.report import run_markdown
+    from nws.results import RESULTS, RESULTS_MD
     from nws.runner import Runner
-    from nws.store import atomic_write
 
     runner = Runner(config)
-    results = runner.run(resume=resume)
+    runner.run(resume=resume)
     shutdown_distributed()
     if not runner.ctx.writer:  # a distributed rank other than 0: rank 0 reports
         return
-    table = run_markdown(results)
-    atomic_write(runner.out / "results.md", table.encode())
     print()
-    print(table, end="")
-    print(f"Results: {runner.out / 'results.json'}")
+    print((runner.out / RESULTS_MD).read_text(), end="")
+    print(f"Results: {runner.out / RESULTS}")
 
 
 def cmd_eval(argv: Sequence[str]) -> int:

@@ -1,19 +1,17 @@
-"""Training with Lightning, for every method: the loss, the optimizers, the pool EMA, checkpoints, evaluation.
+"""Training with Lightning, for every method: the loss, the optimizers, checkpoints, evaluation, seeds.
 
-One training module serves every method. Its loss is the cross-entropy, plus ``beta`` times the commitment
-term when the model has NWS layers (and the sparsity pull when asked); with ``pretrain`` the pools follow
-the kernels by EMA after every optimizer step. A method may add an Adam optimizer for mask scores
-(Piggyback) and a hook after every step (PackNet puts earlier tasks' weights back exactly).
+One training module serves every method and names none: its loss is the cross-entropy plus the weighted
+:class:`LossTerm` s a method adds; the main optimizer trains ``params`` (by default every parameter that
+requires grad) and each :class:`ParamGroup` a method adds gets an optimizer of its own, stepped with the main
+one and scheduled alike; anything a method does around the steps is a Lightning callback (:class:`StepAction`
+runs a function after every optimizer step). The methods' own pieces live in :mod:`nws.methods`.
 
 One device, several GPUs with DDP, several nodes, SLURM (Lightning's own cluster environment) and
 bf16/fp16 mixed precision all come from the :class:`~nws.config.TrainerConfig`. Under mixed precision only
-the network's convolutions run in half precision: the search always runs in fp32 and the pools, their EMA
-statistics and the EMA update stay fp32. Under ``16-mixed`` a gradient scaler skips a step whose gradients
-overflow, as the reference does; skipped steps are counted and logged, and ``trainer.max_skipped_steps`` of
-them in a row stop the run. Without a scaler a non-finite loss stops the run at once, and so does a
-non-finite weight in any case. Under DDP the pools' per-step statistics are averaged over the ranks before
-every update (:func:`nws.pool.all_reduce_step_statistics`), so all ranks hold identical pools, equal to a
-single process's on the same global batch.
+the network's own layers autocast; whatever a callback updates keeps its dtype. Under ``16-mixed`` a gradient
+scaler skips a step whose gradients overflow, as the reference does; skipped steps are counted and logged,
+and ``trainer.max_skipped_steps`` of them in a row stop the run. Without a scaler a non-finite loss stops the
+run at once, and so does a non-finite weight in any case.
 
 ``cfg.batch_size`` is the *global* batch: each of ``W`` processes loads ``batch_size / W`` samples per step
 from its own shard of a seeded, epoch-dependent shuffle, so a run resumed from a checkpoint sees the same
@@ -22,6 +20,7 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -36,15 +35,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from nws.config import LOGGERS, PRECISIONS, TrainConfig, TrainerConfig
-from nws.convert import commitment_loss, nws_layers, update_pools
 from nws.errors import NWSError
-from nws.pool import all_reduce_step_statistics
-from nws.sparsity import sparsity_loss
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -64,6 +60,47 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every draw of a stage depends on its seed alone)."""
+    L.seed_everything(seed, verbose=False)
+
+
+def task_seed(seed: int, index: int) -> int:
+    """The seed of task ``index``'s training: a function of the run seed and the index alone, so a resumed
+    run learns every task exactly as an uninterrupted run does."""
+    return int.from_bytes(hashlib.sha256(f"nws-task:{seed}:{index}".encode()).digest()[:4], "little")
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A term a method adds to the cross-entropy: ``weight * fn(model)``, logged as ``name``."""
+
+    name: str
+    weight: float
+    fn: Callable[[nn.Module], Tensor]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters trained by an optimizer of their own, ``make(params)``, stepped together with the main one and
+    decayed at the same milestones."""
+
+    name: str
+    params: Sequence[nn.Parameter]
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class StepAction(L.Callback):
+    """Calls ``action()`` after every optimizer step (after the weights are checked), without autograd."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action = action
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.action()
+
+
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer``: SGD with momentum, nesterov and weight decay, or Adam with weight decay."""
     if cfg.optimizer == "adam":
@@ -78,21 +115,20 @@ def milestones(cfg: TrainConfig) -> list[int]:
 
 
 class TrainModule(L.LightningModule):
-    """Trains ``model`` on ``CE (+ beta * commitment + sparsity * group lasso)``; see the module docstring.
+    """Trains ``model`` on the cross-entropy plus the ``loss_terms``; see the module docstring.
 
-    Manual optimization, so that a method's mask optimizer steps together with the main one and
-    ``after_step`` runs after both.
+    Manual optimization, so that every optimizer (the main one and one per :class:`ParamGroup`) steps on the
+    same backward pass, and the weights are checked before any callback sees them.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, pretrain: bool = False,
-                 params: Sequence[nn.Parameter] | None = None, mask_params: Sequence[nn.Parameter] = (),
-                 mask_lr: float = 0.0, after_step: Callable[[], None] | None = None, max_skipped: int = 100):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter] | None = None,
+                 param_groups: Sequence[ParamGroup] = (), loss_terms: Sequence[LossTerm] = (),
+                 max_skipped: int = 100):
         super().__init__()
         self.automatic_optimization = False
-        self.model, self.cfg, self.pretrain = model, cfg, pretrain
-        self.searched = any(True for _ in nws_layers(model))
+        self.model, self.cfg = model, cfg
         self._params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-        self._mask_params, self.mask_lr, self.after_step = list(mask_params), mask_lr, after_step
+        self._groups, self._terms = list(param_groups), list(loss_terms)
         self.max_skipped, self.skipped, self.skipped_in_a_row = max_skipped, 0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,11 +142,9 @@ class TrainModule(L.LightningModule):
         x, y = batch
         ce = F.cross_entropy(self.model(x), y)
         loss, logs = ce, {"ce": ce}
-        if self.searched:
-            logs["commit"] = commitment_loss(self.model)
-            loss = loss + self.cfg.beta * logs["commit"]
-        if self.cfg.sparsity:
-            loss = loss + self.cfg.sparsity * sparsity_loss(self.model)
+        for term in self._terms:
+            logs[term.name] = term.fn(self.model)
+            loss = loss + term.weight * logs[term.name]
         scaler = self._scaler()
         if scaler is None and not torch.isfinite(loss):
             parts = ", ".join(f"{k} {v.item():g}" for k, v in logs.items())
@@ -127,12 +161,6 @@ class TrainModule(L.LightningModule):
         if scaler is not None:
             self._count_skip(scaler.get_scale() < scale)
         self._check_weights()
-        with torch.no_grad():
-            if self.after_step is not None:
-                self.after_step()
-            if self.pretrain:
-                all_reduce_step_statistics(layer.pool for _, layer in nws_layers(self.model) if layer.pool.trainable)
-                update_pools(self.model)
         self.log_dict({"loss": loss, **logs}, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
         return loss
 
@@ -152,13 +180,14 @@ class TrainModule(L.LightningModule):
     @torch.no_grad()
     def _check_weights(self) -> None:
         """Stop on a non-finite trained weight; one host sync per step, the name only on failure."""
-        params = self._params + self._mask_params
+        params = self._params + [p for g in self._groups for p in g.params]
         if not params:
             return
         finite = torch.stack([torch.isfinite(p).all() for p in params])
         if not bool(finite.all()):
             bad = params[int((~finite).nonzero()[0])]
-            name = next((n for n, p in self.model.named_parameters() if p is bad), "a mask score")
+            name = next((n for n, p in self.model.named_parameters() if p is bad), None)
+            name = name or next(f"a parameter of {g.name}" for g in self._groups if any(p is bad for p in g.params))
             raise NonFiniteError(f"non-finite weight {name} at epoch {self.current_epoch} step {self.global_step}; "
                                  "nothing of this stage was saved")
 
@@ -171,8 +200,7 @@ class TrainModule(L.LightningModule):
         optimizers = []
         if self._params:
             optimizers.append(make_optimizer(self._params, self.cfg))
-        if self._mask_params:
-            optimizers.append(torch.optim.Adam(self._mask_params, lr=self.mask_lr))
+        optimizers += [group.make(list(group.params)) for group in self._groups]
         scheds = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=milestones(self.cfg), gamma=self.cfg.gamma)
                   for o in optimizers]
         return optimizers, scheds
@@ -254,8 +282,9 @@ def make_logger(trainer_cfg: TrainerConfig, log_dir: Path, name: str):
             import wandb  # noqa: F401
         except ImportError:
             raise NWSError("trainer.logger wandb needs the wandb package: pip install wandb") from None
+        project = os.environ.get("WANDB_PROJECT", __package__)  # by default the package's name
         return L.pytorch.loggers.WandbLogger(save_dir=str(log_dir), name=f"{Path(log_dir).name}/{name}",
-                                             group=Path(log_dir).name, project=os.environ.get("WANDB_PROJECT", "nws"))
+                                             group=Path(log_dir).name, project=project)
     if kind == "none":
         return False
     raise NWSError(f"trainer.logger must be one of {', '.join(LOGGERS)}, got {kind!r}")
@@ -295,17 +324,17 @@ class Fitted:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerConfig, log_dir: Path, name: str,
-        pretrain: bool = False, params: Sequence[nn.Parameter] | None = None,
-        mask_params: Sequence[nn.Parameter] = (), mask_lr: float = 0.0,
-        after_step: Callable[[], None] | None = None, num_workers: int = 0,
+        params: Sequence[nn.Parameter] | None = None, param_groups: Sequence[ParamGroup] = (),
+        loss_terms: Sequence[LossTerm] = (), callbacks: Sequence[L.Callback] = (), num_workers: int = 0,
         checkpoint_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
         seed: int = 0) -> Fitted:
     """Train ``model`` on ``data`` for ``cfg.epochs`` with Lightning; returns the trained model (on the CPU)
     and the number of steps the gradient scaler skipped.
 
     ``params``: what the main optimizer trains (default: every parameter that requires grad);
-    ``mask_params``: trained by Adam at ``mask_lr``; ``after_step``: called after every optimizer step, without
-    autograd. ``checkpoint_dir``: where ``last.ckpt`` (model with its pools, optimizers, schedulers, epoch) is
+    ``param_groups``: parameters with optimizers of their own; ``loss_terms``: added to the cross-entropy;
+    ``callbacks``: Lightning callbacks of this stage (e.g. :class:`StepAction`). ``checkpoint_dir``: where
+    ``last.ckpt`` (the model with all its buffers, optimizers, schedulers, epoch) is
     written after every epoch, when ``trainer_cfg.checkpoint`` is on. ``resume_from``: a checkpoint written so
     (e.g. :func:`last_checkpoint`) to continue from instead of starting at epoch 0; ``model`` must be built as
     for the original start. ``seed`` seeds the data order.
@@ -313,7 +342,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerC
     quiet_lightning()
     if cfg.epochs < 1:
         return Fitted(model.cpu(), 0)
-    callbacks: list = [StageProgressBar(name)] if trainer_cfg.progress_bar else []
+    callbacks = [*([StageProgressBar(name)] if trainer_cfg.progress_bar else []), *callbacks]
     if checkpoint_dir is not None and trainer_cfg.checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir, filename=Path(LAST_CHECKPOINT).stem, every_n_epochs=1, save_top_k=1,
@@ -329,8 +358,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerC
                         enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False,
                         log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=False,
                         default_root_dir=log_dir)
-    module = TrainModule(model, cfg, pretrain=pretrain, params=params, mask_params=mask_params, mask_lr=mask_lr,
-                         after_step=after_step, max_skipped=trainer_cfg.max_skipped_steps)
+    module = TrainModule(model, cfg, params=params, param_groups=param_groups, loss_terms=loss_terms,
+                         max_skipped=trainer_cfg.max_skipped_steps)
     datamodule = TrainData(data, cfg.batch_size, num_workers=num_workers, seed=seed)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from),

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 EXTRAPOLATE_TO = 100
+
+
+def float32_bytes(model: nn.Module) -> int:
+    """Size of the same network stored plainly in float32: all parameters and buffers, pools excluded."""
+    return sum(4 * t.numel() for k, t in model.state_dict().items()
+               if ".pool." not in f".{k}" and t.is_floating_point())
 
 
 def continual_metrics(tasks: list[dict[str, Any]]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 :func:`run` checks the whole configuration and loads the data before anything is written, then: the source
 stage (the method makes and stores the network the first task starts from), every task in order (seeded by
 the run seed and its index alone; trained by the method; its files written atomically and listed; rebuilt
-from storage and evaluated), and finally every task evaluated from storage again, into ``results.json``.
+from storage and evaluated), and finally every task evaluated from storage again, into ``results.json`` and
+``results.md`` (:mod:`nws.results`), whoever calls it.
 
 An interrupted run continues with ``resume``: its files are verified, it must be this config's run,
 finished tasks are kept byte for byte, the method's state after the last one is read back from the files,
@@ -20,20 +21,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import copy
+
+from torch import nn
+
 from nws.config import ConfigError, RunConfig, validate
 from nws.data import Benchmark, benchmark_from_config
-from nws.engine import barrier, eval_device, evaluate, is_global_zero
+from nws.engine import barrier, eval_device, is_global_zero, seed_everything, task_seed
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
-from nws.metrics import continual_metrics
-from nws.methods.base import float32_bytes, seed_everything, task_seed
-from nws.store import MANIFEST, RunStore, atomic_write
+from nws.metrics import float32_bytes
+from nws.results import collect_results, write_results
+from nws.store import MANIFEST, RunStore
 
 # Settings that may differ when a run is resumed: where it runs and logs, not what it learns.
 RESUME_MAY_DIFFER = ("out", "data.root", "data.num_workers", "trainer.accelerator", "trainer.devices",
                      "trainer.logger", "trainer.num_nodes", "trainer.strategy", "trainer.progress_bar",
                      "trainer.checkpoint", "data.source_root")
-RESULTS = "results.json"
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -56,22 +60,22 @@ class Runner:
     """One run of ``config`` (its ``method``) on ``benchmark`` (default: the one the config names).
 
     Everything is checked here, before :meth:`run` writes anything: the settings, the method's own
-    requirements, the data (its folders and files), a ``pretrained`` run's model. ``method_options`` go to
-    the method (e.g. ``plain_source`` for a baseline).
+    requirements (:meth:`~nws.methods.Method.check`, its constructor), the data (its folders and files).
+    ``shared_source``: a source network made by another method of the same
+    :meth:`~nws.methods.Method.source_key`, which the method stores instead of making its own. After the
+    source stage, ``source`` is a copy of the source network when the method's may be shared, else None.
     """
 
     def __init__(self, config: RunConfig, benchmark: Benchmark | None = None, progress: bool = True,
-                 **method_options: Any):
+                 shared_source: nn.Module | None = None):
         self.config = validate(config)
         self.method_class = method_class(config.method)
         self.method_class.check(config)
         benchmark = benchmark or benchmark_from_config(config.data, config.seed)
-        if benchmark.source is None and not config.pretrained:
-            raise ConfigError("data.source is none: set pretrained: RUN_DIR (pools pretrained by "
-                              "configs/pretrain_pools_imagenet_resnet18.yaml) or choose a data.source")
         self.ctx = Context(config, benchmark, eval_device(config.trainer), writer=is_global_zero(), progress=progress)
-        self.method: Method = self.method_class(self.ctx, **method_options)
+        self.method: Method = self.method_class(self.ctx, shared_source=shared_source)
         self.out = Path(config.out)
+        self.source: nn.Module | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """The whole sequence; returns the results (written to ``results.json``), or ``{}`` on a distributed rank
@@ -92,6 +96,8 @@ class Runner:
             source = method.pretrain(store)
             self.ctx.drop_checkpoints("pretrain")
             barrier()
+        if self.method_class.source_key(self.config) is not None:
+            self.source = copy.deepcopy(source)
         method.start(store, source)
         done = [t["index"] for t in store.tasks()]
         for index in done:
@@ -186,40 +192,14 @@ class Runner:
         return {}
 
     def finish(self) -> dict[str, Any]:
-        """Evaluate every task from storage now (a fresh reader) and write ``results.json``."""
+        """Evaluate every task from storage now (a fresh reader) and write ``results.json`` and ``results.md``."""
         results = collect_results(self.method.store_class(self.out), self.ctx.benchmark,
                                   num_workers=self.config.data.num_workers, device=self.ctx.device)
-        atomic_write(self.out / RESULTS, json.dumps(results, indent=1).encode())
+        write_results(self.out, results)
         return results
 
 
-def collect_results(store: RunStore, benchmark: Benchmark, num_workers: int = 0, device: Any = None) -> dict[str, Any]:
-    """The ``results.json`` contract, the same for every method: per task what its manifest entry records plus
-    ``acc_final`` (rebuilt from storage and evaluated now); continual metrics; memory, and where the reader
-    provides it (NWS) ``memory.reference_equivalent``, what the reference implementation would store."""
-    tasks = []
-    for entry in store.tasks():
-        test = benchmark.tasks[entry["index"]].test
-        task = {k: v for k, v in entry.items() if k not in ("index", "file", "memory_after")}
-        task["acc_final"] = evaluate(store.model(entry["index"]), test, num_workers=num_workers, device=device)
-        tasks.append(task)
-    shared = store.shared_files()
-    sizes = [sum(t["bytes"].values()) for t in tasks]
-    after = [t.get("memory_after") for t in store.tasks()]
-    if None in after:  # a run begun before nws recorded it: shared files (never changed) plus the tasks so far
-        after = [store.size(shared) + sum(sizes[: i + 1]) for i in range(len(sizes))]
-    config = store.manifest.get("config") or {}
-    memory = {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
-              "tasks_total": sum(sizes), "float32_model": max((t["float32_model"] for t in tasks), default=0)}
-    figures = store.reference_equivalent()  # what the reference implementation would store (NWS runs)
-    if figures is not None:
-        memory["reference_equivalent"] = figures
-    return {"method": store.method, "seed": config.get("seed"), "config": config,
-            **continual_metrics(tasks), "tasks": tasks, "memory": memory,
-            "memory_after_task": after, "source": store.manifest.get("source")}
-
-
 def run(config: RunConfig, benchmark: Benchmark | None = None, resume: bool = False, progress: bool = True,
-        **method_options: Any) -> dict[str, Any]:
+        shared_source: nn.Module | None = None) -> dict[str, Any]:
     """Run ``config`` (see :class:`Runner`); returns the results."""
-    return Runner(config, benchmark, progress, **method_options).run(resume)
+    return Runner(config, benchmark, progress, shared_source).run(resume)

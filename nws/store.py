@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -333,9 +334,10 @@ class RunStore:
         """Task ``index``'s network from the files alone."""
         raise NotImplementedError
 
-    def reference_equivalent(self) -> dict[str, int] | None:
-        """What the NWS reference implementation would store for this run (None: not an NWS run)."""
-        return None
+    def memory_extras(self) -> dict[str, Any]:
+        """What the results' ``memory`` records besides the files' sizes (e.g. what another implementation
+        would store for the same run)."""
+        return {}
 
     def model(self, index: int) -> nn.Module:
         """Task ``index``'s network rebuilt from storage alone (cached, eval mode)."""
@@ -479,22 +481,44 @@ class TaskStore(RunStore):
         self._codes.move_to_end(index)
         return self._codes[index]
 
+    def pool_usage(self) -> dict[str, Any]:
+        """Per layer and task: the pool utilisation (distinct indices used / pool size), read from the task
+        files; per task the fraction of all pool entries (over every layer) it uses, and the same for all tasks
+        together; per layer its number of grouped kernels (the most entries a task can use)."""
+        books, _ = self.pools()
+        layers = list(books)
+        sizes = np.array([books[name].shape[0] for name in layers], dtype=np.float64)
+        used: list[list[set[int]]] = []
+        tasks, kernels = [], [0] * len(layers)
+        for t in self.tasks():
+            codes = self.codes(t["index"])
+            used.append([set(np.unique(codes[name].numpy()).tolist()) for name in layers])
+            kernels = [max(k, len(codes[name])) for k, name in zip(kernels, layers)]
+            tasks.append(t["name"])
+        counts = np.array([[len(u) for u in per_task] for per_task in used], dtype=np.float64).T  # layers x tasks
+        union = [len(set().union(*(per_task[i] for per_task in used))) for i in range(len(layers))] if used else []
+        return {"layers": layers, "tasks": tasks, "pool_sizes": sizes.astype(int).tolist(), "kernels": kernels,
+                "utilisation": (counts / sizes[:, None]).tolist() if used else [],
+                "task_fraction": (counts.sum(0) / sizes.sum()).tolist() if used else [],
+                "all_tasks_fraction": float(sum(union) / sizes.sum()) if used else 0.0,
+                "layer_union": [u / s for u, s in zip(union, sizes)]}
+
     def build(self, index: int) -> nn.Module:
         codes = self.codes(index)
         books, _, spec = self._read_pools()
         return build_task(self._task_file(index), books, spec, codes=codes)
 
-    def reference_equivalent(self) -> dict[str, int] | None:
-        """The run's memory as the reference implementation stores it (``docs/reference.md``, row 6): its pools
-        file for these pools, and every task's indices and BatchNorm (``reference_bytes``, recorded when the task
-        was stored); None when a task lacks that record (stored before nws recorded it)."""
+    def memory_extras(self) -> dict[str, Any]:
+        """``reference_equivalent``: the run's memory as the reference implementation stores it
+        (``docs/reference.md``, row 6): its pools file for these pools, and every task's indices and BatchNorm
+        (``reference_bytes``, recorded when the task was stored)."""
         tasks = self.tasks()
         if not all(isinstance(t.get("reference_bytes"), dict) and all(is_int(v) for v in t["reference_bytes"].values())
                    for t in tasks):
-            return None
+            return {}
         pools = reference_pools_bytes(self.pools()[0])
         total = sum(v for t in tasks for v in t["reference_bytes"].values())
-        return {"pools": pools, "tasks_total": total, "total": pools + total}
+        return {"reference_equivalent": {"pools": pools, "tasks_total": total, "total": pools + total}}
 
 
 def save_pools_run(out: str | os.PathLike, model: nn.Module, spec: ModelSpec, source: dict[str, Any]) -> TaskStore:

@@ -328,7 +328,7 @@ def test_a_run_of_task_format_1_loads_and_evaluates_as_recorded(tmp_path):
     tensor per state entry, no reference file): every task rebuilds and scores exactly what its run recorded."""
     from nws.config import DataConfig
     from nws.data import benchmark_from_config
-    from nws.runner import collect_results
+    from nws.results import collect_results
 
     run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
     recorded = json.loads((run / "results.json").read_text())
@@ -352,7 +352,7 @@ def test_a_run_whose_models_had_biases_loads_and_evaluates_as_recorded(tmp_path)
     tasks rebuild with the stored biases and score exactly what the run recorded."""
     from nws.config import DataConfig
     from nws.data import benchmark_from_config
-    from nws.runner import collect_results
+    from nws.results import collect_results
 
     run = Path(shutil.copytree(BIASES, tmp_path / "run"))
     recorded = json.loads((run / "results.json").read_text())
