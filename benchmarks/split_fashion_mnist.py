@@ -55,7 +55,8 @@ from nws.methods.finetune import FinetuneStore
 from nws.report import write_report
 from nws.results import RESULTS
 from nws.runner import Runner
-from nws.store import MANIFEST, POOLS
+from nws.methods.nws import POOLS
+from nws.store import MANIFEST
 
 LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
 # Six points per method: the task learning rate, and for Piggyback (whose task lr trains only its classifier

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from nws.methods import open_run
-from nws.store import MANIFEST, POOLS, REFERENCE, SOURCE, TaskStore, manifest_bytes
+from nws.methods.nws import POOLS, REFERENCE, TaskStore
+from nws.store import MANIFEST, SOURCE, manifest_bytes
 from nws.taskfile import (SOURCE_REFERENCE, StoreError, model_from_source, model_from_task, read_pools,
                           read_reference)
 

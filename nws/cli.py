@@ -225,7 +225,8 @@ def cmd_pools(argv: Sequence[str]) -> int:
     import yaml
 
     from nws import pool_sources as ps
-    from nws.store import MANIFEST, save_pools_run
+    from nws.methods.nws import save_pools_run
+    from nws.store import MANIFEST
 
     if (Path(args.out) / MANIFEST).exists():
         raise UsageError(f"{args.out} already holds a run; choose another output directory")

@@ -12,11 +12,13 @@ from nws.errors import StoreError
 from nws.models import create_model
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (JSON's integers, as readers of untrusted metadata must check them)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _str_list(value: Any) -> bool:
+def str_list(value: Any) -> bool:
+    """A list of strings."""
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
@@ -44,8 +46,8 @@ class ModelSpec:
     def from_json(cls, d: Any, what: str = "file metadata") -> ModelSpec:
         """The spec in ``d`` (as :meth:`to_json` writes it); :class:`StoreError` for anything else."""
         ok = (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("kwargs"), dict)
-              and all(_is_int(d.get(k)) and d[k] >= 1 for k in ("num_classes", "pool_size", "group_size"))
-              and _str_list(d.get("exclude")))
+              and all(is_int(d.get(k)) and d[k] >= 1 for k in ("num_classes", "pool_size", "group_size"))
+              and str_list(d.get("exclude")))
         if not ok:
             raise StoreError(f"{what} has a bad model spec")
         return cls(d["name"], d["num_classes"], dict(d["kwargs"]), d["pool_size"], d["group_size"],

@@ -40,7 +40,7 @@ from nws.codes import code_layout, decode, encode
 from nws.convert import nws_layers
 from nws.errors import StoreError
 from nws.packing import CodesError, Layout, pack_codes, unpack_codes
-from nws.spec import ModelSpec
+from nws.spec import ModelSpec, is_int, str_list
 
 FORMAT_VERSION = 1  # pools, source and reference files
 TASK_VERSION = 2  # task files; format 1 still loads
@@ -48,16 +48,8 @@ SOURCE_REFERENCE = "source"  # a task coded against the run's reference (the sou
 _VERSION = re.compile(r"[0-9]{1,9}")
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def first_line(err: BaseException) -> str:

@@ -19,7 +19,7 @@ from nws.convert import convert, nws_layers
 from nws.data.cifar100 import SUPERCLASSES
 from nws.data.folders import CUB2SKETCHES
 from nws.models import create_model
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

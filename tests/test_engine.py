@@ -24,7 +24,7 @@ from nws.methods.nws import PoolEMA, nws_loss_terms
 from nws.models import create_model
 from nws.pool import KernelPool, all_reduce_step_statistics
 from nws.search import brute_force_nearest
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 CPU = dict(accelerator="cpu", logger="none", progress_bar=False)
 

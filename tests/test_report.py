@@ -21,7 +21,6 @@ from nws.groups import aggregate, find_runs
 from nws.methods.nws import NWS
 from nws.report import comparison_table, time_table, write_report
 from nws.runner import run
-from nws.store import TaskStore
 from nws.tables import markdown_table
 
 

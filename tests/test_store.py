@@ -15,7 +15,8 @@ from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_s
 from nws.cli import main
 from nws.convert import nws_layers
 from nws.packing import pack_codes
-from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
+from nws.methods.nws import POOLS, TaskStore
+from nws.store import (MANIFEST, SOURCE, StoreError, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
 from nws.taskfile import TASK_VERSION, split_state
 

@@ -29,7 +29,8 @@ from nws.models import create_model
 from nws.pool import all_reduce_step_statistics
 from nws.pool_sources import pools_from_model
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
-from nws.store import POOLS, REFERENCE, SOURCE, TaskStore, task_file
+from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
+from nws.store import SOURCE, task_file
 from nws.taskfile import SOURCE_REFERENCE, ModelSpec, reference_task_bytes
 
 
@@ -191,3 +192,6 @@ class NWS(Method):
 
     def describe(self, rebuilt: nn.Module) -> dict[str, Any]:
         return {"sparsity": kernel_sparsity(rebuilt)} if has_zero_entry(rebuilt) else {}
+
+
+__all__ = ["NWS", "POOLS", "REFERENCE", "PoolEMA", "TaskStore", "nws_loss_terms", "pretrained_spec", "save_pools_run"]

@@ -24,7 +24,8 @@ from nws.engine import task_seed
 from nws.methods.base import Context, Method, Saved, classifier_name
 from nws.models import create_model
 from nws.store import SOURCE, RunStore, task_file
-from nws.taskfile import check_state, is_int, meta_entry, nbytes, pack_file
+from nws.spec import is_int
+from nws.taskfile import check_state, is_number, meta_entry, nbytes, pack_file
 
 # ----------------------------------------------------------------------------------- model parts
 
@@ -113,6 +114,17 @@ class PlainStore(RunStore):
 
     shared: ClassVar[tuple[str, ...]] = ()  # written once
     rewrites_network: ClassVar[bool] = False
+
+    @classmethod
+    def manifest_problem(cls, manifest: dict[str, Any]) -> str | None:
+        """The run's ``model`` (builder name and arguments) and each task's ``mask_density``."""
+        model = manifest.get("model", {"name": "", "kwargs": {}})
+        if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+                and isinstance(model.get("kwargs"), dict)):
+            return "bad model entry"
+        if not all(is_number(t.get("mask_density", 0)) for t in manifest["tasks"]):
+            return "bad mask density"
+        return None
 
     def shared_files(self) -> list[str]:
         tasks = self.manifest["tasks"]
