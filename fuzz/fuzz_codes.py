@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nws.packing import CodesError, _crc, _varint, pack_codes, unpack_codes
+from nws.bitcodes import CodesError, crc, varint
+from nws.packing import pack_codes
+from nws.unpacking import unpack_codes
 
 K = 64
 
@@ -83,7 +85,7 @@ def mutate(data: bytes, other: bytes, rnd: random.Random) -> bytes:
             start = rnd.randrange(len(other))
             out[pos : pos + rnd.randrange(0, 17)] = other[start : start + rnd.randrange(1, 17)]
         elif kind == "varint":
-            out[pos:pos] = _varint(rnd.choice([0, 1, 127, 128, 1 << 31, (1 << 31) + 1, 1 << 62]))
+            out[pos:pos] = varint(rnd.choice([0, 1, 127, 128, 1 << 31, (1 << 31) + 1, 1 << 62]))
     return bytes(out)
 
 
@@ -91,7 +93,7 @@ def reseal(data: bytes) -> bytes:
     """Make a format 3 stream's leading CRC valid again (when the stream still has one)."""
     if len(data) < 9 or data[:5] != b"NWSC\x03":
         return data
-    return data[:5] + _crc(data[9:]).to_bytes(4, "little") + data[9:]
+    return data[:5] + crc(data[9:]).to_bytes(4, "little") + data[9:]
 
 
 def main() -> int:

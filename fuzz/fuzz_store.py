@@ -34,7 +34,8 @@ from typing import Any
 from nws.methods import open_run
 from nws.methods.nws import POOLS, REFERENCE, TaskStore
 from nws.store import MANIFEST, SOURCE, manifest_bytes
-from nws.taskfile import (SOURCE_REFERENCE, StoreError, model_from_source, model_from_task, read_pools,
+from nws.errors import StoreError
+from nws.taskfile import (SOURCE_REFERENCE, model_from_source, model_from_task, read_pools,
                           read_reference)
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]

@@ -22,8 +22,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from nws.errors import StoreError
-from nws.taskfile import is_int, is_number, pack_file, str_list, unpack_file
-from nws.taskfile import first_line as _first_line
+from nws.container import is_number, pack_file, unpack_file
+from nws.container import first_line as _first_line
+from nws.spec import is_int, str_list
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
@@ -236,7 +237,7 @@ class RunStore:
         self.write_manifest()
 
     def put(self, name: str, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> int:
-        """Write a safetensors file of ``kind`` (:func:`nws.taskfile.pack_file`) and list it; returns its size."""
+        """Write a safetensors file of ``kind`` (:func:`nws.container.pack_file`) and list it; returns its size."""
         data = pack_file(kind, tensors, meta)
         self.write(name, data)
         return len(data)

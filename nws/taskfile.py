@@ -22,38 +22,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import lzma
-import math
-import re
-import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nws.codes import code_layout, decode, encode
+from nws.container import check_state, check_version, first_line, meta_entry, nbytes, pack_file, read_file, unpack_file
 from nws.convert import nws_layers
 from nws.errors import StoreError
-from nws.packing import CodesError, Layout, pack_codes, unpack_codes
+from nws.bitcodes import CodesError
+from nws.packing import Layout, pack_codes
+from nws.unpacking import unpack_codes
 from nws.spec import ModelSpec, is_int, str_list
 
 FORMAT_VERSION = 1  # pools, source and reference files
 TASK_VERSION = 2  # task files; format 1 still loads
 SOURCE_REFERENCE = "source"  # a task coded against the run's reference (the source network's indices)
-_VERSION = re.compile(r"[0-9]{1,9}")
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def build_model(spec: ModelSpec, what: str) -> nn.Module:
@@ -83,82 +71,13 @@ def model_codebooks(model: nn.Module) -> dict[str, Tensor]:
     return {name: layer.pool.codebook for name, layer in nws_layers(model)}
 
 
-# ----------------------------------------------------------------------------------- file format
-
-
-def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any], version: int = FORMAT_VERSION) -> bytes:
-    """A safetensors file of ``kind`` whose bytes depend on its content alone.
-
-    safetensors writes its header in hash-map order, which changes from process to process; the header is
-    rewritten with sorted keys (and padded to 8 bytes as safetensors does), so equal content gives equal
-    bytes and a resumed run reproduces an uninterrupted one's files exactly.
-    """
-    header = {"format": kind, "version": str(version),
-              **{k: json.dumps(v) for k, v in meta.items()}}
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
-    (n,) = struct.unpack("<Q", data[:8])
-    head = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + data[8 + n :]
-
-
-def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and metadata of a safetensors file of ``kind``; :class:`StoreError` for anything else."""
-    tensors, meta, _ = unpack_versioned(data, kind, what)
-    return tensors, meta
-
-
 def unpack_versioned(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any], int]:
-    """:func:`unpack_file`, and the file's format version (at most the newest of its kind)."""
+    """A file of ``kind`` and its format version (at most the newest of its kind)."""
+    tensors, meta, version = read_file(data, kind, what)
     newest = TASK_VERSION if kind == "nws-task" else FORMAT_VERSION
-    if len(data) < 8:
-        raise StoreError(f"{what} is empty or truncated")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise StoreError(f"{what} is truncated (header)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, RecursionError) as err:
-        raise StoreError(f"{what} has a corrupt header ({first_line(err)})") from None
-    raw = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise StoreError(f"{what} has a corrupt header (no nws metadata)")
-    if raw.get("format") != kind:
-        raise StoreError(f"{what} is not an nws {kind.removeprefix('nws-')} file (format {raw.get('format')!r})")
-    if not _VERSION.fullmatch(raw.get("version", "")) or int(raw["version"]) < 1:
-        raise StoreError(f"{what} has a corrupt format version")
-    if int(raw["version"]) > newest:
-        raise StoreError(f"{what} has format version {raw['version']}, newer than this nws reads "
-                         f"({newest}); upgrade nws")
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "version")}
-    except (ValueError, RecursionError) as err:
-        raise StoreError(f"{what} has corrupt metadata ({first_line(err)})") from None
-    try:
-        tensors = st_load(data)
-    except Exception as err:  # safetensors raises its own error types on corrupt data
-        raise StoreError(f"{what} is corrupt ({first_line(err)})") from None
-    return tensors, meta, int(raw["version"])
-
-
-def meta_entry(meta: dict[str, Any], key: str, what: str) -> Any:
-    """``meta[key]``; :class:`StoreError` naming ``what`` if the file lacks it."""
-    if key not in meta:
-        raise StoreError(f"{what} lacks its {key!r} metadata")
-    return meta[key]
-
-
-def check_state(state: dict[str, Tensor], expected: dict[str, Tensor], what: str) -> None:
-    """``state`` has exactly ``expected``'s keys, shapes and dtypes, and only finite values."""
-    if set(state) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
-        raise StoreError(f"{what}: stored state does not match the model (missing {missing}, unexpected {unexpected})")
-    for key, value in state.items():
-        if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
-            raise StoreError(f"{what}: {key} is {value.dtype} {tuple(value.shape)}, the model needs "
-                             f"{expected[key].dtype} {tuple(expected[key].shape)}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise StoreError(f"{what}: {key} holds non-finite values")
+    if version > newest:
+        check_version(version, newest, what)
+    return tensors, meta, version
 
 
 def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -178,10 +97,6 @@ def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]
             continue
         (bn if key.startswith(bn_prefixes) else other)[key] = value
     return bn, other
-
-
-def nbytes(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def pools_bytes(model: nn.Module, spec: ModelSpec) -> bytes:

@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).parent.parent / "nws"
 # Lowest first; a module may import its own layer and those below it. Keep in step with docs/architecture.md.
 LAYERS = [
     ("base", ["nws.errors"]),
-    ("core", ["nws", "nws.search", "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.packing",
-              "nws.sparsity", "nws.spec", "nws.pool_sources", "nws.models", "nws.models.*"]),
-    ("storage and data", ["nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
+    ("core", ["nws", "nws.search", "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.bitcodes",
+              "nws.packing", "nws.unpacking", "nws.sparsity", "nws.spec", "nws.pool_sources", "nws.models", "nws.models.*"]),
+    ("storage and data", ["nws.container", "nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
     ("training and protocol", ["nws.config", "nws.engine", "nws.metrics", "nws.tables", "nws.results",
                                "nws.methods", "nws.methods.*", "nws.runner", "nws.launch"]),
     ("reporting", ["nws.groups", "nws.plots", "nws.report", "nws.compare"]),

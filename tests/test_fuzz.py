@@ -13,8 +13,7 @@ from store_fixtures import make_store
 
 from nws.methods.nws import POOLS, TaskStore
 from nws.store import MANIFEST, StoreError, manifest_bytes, parse_manifest, task_file
-from nws.taskfile import read_pools
-from nws.taskfile import model_from_task
+from nws.taskfile import model_from_task, read_pools
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

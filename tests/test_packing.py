@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from nws import conditional_entropy_bits, entropy_bits, pack_codes, unpack_codes
-from nws.packing import MAGIC, VERSION, CodesError, _varint, neighbour_order
+from nws.bitcodes import crc, varint
+from nws.bitcodes import CodesError
+from nws.packing import MAGIC, VERSION, neighbour_order
 
 K = 512
 
@@ -282,10 +284,10 @@ def test_format_2_stream_still_decodes() -> None:
 
 
 def _v2_crafted(*layers: tuple[bytes, int, int, int], table: bytes = b"") -> bytes:
-    head = [_varint(len(layers))]
+    head = [varint(len(layers))]
     for name, k, n, mode in layers:
-        head += [_varint(len(name)), name, _varint(k), _varint(n), bytes([mode])]
-    return MAGIC + b"\x02" + b"".join(head) + _varint(len(table)) + _varint(0) + table
+        head += [varint(len(name)), name, varint(k), varint(n), bytes([mode])]
+    return MAGIC + b"\x02" + b"".join(head) + varint(len(table)) + varint(0) + table
 
 
 def test_format_2_stream_claiming_huge_layers_is_refused_before_decoding() -> None:
@@ -328,9 +330,7 @@ def test_truncated_streams() -> None:
 
 def _reseal(data: bytes) -> bytes:
     """``data`` with its leading CRC made valid again, so a mutation reaches the decoder."""
-    from nws.packing import _crc
-
-    return data[:5] + _crc(data[9:]).to_bytes(4, "little") + data[9:]
+    return data[:5] + crc(data[9:]).to_bytes(4, "little") + data[9:]
 
 
 def test_random_bit_flips() -> None:
@@ -400,14 +400,14 @@ def test_pools_are_checked_before_decoding() -> None:
 def _v3_crafted(layout: dict, layers: bytes, bits: bytes = b"", codes: dict | None = None) -> bytes:
     """A format 3 stream with a hand-written layer header and no reference; the CRCs are those of
     ``layout`` and ``codes``."""
-    from nws.packing import _codes_crc, _context_crc, _crc, _layout_crc
+    from nws.packing import _codes_crc, _context_crc, _layout_crc
 
     names = sorted(layout)
     arrays = {n: np.asarray(v) for n, v in (codes or {}).items()}
     crcs = [_layout_crc(layout, names), _context_crc({}, {}, layout, names),
             _codes_crc(arrays, layout, names) if codes else 0]
-    body = b"".join(c.to_bytes(4, "little") for c in crcs) + layers + _varint(len(bits)) + _varint(0) + bits
-    return MAGIC + bytes([VERSION]) + _crc(body).to_bytes(4, "little") + body
+    body = b"".join(c.to_bytes(4, "little") for c in crcs) + layers + varint(len(bits)) + varint(0) + bits
+    return MAGIC + bytes([VERSION]) + crc(body).to_bytes(4, "little") + body
 
 
 ZEROS = {"a": [0] * 5}
@@ -441,8 +441,8 @@ def test_crafted_counts_beyond_the_layout_are_refused() -> None:
     header check, before any allocation."""
     layout = {"a": (16, 5)}
     reference = {"a": torch.arange(5)}
-    _raises_codes_error(_v3_crafted(layout, _varint((1 << 31) + 2)), layout, reference, match="out of range")
-    _raises_codes_error(_v3_crafted(layout, b"\x01" + _varint(6)), layout, reference, match="out of range")
+    _raises_codes_error(_v3_crafted(layout, varint((1 << 31) + 2)), layout, reference, match="out of range")
+    _raises_codes_error(_v3_crafted(layout, b"\x01" + varint(6)), layout, reference, match="out of range")
 
 
 def test_large_pools_are_not_ranked() -> None:

@@ -18,6 +18,7 @@ from nws.packing import pack_codes
 from nws.methods.nws import POOLS, TaskStore
 from nws.store import (MANIFEST, SOURCE, StoreError, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
+from nws.container import read_file
 from nws.taskfile import TASK_VERSION, split_state
 
 SEED = 1234
@@ -243,7 +244,7 @@ def test_task_codes_with_another_layout(run):
     """Codes that decode fine but hold one index too many for the classifier: refused by both readers
     before decoding (a crafted stream cannot make them allocate more than the model's own indices)."""
     name = task_file(1)
-    tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name)
+    tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name, TASK_VERSION)
     store = TaskStore(run)
     codes = store.codes(1)
     codes["fc"] = torch.cat([codes["fc"], torch.zeros(1, dtype=torch.long)])
@@ -362,7 +363,7 @@ def test_a_run_whose_models_had_biases_loads_and_evaluates_as_recorded(tmp_path)
     benchmark = benchmark_from_config(DataConfig(**recorded["config"]["data"]), recorded["config"]["seed"])
     results = collect_results(store, benchmark)
     assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
-    stored = unpack_file((run / task_file(1)).read_bytes(), "nws-task", "t")[0]["other.fc.bias"]
+    stored = read_file((run / task_file(1)).read_bytes(), "nws-task", "t")[0]["other.fc.bias"]
     assert torch.equal(store.model(1).fc.bias, stored)
     source = unpack_file((run / SOURCE).read_bytes(), "nws-source", "s")[0]
     assert torch.equal(store.load_source().fc.bias, source["fc.bias"])
@@ -451,7 +452,7 @@ def test_a_chain_decodes_to_the_same_models_as_the_reference_coding(tmp_path):
         a, b = by_source.model(i).state_dict(), chained.model(i).state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), i
         assert all(torch.equal(by_source.codes(i)[k], chained.codes(i)[k]) for k in by_source.codes(i))
-    metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t")[1]["reference"]
+    metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t", TASK_VERSION)[1]["reference"]
              for i in range(5)]
     assert metas == ["source", 0, "source", 2, "source"]
 
@@ -472,7 +473,7 @@ def test_batchnorm_stored_in_half_precision(tmp_path, dtype):
         assert all(torch.equal(half.codes(i)[k], exact.codes(i)[k]) for k in exact.codes(i))
         sizes, exact_sizes = half.tasks()[i]["bytes"], exact.tasks()[i]["bytes"]
         assert 2 * sizes["batchnorm"] == exact_sizes["batchnorm"] and sizes["indices"] == exact_sizes["indices"]
-        tensors = unpack_file((half.root / task_file(i)).read_bytes(), "nws-task", "t")[0]
+        tensors = unpack_file((half.root / task_file(i)).read_bytes(), "nws-task", "t", TASK_VERSION)[0]
         assert name in tensors and "bn.float32" not in tensors
 
 

@@ -31,7 +31,8 @@ from nws.pool_sources import pools_from_model
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
 from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
 from nws.store import SOURCE, task_file
-from nws.taskfile import SOURCE_REFERENCE, ModelSpec, reference_task_bytes
+from nws.spec import ModelSpec
+from nws.taskfile import SOURCE_REFERENCE, reference_task_bytes
 
 
 class PoolEMA(L.Callback):

@@ -25,7 +25,7 @@ from nws.methods.base import Context, Method, Saved, classifier_name
 from nws.models import create_model
 from nws.store import SOURCE, RunStore, task_file
 from nws.spec import is_int
-from nws.taskfile import check_state, is_number, meta_entry, nbytes, pack_file
+from nws.container import check_state, is_number, meta_entry, nbytes, pack_file
 
 # ----------------------------------------------------------------------------------- model parts
 
