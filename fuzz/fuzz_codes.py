@@ -1,4 +1,5 @@
-"""Fuzz run of the codes reader (``nws.unpack_codes``): seeded mutations of real packed streams.
+"""Fuzz run of the codes readers (``nws.unpack_codes``, and ``nws upgrade``'s reader of format 2 streams):
+seeded mutations of real packed streams.
 
 The streams: format 3 coded alone, against a reference with and without the pools' neighbour ranks (the
 codes of tasks that moved away from a reference as training moves them, with a grown classifier and an
@@ -31,6 +32,7 @@ import torch
 from nws.bitcodes import CodesError, crc, varint
 from nws.packing import pack_codes
 from nws.unpacking import unpack_codes
+from nws.upgrade import legacy_codes
 
 K = 64
 
@@ -59,7 +61,7 @@ def streams() -> list[tuple[str, bytes, dict, dict | None, dict | None, dict]]:
         ("alone", pack_codes(codes, K), layout, None, None, codes),
         ("reference", pack_codes(codes, K, reference), layout, reference, None, codes),
         ("ranks", pack_codes(codes, K, reference, pools), layout, reference, pools, codes),
-        ("format2", v2, v2_layout, None, None, unpack_codes(v2, v2_layout)),
+        ("format2", v2, v2_layout, None, None, legacy_codes(v2, v2_layout)),
     ]
 
 
@@ -114,7 +116,10 @@ def main() -> int:
         if rnd.random() < 0.9:
             damaged = reseal(damaged)
         try:
-            out = unpack_codes(damaged, layout, reference, pools)
+            if name == "format2":  # an earlier nws's stream: read by nws upgrade
+                out = legacy_codes(damaged, layout)
+            else:
+                out = unpack_codes(damaged, layout, reference, pools)
         except CodesError as err:
             outcomes[f"{name}: {re.sub(r'[0-9]+', 'N', str(err))[:100]}"] += 1
             continue

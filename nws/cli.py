@@ -1,4 +1,4 @@
-"""The ``nws`` command: ``demo``, ``run``, ``eval``, ``report``, ``data``, ``launch`` and ``pools``.
+"""The ``nws`` command: ``demo``, ``run``, ``eval``, ``report``, ``data``, ``launch``, ``pools`` and ``upgrade``.
 
 Problems with the user's input (a missing or malformed config, an unknown key, a wrong type, a missing or
 corrupt run) end with one line on stderr and exit code 2, never a traceback.
@@ -84,6 +84,21 @@ def cmd_eval(argv: Sequence[str]) -> int:
         note = f" (after training: {100 * recorded:.2f}%)" if recorded is not None else ""
         print(f"task {t['index']} ({t['name']}): accuracy {100 * acc:.2f}%{note}")
     return 1 if failed else 0
+
+
+def cmd_upgrade(argv: Sequence[str]) -> int:
+    parser = _OneLineParser(prog="nws upgrade", description="Rewrite runs of an earlier nws format into today's, "
+                            "atomically (written aside and verified before anything is replaced).")
+    parser.add_argument("runs", nargs="+", help="run directories")
+    args = parser.parse_args(argv)
+    from nws.upgrade import upgrade
+
+    for run in args.runs:
+        notes = upgrade(run)
+        print(f"{run}: " + ("upgraded to today's format" if notes else "already of today's format"))
+        for note in notes:
+            print(f"  {note}")
+    return 0
 
 
 def cmd_report(argv: Sequence[str]) -> int:
@@ -271,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": "tables and plots comparing runs (methods, seeds)",
                 "data": "get CIFAR-100 (nws data cifar100) or check a benchmark's files (nws data check)",
                 "launch": "one run per seed (SLURM or local jobs), then nws report",
-                "pools": "pools without pretraining: k-means of a checkpoint, or the reference's published pools"}
+                "pools": "pools without pretraining: k-means of a checkpoint, or the reference's published pools",
+                "upgrade": "rewrite runs of an earlier nws format into today's"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = "\n".join(f"  {c:6s} {h}" for c, h in commands.items())
         print(f"usage: nws {{{','.join(commands)}}} ...\n\ncommands:\n{lines}")
@@ -280,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return USAGE_ERROR
         return 0
     command, rest = argv[0], argv[1:]
-    handlers = {"eval": cmd_eval, "pools": cmd_pools, "report": cmd_report, "data": cmd_data, "launch": cmd_launch}
+    handlers = {"eval": cmd_eval, "pools": cmd_pools, "report": cmd_report, "data": cmd_data, "launch": cmd_launch,
+                "upgrade": cmd_upgrade}
     try:
         if command in handlers:
             return handlers[command](rest)

@@ -39,7 +39,8 @@ Format (version 3), all integers unsigned LEB128 varints unless marked::
 The layer names, pool sizes and lengths are not stored: the decoder is given them (the model's layout) and
 checks their CRC before decoding anything, so an untrusted stream can never make it allocate more than the
 model's own indices; the reference (and the pools, where ranks were used) are checked the same way, and the
-decoded codes against their CRC. Format 2 streams (layer names in the header, no reference) still decode.
+decoded codes against their CRC. Streams of format 2 (layer names in the header, no reference) are an
+earlier nws's: ``nws upgrade`` converts the runs that hold them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from nws.bitcodes import (MANTISSAS, best_rice_k, bucketize, categorical, crc, l
 
 MAGIC = b"NWSC"
 VERSION = 3
-RAW = 0  # format 2: mode of a layer stored as fixed-width indices
 
 # Models of a group of new indices (format 3).
 FIXED, HISTOGRAM, PRIOR, RANK = 0, 1, 2, 3

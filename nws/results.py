@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nws.container import upgrade_hint
 from nws.data import Benchmark
 from nws.engine import evaluate
 from nws.errors import NWSError
@@ -22,6 +23,8 @@ from nws.tables import run_markdown
 
 RESULTS = "results.json"
 RESULTS_MD = "results.md"
+RESULTS_FORMAT = "nws-results"
+RESULTS_VERSION = 2  # 1: results.json before nws 0.2, without a format entry (upgrade with `nws upgrade RUN`)
 
 
 class ResultsError(NWSError):
@@ -53,13 +56,9 @@ def results_from(store: RunStore, finals: list[float]) -> dict[str, Any]:
     memory = {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
               "tasks_total": sum(sum(t["bytes"].values()) for t in tasks),
               "float32_model": max((t["float32_model"] for t in tasks), default=0), **store.memory_extras()}
-    after = [entry.get("memory_after") for entry in entries]
-    if None in after:  # a run begun before nws recorded it: shared files (never changed) plus the tasks so far
-        sizes = [sum(t["bytes"].values()) for t in tasks]
-        after = [memory["shared"] + sum(sizes[: i + 1]) for i in range(len(sizes))]
-    return {"method": store.method, "seed": config.get("seed"), "config": config,
-            **continual_metrics(tasks), "tasks": tasks, "memory": memory,
-            "memory_after_task": after, "source": store.manifest.get("source")}
+    return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "method": store.method, "seed": config.get("seed"),
+            "config": config, **continual_metrics(tasks), "tasks": tasks, "memory": memory,
+            "memory_after_task": [entry["memory_after"] for entry in entries], "source": store.manifest.get("source")}
 
 
 def write_results(out: str | Path, results: dict[str, Any]) -> None:
@@ -69,8 +68,18 @@ def write_results(out: str | Path, results: dict[str, Any]) -> None:
 
 
 def check_results(results: Any, what: str) -> dict[str, Any]:
-    """``results`` if it follows the ``results.json`` schema; :class:`ResultsError` naming ``what`` otherwise."""
+    """``results`` if it follows the ``results.json`` schema; :class:`ResultsError` naming ``what`` otherwise
+    (with the command that converts it, for results of an earlier nws)."""
+    if isinstance(results, dict) and results.get("format") == RESULTS_FORMAT and results.get("version") != RESULTS_VERSION:
+        if not (isinstance(results.get("version"), int) and results["version"] > RESULTS_VERSION):
+            raise ResultsError(f"{what} has a corrupt format version")
+        raise ResultsError(f"{what} has format version {results['version']}, newer than this nws reads "
+                           f"({RESULTS_VERSION}); upgrade nws")
+    if isinstance(results, dict) and "format" not in results and isinstance(results.get("tasks"), list):
+        raise ResultsError(f"{what} holds the results of an earlier nws; convert the run with `{upgrade_hint(what)}`")
     try:
+        if results["format"] != RESULTS_FORMAT:
+            raise ValueError(f"format {str(results['format'])[:40]!r}")
         tasks = results["tasks"]
         if not isinstance(tasks, list) or not tasks:
             raise ValueError("no tasks")

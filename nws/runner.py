@@ -100,8 +100,10 @@ class Runner:
             self.source = copy.deepcopy(source)
         method.start(store, source)
         done = [t["index"] for t in store.tasks()]
-        for index in done:
-            if "acc_from_storage" not in store.task_entry(index):  # interrupted while evaluating it from storage
+        for index in done:  # a run interrupted right after listing its last task
+            if "memory_after" not in store.task_entry(index):
+                store.record_memory(index)
+            if "acc_from_storage" not in store.task_entry(index):
                 self._record_from_storage(store, index)
         if done:
             method.restore(store, done[-1])
@@ -111,9 +113,8 @@ class Runner:
         return self.finish()
 
     def _create(self) -> RunStore:
-        store = self.method.store_class(self.out, create=True)
-        store.manifest.update(method=self.method.name, config=dataclasses.asdict(self.config),
-                              **self.method.manifest_fields())
+        store = self.method.store_class(self.out, create=True, method=self.method.name)
+        store.manifest.update(config=dataclasses.asdict(self.config), **self.method.manifest_fields())
         store.write_manifest()
         return store
 
@@ -123,7 +124,10 @@ class Runner:
         if store.method != self.method.name:
             raise StoreError(f"--resume: {self.out} holds a run of method {store.method}, not {self.method.name}")
         current = json.loads(json.dumps(dataclasses.asdict(self.config)))
-        stored = store.manifest.setdefault("config", current)  # a store written from Python may not record it
+        stored = store.manifest.get("config")
+        if stored is None:
+            raise StoreError(f"--resume: {self.out} does not record the settings it was run with (it was not written "
+                             "by a run); choose another output directory")
         differ = config_differences(stored, current) if isinstance(stored, dict) else ["config: not a mapping"]
         if differ:
             raise StoreError(f"--resume: {self.out} was run with other settings ({'; '.join(differ[:3])}); "
@@ -160,7 +164,7 @@ class Runner:
             entry["skipped_steps"] = skipped
         store.add_task(entry, saved.files)
         store.keep_only(self._needed(store))  # e.g. the network the new one supersedes
-        store.update_task(index, memory_after=store.size(store.shared_files() + [t["file"] for t in store.tasks()]))
+        store.record_memory(index)
         self._record_from_storage(store, index)
         self.ctx.drop_checkpoints(f"task_{index:03d}")
 

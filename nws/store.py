@@ -22,11 +22,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from nws.errors import StoreError
-from nws.container import is_number, pack_file, unpack_file
+from nws.container import check_version, is_number, pack_file, unpack_file
 from nws.container import first_line as _first_line
 from nws.spec import is_int, str_list
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1: before nws 0.2 (upgrade with `nws upgrade RUN`)
 MANIFEST = "manifest.json"
 SOURCE = "source.safetensors"  # the network the first task starts from, whatever the method
 CRASH_ENV = "NWS_CRASH_AT"
@@ -119,9 +119,8 @@ def parse_manifest(data: bytes, what: str = MANIFEST) -> dict[str, Any]:
     version = manifest.get("version")
     if not is_int(version) or version < 1:
         raise StoreError(f"{what} has a corrupt format version")
-    if version > MANIFEST_VERSION:
-        raise StoreError(f"{what} has format version {version}, newer than this nws reads ({MANIFEST_VERSION});"
-                         " upgrade nws")
+    if version != MANIFEST_VERSION:
+        check_version(version, MANIFEST_VERSION, what)
     try:
         intact = manifest.get("checksum") == manifest_checksum(manifest)
     except (ValueError, RecursionError):
@@ -157,8 +156,8 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         sizes = t.get("bytes", {})
         if not (isinstance(sizes, dict) and all(is_int(v) for v in sizes.values())):
             return f"bad sizes in task {t['index']}"
-    if not isinstance(m.get("method", ""), str):
-        return "bad method entry"
+    if not isinstance(m.get("method"), str):
+        return "bad or missing method entry"
     source = m.get("source", {})
     if not (isinstance(source, dict) and isinstance(source.get("name", ""), str)
             and is_number(source.get("accuracy", 0))):
@@ -176,12 +175,14 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
 class RunStore:
     """A run directory of any method: verified files, and the manifest listing them and the tasks.
 
-    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one and refuses a directory that
-    already holds a run). A method's reader subclasses it with :meth:`build` (a task's network from the files
-    alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory).
+    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one of ``method`` and refuses a
+    directory that already holds a run). A method's reader subclasses it with :meth:`build` (a task's network
+    from the files alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory),
+    and may check its own manifest entries (:meth:`manifest_problem`) and add to the results' memory
+    (:meth:`memory_extras`).
     """
 
-    def __init__(self, root: str | os.PathLike, create: bool = False):
+    def __init__(self, root: str | os.PathLike, create: bool = False, method: str | None = None):
         self.root = Path(root)
         self._cache: dict[int, nn.Module] = {}
         if create:
@@ -192,8 +193,10 @@ class RunStore:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise StoreError(f"cannot create the run directory {self.root} ({err.strerror})") from None
-            self.manifest: dict[str, Any] = {"format": "nws-run", "version": MANIFEST_VERSION, "files": {},
-                                             "tasks": []}
+            if not isinstance(method, str):
+                raise ValueError("a new run directory needs the name of its method")
+            self.manifest: dict[str, Any] = {"format": "nws-run", "version": MANIFEST_VERSION, "method": method,
+                                             "files": {}, "tasks": []}
             self.write_manifest()
         else:
             self.manifest = self._read_manifest()
@@ -227,7 +230,8 @@ class RunStore:
 
     @property
     def method(self) -> str:
-        return self.manifest.get("method", "nws")
+        """The name of the run's method."""
+        return self.manifest["method"]
 
     # -- files
     def write(self, name: str, data: bytes) -> None:
@@ -315,6 +319,11 @@ class RunStore:
     def update_task(self, index: int, **record: Any) -> None:
         self.task_entry(index).update(record)
         self.write_manifest()
+
+    def record_memory(self, index: int) -> None:
+        """Record ``memory_after`` for task ``index``, the last listed: what serving tasks ``0..index`` takes (the
+        shared files and the tasks' own)."""
+        self.update_task(index, memory_after=self.size(self.shared_files() + [t["file"] for t in self.tasks()]))
 
     # -- what a method's reader provides
     def shared_files(self) -> list[str]:

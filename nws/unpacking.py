@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nws.bitcodes import (MANTISSAS, MAX_BUCKET, Bits, CodesError, Reader, categorical, crc, extra_widths,
-                          rice_decode, unbucket, width)
-from nws.packing import (FIXED, HISTOGRAM, MAGIC, PRIOR, PRIOR_WEIGHTS, RANK, RAW, VERSION, Layout, _as_array,
+from nws.bitcodes import (MANTISSAS, MAX_BUCKET, Bits, CodesError, Reader, categorical, crc, extra_widths, unbucket,
+                          width)
+from nws.packing import (FIXED, HISTOGRAM, MAGIC, PRIOR, PRIOR_WEIGHTS, RANK, VERSION, Layout, _as_array,
                          _as_float, _codes_crc, _context_crc, _layout_crc, _prior, neighbour_order)
 
 
@@ -215,61 +215,7 @@ def unpack_codes(data: bytes, layout: Layout, reference: Mapping[str, Tensor] | 
         raise CodesError("not a packed-codes stream (bad magic or too short)")
     version = reader.take(len(MAGIC) + 1)[-1]
     if version == 2:
-        return _read_v2(reader, layout)
+        raise CodesError("packed codes of format version 2, of an earlier nws; convert the run with nws upgrade")
     if version != VERSION:
-        raise CodesError(f"packed codes of format version {version}; this nws reads versions 2 and {VERSION}")
+        raise CodesError(f"packed codes of format version {version}; this nws reads version {VERSION}")
     return _read_v3(reader, layout, reference, pools)
-
-
-def _read_v2(reader: Reader, layout: Layout) -> dict[str, Tensor]:
-    """Format 2: per layer its name, pool size, count and mode, then Rice tables and one rANS stream."""
-    specs, names = [], set()
-    for _ in range(reader.varint()):
-        try:
-            name = reader.take(reader.varint()).decode()
-        except UnicodeDecodeError:
-            raise CodesError("packed codes have a corrupt header (layer name)") from None
-        k, n, mode = reader.varint(), reader.varint(), reader.take(1)[0]
-        if not (1 <= k < 1 << 31 and n < 1 << 31 and mode <= 32) or name in names:
-            raise CodesError("packed codes have a corrupt header (bad layer entry)")
-        specs.append((name, k, n, mode))
-        names.add(name)
-    if {name: (k, n) for name, k, n, _ in specs} != dict(layout):
-        raise CodesError("packed codes are for other layers, pool sizes or layer sizes than expected")
-    n_table, n_words = reader.varint(), reader.varint()
-    table, stream = reader.take(n_table), reader.take(4 * n_words)
-    if reader.pos != len(reader.data):
-        raise CodesError("packed codes have trailing bytes")
-    bits = np.unpackbits(np.frombuffer(table, np.uint8))
-    zeros = np.flatnonzero(bits == 0)
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, "<u4").astype(np.uint32))
-    out, pos = {}, 0
-    for name, k, n, mode in specs:
-        if mode == RAW:
-            w = width(k)
-            if pos + n * w > len(bits):
-                raise CodesError("packed codes are truncated (fixed-width indices)")
-            raw = bits[pos : pos + n * w].reshape(n, w).astype(np.int64) @ (1 << np.arange(w - 1, -1, -1))
-            pos += n * w
-            if n and raw.max() >= k:
-                raise CodesError(f"{name}: index out of range")
-            out[name] = torch.from_numpy(raw.astype(np.int64))
-            continue
-        counts, pos = rice_decode(bits, zeros, pos, k, mode - 1)
-        if counts.sum() != n:
-            raise CodesError(f"{name}: histogram does not match the number of indices")
-        if n == 0 or k == 1:
-            out[name] = torch.zeros(n, dtype=torch.long)
-            continue
-        try:
-            idx = coder.decode(categorical(counts), n)
-        except Exception as err:  # constriction raises its own error types on a corrupt stream
-            raise CodesError(f"{name}: corrupt index stream ({err})") from None
-        if np.bincount(idx, minlength=k)[:k].tolist() != counts.tolist() or idx.max() >= k:
-            raise CodesError(f"{name}: corrupt index stream (decoded histogram differs)")
-        out[name] = torch.from_numpy(idx.astype(np.int64))
-    if len(bits) - pos >= 8 or bits[pos:].any():
-        raise CodesError("packed codes have trailing data in the tables")
-    if not coder.is_empty():
-        raise CodesError("packed codes have trailing data in the index stream")
-    return {name: out[name] for name in layout}

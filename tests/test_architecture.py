@@ -16,7 +16,7 @@ LAYERS = [
     ("storage and data", ["nws.container", "nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
     ("training and protocol", ["nws.config", "nws.engine", "nws.metrics", "nws.tables", "nws.results",
                                "nws.methods", "nws.methods.*", "nws.runner", "nws.launch"]),
-    ("reporting", ["nws.groups", "nws.plots", "nws.report", "nws.compare"]),
+    ("reporting", ["nws.groups", "nws.plots", "nws.report", "nws.compare", "nws.upgrade"]),
     ("command line", ["nws.cli"]),
 ]
 

@@ -19,7 +19,7 @@ from nws.spec import ModelSpec, is_int
 from nws.store import SOURCE, RunStore, task_file
 from nws.taskfile import (SOURCE_REFERENCE, TaskFile, build_model, build_task, model_from_source,
                           pools_bytes, read_pools, read_reference, read_task_file, reference_bytes,
-                          reference_pools_bytes, reference_task_bytes, source_bytes, task_bytes, task_codes, task_spec)
+                          reference_pools_bytes, reference_task_bytes, source_bytes, task_bytes, task_codes)
 
 POOLS = "pools.safetensors"
 REFERENCE = "reference.safetensors"
@@ -36,11 +36,8 @@ class TaskStore(RunStore):
 
     CODES_CACHE = 4  # decoded tasks kept: a chain is read in order, each task needing the one before
 
-    def __init__(self, root: str | os.PathLike, create: bool = False):
-        super().__init__(root, create)
-        if create:
-            self.manifest["method"] = "nws"
-            self.write_manifest()
+    def __init__(self, root: str | os.PathLike, create: bool = False, method: str = "nws"):
+        super().__init__(root, create, method)
         self._pools: tuple[dict[str, Tensor], str, ModelSpec] | None = None
         self._reference: dict[str, Tensor] | None = None
         self._layouts: dict[int, Layout] = {}
@@ -57,13 +54,13 @@ class TaskStore(RunStore):
         for t in manifest["tasks"]:
             if not isinstance(t.get("sparsity", {}), dict):
                 return f"bad sparsity in task {t['index']}"
-            sizes = t.get("reference_bytes", {})
+            sizes = t.get("reference_bytes")
             if not (isinstance(sizes, dict) and all(is_int(v) for v in sizes.values())):
-                return f"bad reference sizes in task {t['index']}"
+                return f"bad or missing reference sizes in task {t['index']}"
         return None
 
     def shared_files(self) -> list[str]:
-        """The pools, and the reference every task of format 2 is coded against (runs of format 1 have none)."""
+        """The pools, and the reference every task is coded against (written once the source stage is done)."""
         return [POOLS] + ([REFERENCE] if REFERENCE in self.manifest["files"] else [])
 
     def save_pools(self, model: nn.Module, spec: ModelSpec) -> None:
@@ -115,7 +112,7 @@ class TaskStore(RunStore):
         """The run's reference: the source network's indices per layer."""
         if self._reference is None:
             if REFERENCE not in self.manifest["files"]:
-                raise StoreError(f"{self.root} has no {REFERENCE}, which its tasks of format 2 are coded against")
+                raise StoreError(f"{self.root} has no {REFERENCE}, which its tasks are coded against")
             self._reference = read_reference(self.read(REFERENCE), self.layout(self.spec().num_classes),
                                              self.pools()[1], str(self.root / REFERENCE))
         return self._reference
@@ -124,12 +121,13 @@ class TaskStore(RunStore):
                   against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
                   **record: Any) -> dict[str, int]:
         """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm
-        as ``bn_dtype``, other state) and list it with ``record`` and its size as the reference would store it;
-        returns its sizes."""
+        as ``bn_dtype``, other state) and list it with ``record``, its size as the reference would store it and
+        what serving the tasks so far takes (``memory_after``); returns its sizes."""
         data, sizes = self.task_bytes(index, model, name, classes, against, bn_dtype)
         self.add_task({"index": index, "name": name, "classes": list(classes), "file": task_file(index),
                        "bytes": sizes, "reference_bytes": reference_task_bytes(model), **record},
                       {task_file(index): data})
+        self.record_memory(index)
         return sizes
 
     def task_bytes(self, index: int, model: nn.Module, name: str, classes: list[str],
@@ -156,10 +154,7 @@ class TaskStore(RunStore):
         return tf
 
     def _decode(self, tf: TaskFile) -> dict[str, Tensor]:
-        layout = self.layout(len(tf.task["classes"]))
-        if tf.version == 1:
-            task_spec(tf, self.spec())
-        return task_codes(tf, layout, self.pools()[0], self._reference_of)
+        return task_codes(tf, self.layout(len(tf.task["classes"])), self.pools()[0], self._reference_of)
 
     def _reference_of(self, against: str | int) -> dict[str, Tensor]:
         return self.reference_codes() if against == SOURCE_REFERENCE else self._codes[int(against)]
@@ -171,7 +166,7 @@ class TaskStore(RunStore):
         i: str | int = index
         while i != SOURCE_REFERENCE and i not in self._codes:
             chain.append(self._task_file(int(i)))
-            i = chain[-1].reference if chain[-1].reference is not None else SOURCE_REFERENCE
+            i = chain[-1].reference
         for tf in reversed(chain):
             self._codes[tf.task["index"]] = self._decode(tf)
             while len(self._codes) > max(self.CODES_CACHE, len(chain)):
@@ -211,9 +206,6 @@ class TaskStore(RunStore):
         (``docs/reference.md``, row 6): its pools file for these pools, and every task's indices and BatchNorm
         (``reference_bytes``, recorded when the task was stored)."""
         tasks = self.tasks()
-        if not all(isinstance(t.get("reference_bytes"), dict) and all(is_int(v) for v in t["reference_bytes"].values())
-                   for t in tasks):
-            return {}
         pools = reference_pools_bytes(self.pools()[0])
         total = sum(v for t in tasks for v in t["reference_bytes"].values())
         return {"reference_equivalent": {"pools": pools, "tasks_total": total, "total": pools + total}}
