@@ -5,8 +5,8 @@ it with one or more seeded mutations (bit flips, byte overwrites, truncation, ex
 chunks, splices with another file, metadata replaced by random JSON), and reads it with the method's own
 reader, past the manifest's size/sha256 check (which would catch nearly all of them first): an NWS file with
 its file reader; a baseline's file, or any run's manifest, by rebuilding every task of the run with it in
-place; a file of a run of an earlier format (tests/fixtures) with ``nws upgrade``'s reader of it. A reader must return or raise ``StoreError``; any other exception is a crash, printed and saved under
-``--crashes``.
+place; a file of a run of an earlier format (tests/fixtures) with ``nws upgrade``'s reader of it. A reader must
+return or raise ``StoreError``; any other exception is a crash, printed and saved under ``--crashes``.
 
     python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min),
                                                                       # and an NWS run coded in a chain, float16 BatchNorm

@@ -70,8 +70,9 @@ def write_results(out: str | Path, results: dict[str, Any]) -> None:
 def check_results(results: Any, what: str) -> dict[str, Any]:
     """``results`` if it follows the ``results.json`` schema; :class:`ResultsError` naming ``what`` otherwise
     (with the command that converts it, for results of an earlier nws)."""
-    if isinstance(results, dict) and results.get("format") == RESULTS_FORMAT and results.get("version") != RESULTS_VERSION:
-        if not (isinstance(results.get("version"), int) and results["version"] > RESULTS_VERSION):
+    version = results.get("version") if isinstance(results, dict) else None
+    if isinstance(results, dict) and results.get("format") == RESULTS_FORMAT and version != RESULTS_VERSION:
+        if not (isinstance(version, int) and version > RESULTS_VERSION):
             raise ResultsError(f"{what} has a corrupt format version")
         raise ResultsError(f"{what} has format version {results['version']}, newer than this nws reads "
                            f"({RESULTS_VERSION}); upgrade nws")

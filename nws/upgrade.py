@@ -312,7 +312,8 @@ def _read_listed(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
         except OSError as err:
             raise StoreError(f"cannot read {root / name} ({err.strerror}); nothing was changed") from None
         if not isinstance(entry, dict) or len(data) != entry.get("size") or sha256(data) != entry.get("sha256"):
-            raise StoreError(f"{root / name} is corrupt (size or sha256 differs from the manifest); nothing was changed")
+            raise StoreError(f"{root / name} is corrupt (size or sha256 differs from the manifest); nothing was "
+                             "changed")
         files[name] = data
     return files
 
