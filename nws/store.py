@@ -47,7 +47,8 @@ def crash_point(name: str, stage: str) -> None:
     """Test hook of the fault-injection tests: SIGKILL this process when ``$NWS_CRASH_AT`` is ``name:stage``.
 
     :func:`atomic_write` calls it at stage ``written`` (temporary file complete and fsynced, not yet renamed)
-    and ``renamed`` (file in place, the manifest not yet updated). Unset in normal use, it does nothing.
+    and ``renamed`` (file in place, the manifest not yet updated); ``nws upgrade`` at ``moved`` (a verified file
+    moved into the run). Unset in normal use, it does nothing.
     """
     if os.environ.get(CRASH_ENV) == f"{name}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
