@@ -113,10 +113,8 @@ class Runner:
         return self.finish()
 
     def _create(self) -> RunStore:
-        store = self.method.store_class(self.out, create=True, method=self.method.name)
-        store.manifest.update(config=dataclasses.asdict(self.config), **self.method.manifest_fields())
-        store.write_manifest()
-        return store
+        return self.method.store_class(self.out, create=True, method=self.method.name,
+                                       config=dataclasses.asdict(self.config), **self.method.manifest_fields())
 
     def _reopen(self) -> RunStore:
         """The interrupted run in ``out``, verified and checked to be this config's run, its leftovers removed."""

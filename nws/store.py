@@ -176,17 +176,19 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
 class RunStore:
     """A run directory of any method: verified files, and the manifest listing them and the tasks.
 
-    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one of ``method`` and refuses a
-    directory that already holds a run). A method's reader subclasses it with :meth:`build` (a task's network
+    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one of ``method``, its manifest
+    holding ``fields`` from the first write, and refuses a directory that already holds a run). A method's reader subclasses it with :meth:`build` (a task's network
     from the files alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory),
     and may check its own manifest entries (:meth:`manifest_problem`) and add to the results' memory
     (:meth:`memory_extras`).
     """
 
-    def __init__(self, root: str | os.PathLike, create: bool = False, method: str | None = None):
+    def __init__(self, root: str | os.PathLike, create: bool = False, method: str | None = None, **fields: Any):
         self.root = Path(root)
         self._cache: dict[int, nn.Module] = {}
         if create:
+            if not isinstance(method, str):
+                raise ValueError("a new run directory needs the name of its method")
             if (self.root / MANIFEST).exists():
                 raise StoreError(f"{self.root} already holds a run; pass --resume to continue it or choose"
                                  " another output directory")
@@ -194,10 +196,8 @@ class RunStore:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise StoreError(f"cannot create the run directory {self.root} ({err.strerror})") from None
-            if not isinstance(method, str):
-                raise ValueError("a new run directory needs the name of its method")
             self.manifest: dict[str, Any] = {"format": "nws-run", "version": MANIFEST_VERSION, "method": method,
-                                             "files": {}, "tasks": []}
+                                             **fields, "files": {}, "tasks": []}
             self.write_manifest()
         else:
             self.manifest = self._read_manifest()

@@ -36,8 +36,8 @@ class TaskStore(RunStore):
 
     CODES_CACHE = 4  # decoded tasks kept: a chain is read in order, each task needing the one before
 
-    def __init__(self, root: str | os.PathLike, create: bool = False, method: str = "nws"):
-        super().__init__(root, create, method)
+    def __init__(self, root: str | os.PathLike, create: bool = False, method: str = "nws", **fields: Any):
+        super().__init__(root, create, method, **fields)
         self._pools: tuple[dict[str, Tensor], str, ModelSpec] | None = None
         self._reference: dict[str, Tensor] | None = None
         self._layouts: dict[int, Layout] = {}
