@@ -49,7 +49,7 @@ import nws.methods.base
 from benchmarks.fashion_sequence import FASHION_ROOT, Settings, resnet18, sequence
 from nws import packing
 from nws.models import create_model
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 Codes = dict[str, torch.Tensor]
 
@@ -241,8 +241,9 @@ def task_file_times(rounds: int = 7, changed: float = 0.12) -> None:
     task changes), written by :class:`TaskStore` in task format 2. Timed per stage, one thread, interleaved
     rounds: a fresh reader (manifest, pools, reference, the task's file verified, parsed and decoded, the
     model built, its state loaded), and each stage of a reader that has read the shared files once."""
-    from nws.store import TaskStore
-    from nws.taskfile import ModelSpec, build_task
+    from nws.methods.nws import TaskStore
+    from nws.spec import ModelSpec
+    from nws.taskfile import build_task
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@
    training images and scored on the other 20% (seeded, stratified by class; normalised with the 80%'s
    statistics). The point with the highest validation accuracy wins; equal accuracies go to the lower
    validation loss. The source stage is shared: NWS's grid points start from one source-only NWS run
-   (``pretrained:``), the baselines' from one plain network trained on the source task (``plain_source``).
+   (``pretrained:``), the baselines' from one plain network trained on the source task (``shared_source``).
 2. **Final**: every method with its chosen values on the full protocol (all five tasks, the official test
    images), one run directory per method and seed. The baselines of a seed share one plain source network;
    an NWS run pretrains its own pools (so its config is a plain ``nws run`` one; on the tuning seed its pools
@@ -53,8 +53,10 @@ from nws.data.mnist import array_task, image_side
 from nws.methods import METHODS, method_class
 from nws.methods.finetune import FinetuneStore
 from nws.report import write_report
-from nws.runner import RESULTS, Runner
-from nws.store import MANIFEST, POOLS
+from nws.results import RESULTS
+from nws.runner import Runner
+from nws.methods.nws import POOLS
+from nws.store import MANIFEST
 
 LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
 # Six points per method: the task learning rate, and for Piggyback (whose task lr trains only its classifier
@@ -172,7 +174,7 @@ def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[
     if method == "nws":
         top, options = {"pretrained": str(source_run(config, bench, seed_dir, "nws"))}, {}
     else:
-        top, options = {}, {"plain_source": plain_source(source_run(config, bench, seed_dir, "plain"), bench)}
+        top, options = {}, {"shared_source": plain_source(source_run(config, bench, seed_dir, "plain"), bench)}
     points = []
     for values in grid_points(method, grid):
         cfg = with_values(config, values, method=method, out=str(out / "tune" / method / label(values)), **top)
@@ -210,7 +212,7 @@ def final(config: RunConfig, method: str, seed: int, out: Path, grid: str = "mai
     run_dir = final_dir(out, method, seed, grid)
     cfg = with_values(config, chosen, method=method, seed=seed, out=str(run_dir))
     bench = benchmark_from_config(cfg.data, seed)
-    options = {} if method == "nws" else {"plain_source": plain_source(source_run(cfg, bench, seed_dir, "plain"), bench)}
+    options = {} if method == "nws" else {"shared_source": plain_source(source_run(cfg, bench, seed_dir, "plain"), bench)}
     results, wall, cpu = run_once(cfg, bench, **options)
     if wall:
         print(f"[final {method}] seed {seed}: average accuracy {100 * results['average_accuracy']:.2f}% "

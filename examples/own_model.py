@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 import nws
 from nws.data.digits import digits_benchmark
 from nws.models import register_model
-from nws.store import ModelSpec, TaskStore
+from nws.methods.nws import TaskStore
+from nws.spec import ModelSpec
 
 
 class TinyNet(nn.Module):

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from nws.config import RunConfig
 from nws.data import Benchmark, Task
 from nws.runner import run
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 
 def dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:

@@ -1,4 +1,5 @@
-"""Fuzz run of the codes reader (``nws.unpack_codes``): seeded mutations of real packed streams.
+"""Fuzz run of the codes readers (``nws.unpack_codes``, and ``nws upgrade``'s reader of format 2 streams):
+seeded mutations of real packed streams.
 
 The streams: format 3 coded alone, against a reference with and without the pools' neighbour ranks (the
 codes of tasks that moved away from a reference as training moves them, with a grown classifier and an
@@ -28,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nws.packing import CodesError, _crc, _varint, pack_codes, unpack_codes
+from nws.bitcodes import CodesError, crc, varint
+from nws.packing import pack_codes
+from nws.unpacking import unpack_codes
+from nws.upgrade import legacy_codes
 
 K = 64
 
@@ -57,7 +61,7 @@ def streams() -> list[tuple[str, bytes, dict, dict | None, dict | None, dict]]:
         ("alone", pack_codes(codes, K), layout, None, None, codes),
         ("reference", pack_codes(codes, K, reference), layout, reference, None, codes),
         ("ranks", pack_codes(codes, K, reference, pools), layout, reference, pools, codes),
-        ("format2", v2, v2_layout, None, None, unpack_codes(v2, v2_layout)),
+        ("format2", v2, v2_layout, None, None, legacy_codes(v2, v2_layout)),
     ]
 
 
@@ -83,7 +87,7 @@ def mutate(data: bytes, other: bytes, rnd: random.Random) -> bytes:
             start = rnd.randrange(len(other))
             out[pos : pos + rnd.randrange(0, 17)] = other[start : start + rnd.randrange(1, 17)]
         elif kind == "varint":
-            out[pos:pos] = _varint(rnd.choice([0, 1, 127, 128, 1 << 31, (1 << 31) + 1, 1 << 62]))
+            out[pos:pos] = varint(rnd.choice([0, 1, 127, 128, 1 << 31, (1 << 31) + 1, 1 << 62]))
     return bytes(out)
 
 
@@ -91,7 +95,7 @@ def reseal(data: bytes) -> bytes:
     """Make a format 3 stream's leading CRC valid again (when the stream still has one)."""
     if len(data) < 9 or data[:5] != b"NWSC\x03":
         return data
-    return data[:5] + _crc(data[9:]).to_bytes(4, "little") + data[9:]
+    return data[:5] + crc(data[9:]).to_bytes(4, "little") + data[9:]
 
 
 def main() -> int:
@@ -112,7 +116,10 @@ def main() -> int:
         if rnd.random() < 0.9:
             damaged = reseal(damaged)
         try:
-            out = unpack_codes(damaged, layout, reference, pools)
+            if name == "format2":  # an earlier nws's stream: read by nws upgrade
+                out = legacy_codes(damaged, layout)
+            else:
+                out = unpack_codes(damaged, layout, reference, pools)
         except CodesError as err:
             outcomes[f"{name}: {re.sub(r'[0-9]+', 'N', str(err))[:100]}"] += 1
             continue

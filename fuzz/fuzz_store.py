@@ -5,8 +5,8 @@ it with one or more seeded mutations (bit flips, byte overwrites, truncation, ex
 chunks, splices with another file, metadata replaced by random JSON), and reads it with the method's own
 reader, past the manifest's size/sha256 check (which would catch nearly all of them first): an NWS file with
 its file reader; a baseline's file, or any run's manifest, by rebuilding every task of the run with it in
-place. A reader must return or raise ``StoreError``; any other exception is a crash, printed and saved under
-``--crashes``.
+place; a file of a run of an earlier format (tests/fixtures) with ``nws upgrade``'s reader of it. A reader must
+return or raise ``StoreError``; any other exception is a crash, printed and saved under ``--crashes``.
 
     python fuzz/fuzz_store.py --cases 10000 --seed 0                  # tiny runs of every method first (~1 min),
                                                                       # and an NWS run coded in a chain, float16 BatchNorm
@@ -32,10 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from nws.methods import open_run
-from nws.store import MANIFEST, POOLS, REFERENCE, SOURCE, TaskStore, manifest_bytes
-from nws.taskfile import (SOURCE_REFERENCE, StoreError, model_from_source, model_from_task, read_pools,
-                          read_reference)
+from nws.methods.nws import POOLS, REFERENCE, TaskStore
+from nws.store import MANIFEST, SOURCE, manifest_bytes
+from nws.errors import StoreError
+from nws.taskfile import SOURCE_REFERENCE, model_from_source, model_from_task, read_pools, read_reference
+from nws.upgrade import EarlierNWSRun
 
+EARLIER = {"nws-format1": Path(__file__).parent.parent / "tests" / "fixtures" / "run_format1",
+           "nws-biases": Path(__file__).parent.parent / "tests" / "fixtures" / "run_biases"}
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]
 
 
@@ -209,6 +213,20 @@ def reader(store: TaskStore, name: str):
     return lambda data: model_from_task(data, books, fingerprint, spec, name, references)
 
 
+def earlier_reader(run: Path, name: str):
+    """``nws upgrade``'s reader of a run of an earlier format (tests/fixtures), file ``name`` replaced by the given
+    bytes: the pools and source network, then every task (task format 1, codes of format 2, biases)."""
+    files = {n: (run / n).read_bytes() for n in json.loads((run / MANIFEST).read_text())["files"]}
+    tasks = [t["file"] for t in json.loads((run / MANIFEST).read_text())["tasks"]]
+
+    def read(data: bytes) -> None:
+        earlier = EarlierNWSRun(run, {**files, name: data})
+        earlier.source_model()
+        for task in tasks:
+            earlier.task(task)
+    return read
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000)
@@ -235,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             files[key] = (run / MANIFEST).read_bytes() if name == MANIFEST else store.read(name)
             readers[key] = reader(store, name)
             readers[key](files[key])  # every pristine file reads
+    if not args.run and "nws" in methods:  # the files of runs of an earlier format, as nws upgrade reads them
+        for label, run in EARLIER.items():
+            for name in json.loads((run / MANIFEST).read_text())["files"]:
+                key = f"{label}/{name}"
+                files[key] = (run / name).read_bytes()
+                readers[key] = earlier_reader(run, name)
+                readers[key](files[key])
     names = list(files)
     print(f"fuzzing {len(names)} files of {len(runs)} runs ({', '.join(names)}); built in "
           f"{time.perf_counter() - start:.1f} s")

@@ -11,7 +11,8 @@ from nws.codes import code_layout, decode, encode
 from nws.convert import commitment_loss, convert, freeze_pools, materialize, nws_layers, update_pools
 from nws.errors import NWSError
 from nws.layers import NWSConv2d, NWSLayer, NWSLinear
-from nws.packing import conditional_entropy_bits, entropy_bits, pack_codes, unpack_codes
+from nws.packing import conditional_entropy_bits, entropy_bits, pack_codes
+from nws.unpacking import unpack_codes
 from nws.pool import KernelPool
 from nws.pool_sources import import_reference, kmeans, pools_from_model
 from nws.search import brute_force_nearest, nearest

@@ -46,7 +46,8 @@ class Command:
 
 
 # Read from nws.methods when a method is named or --help shown (importing the methods imports Lightning).
-MethodName = registered_name("method", "nws.methods:METHODS")
+MethodName = registered_name("method", "nws.methods:METHODS", resolve="nws.methods:method_class",
+                             more="a module:Class, or a method installed under the entry-point group nws.methods")
 
 
 def _run_options(parser: Parser) -> None:
@@ -68,22 +69,19 @@ def _compare_options(parser: Parser) -> None:
 
 
 def cmd_run(args: Namespace) -> int:
-    from nws.engine import shutdown_distributed
+    from nws.devices import shutdown_distributed
     from nws.runner import Runner
 
+    from nws.results import RESULTS, RESULTS_MD
+
     runner = Runner(config_from_namespace(args.as_dict()))
-    results = runner.run(resume=args.resume)
+    runner.run(resume=args.resume)
     shutdown_distributed()
     if not runner.ctx.writer:  # a distributed rank other than 0: rank 0 reports
         return 0
-    from nws.report import run_markdown
-    from nws.store import atomic_write
-
-    table = run_markdown(results)
-    atomic_write(runner.out / "results.md", table.encode())
     print()
-    print(table, end="")
-    print(f"Results: {runner.out / 'results.json'}")
+    print((runner.out / RESULTS_MD).read_text(), end="")
+    print(f"Results: {runner.out / RESULTS}")
     return 0
 
 
@@ -115,7 +113,8 @@ def cmd_eval(args: Namespace) -> int:
     import dataclasses
 
     from nws.data import benchmark_from_config
-    from nws.engine import eval_device, evaluate, use_threads
+    from nws.devices import eval_device, use_threads
+    from nws.engine import evaluate
     from nws.methods import open_run
 
     store = open_run(args.run)
@@ -144,6 +143,21 @@ def cmd_eval(args: Namespace) -> int:
         note = f" (after training: {100 * recorded:.2f}%)" if recorded is not None else ""
         print(f"task {t['index']} ({t['name']}): accuracy {100 * acc:.2f}%{note}")
     return 1 if failed else 0
+
+
+def _upgrade_options(parser: Parser) -> None:
+    parser.add_argument("runs", type=str, nargs="+", help="run directories")
+
+
+def cmd_upgrade(args: Namespace) -> int:
+    from nws.upgrade import upgrade
+
+    for run in _flat(args.runs):
+        notes = upgrade(run)
+        print(f"{run}: " + ("upgraded to today's format" if notes else "already of today's format"))
+        for note in notes:
+            print(f"  {note}")
+    return 0
 
 
 def _report_options(parser: Parser) -> None:
@@ -299,7 +313,8 @@ def cmd_pools(args: Namespace) -> int:
     import yaml
 
     from nws import pool_sources as ps
-    from nws.store import MANIFEST, save_pools_run
+    from nws.methods.nws import save_pools_run
+    from nws.store import MANIFEST
 
     sub = args[args.action]
     if (Path(sub.out) / MANIFEST).exists():
@@ -356,6 +371,9 @@ COMMANDS: dict[str, Command] = {
     "launch": Command("one run per seed (SLURM or local jobs), then nws report",
                       "nws launch --config digits_convnet --seeds 1 2 3 --out runs/seeds", _launch_options,
                       cmd_launch),
+    "upgrade": Command("rewrite runs of an earlier nws format into today's, atomically (written aside and "
+                       "verified before anything is replaced)", "nws upgrade runs/old", _upgrade_options,
+                       cmd_upgrade),
     "pools": Command("pools without pretraining: k-means of a checkpoint, or the reference's published pools",
                      "nws pools from-checkpoint resnet18.pth --model.name resnet18 --out runs/pools_r18",
                      _pools_options, cmd_pools),

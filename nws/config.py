@@ -47,25 +47,41 @@ DeviceCount = restricted_number_type("DeviceCount", int, [(">=", 1), ("==", -1)]
 DeviceList = restricted_string_type("DeviceList", r"^(auto|\d+(,\d+)*,|\d+(,\d+)+)$")
 
 
-def registered_name(kind: str, names: str):
+def registered_name(kind: str, names: str, resolve: str | None = None, more: str = ""):
     """A ``str`` type that accepts the names registered in ``names`` (``module:attribute``, a collection or a
-    function returning one), looked up when a value is parsed or ``--help`` shown."""
-    extend = {"_names": names, "_kind": kind}
+    function returning one), looked up when a value is parsed or ``--help`` shown; with ``resolve``
+    (``module:function``), also any other value that function accepts (``more`` says which, in words)."""
+    extend = {"_names": names, "_kind": kind, "_resolve": resolve, "_more": more}
     return extend_base_type(f"{kind.title()}Name", str, lambda cls, value: _check_name(cls, value, kind),
                             extra_attrs=extend, register_key=(kind, names))
 
 
-def registered_names(typehint: Any) -> list[str]:
+def _imported(path: str) -> Any:
     import importlib
 
-    module, attribute = typehint._names.split(":")
-    names = getattr(importlib.import_module(module), attribute)
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def registered_names(typehint: Any) -> list[str]:
+    names = _imported(typehint._names)
     return list(names() if callable(names) else names)
 
 
+def _choices(typehint: Any) -> str:
+    return ", ".join(registered_names(typehint)) + (f", {typehint._more}" if typehint._more else "")
+
+
 def _check_name(cls, value: Any, kind: str) -> None:
-    if value not in registered_names(cls):
-        raise ValueError(f"{value!r} is not a registered {kind}")
+    if value in registered_names(cls):
+        return
+    if cls._resolve is not None:
+        try:
+            _imported(cls._resolve)(value)
+            return
+        except NWSError:
+            pass
+    raise ValueError(f"{value!r} is not a registered {kind}")
 
 
 ModelName = registered_name("model", "nws.models:list_models")
@@ -102,7 +118,7 @@ def allowed(typehint: Any) -> str:
     if origin is dict:
         return "a mapping"
     if hasattr(typehint, "_names"):
-        return "one of " + ", ".join(registered_names(typehint))
+        return "one of " + _choices(typehint)
     return _ALLOWED.get(typehint, getattr(typehint, "__name__", str(typehint)))
 
 
@@ -430,7 +446,7 @@ def explain(message: str, given: Any = None, types: Mapping[str, Any] | None = N
     if typing.get_origin(typehint) is list and not isinstance(value, list):
         value = None  # one of several values given after the option: which one is not known
     if hasattr(typehint, "_names") and value is not None:
-        return f"{key}: unknown {typehint._kind} {value!r}; choose one of {', '.join(registered_names(typehint))}"
+        return f"{key}: unknown {typehint._kind} {value!r}; choose one of {_choices(typehint)}"
     shown = f"{value!r} is not allowed" if value is not None else "not allowed"
     return f"{key}: {shown} ({allowed(typehint)})"
 

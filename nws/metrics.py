@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 EXTRAPOLATE_TO = 100
+
+
+def float32_bytes(model: nn.Module) -> int:
+    """Size of the same network stored plainly in float32: all parameters and buffers, pools excluded."""
+    return sum(4 * t.numel() for k, t in model.state_dict().items()
+               if ".pool." not in f".{k}" and t.is_floating_point())
 
 
 def continual_metrics(tasks: list[dict[str, Any]]) -> dict[str, float]:
@@ -21,7 +29,7 @@ def continual_metrics(tasks: list[dict[str, Any]]) -> dict[str, float]:
     last (Lopez-Paz & Ranzato 2017); forgetting the mean of its losses, ``max(0, after - final)``. Both are
     0 for fewer than two tasks.
     """
-    final = [t.get("acc_final", t["acc_from_storage"]) for t in tasks]
+    final = [t["acc_final"] for t in tasks]
     earlier = [(t["acc_after_training"], f) for t, f in zip(tasks[:-1], final[:-1])]
     return {"average_accuracy": sum(final) / max(len(final), 1),
             "backward_transfer": sum(f - a for a, f in earlier) / len(earlier) if earlier else 0.0,
@@ -34,10 +42,9 @@ def task_bytes(task: dict[str, Any]) -> int:
 
 
 def shared_bytes(results: dict[str, Any]) -> int:
-    """Bytes stored once for all tasks: NWS's pools, a baseline's shared network (0 for ``individual``).
-    Results written before ``shared`` existed name NWS's ``pools``."""
-    mem = results["memory"]
-    return int(mem.get("shared", mem.get("pools", 0)))
+    """Bytes stored once for all tasks (the method's shared files: NWS's pools and reference, a baseline's
+    shared network; 0 for ``individual``)."""
+    return int(results["memory"]["shared"])
 
 
 def memory_total(results: dict[str, Any]) -> int:
@@ -46,13 +53,7 @@ def memory_total(results: dict[str, Any]) -> int:
 
 def memory_after_task(results: dict[str, Any]) -> list[int]:
     """Bytes on disk needed to serve tasks ``0..t``, after each task ``t``."""
-    if results.get("memory_after_task"):
-        return [int(m) for m in results["memory_after_task"]]
-    total, out = shared_bytes(results), []
-    for t in results["tasks"]:
-        total += task_bytes(t)
-        out.append(total)
-    return out
+    return [int(m) for m in results["memory_after_task"]]
 
 
 def extrapolate(memory: list[float], shared: float, tasks: int = EXTRAPOLATE_TO) -> float:

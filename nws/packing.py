@@ -19,7 +19,9 @@ network's indices, or the previous task's), a layer costs only what differs from
   training mostly lands in a near neighbour of its old entry, so ranks are small.
 
 Indices past the end of a shorter reference layer (a classifier that grew) are coded like new indices.
-:func:`conditional_entropy_bits` is the estimate the coder is measured against.
+:func:`conditional_entropy_bits` is the estimate the coder is measured against. The reader of the format is
+:func:`nws.unpacking.unpack_codes`; the primitives both use (Rice codes, varints, buckets, bit readers) are
+:mod:`nws.bitcodes`.
 
 Format (version 3), all integers unsigned LEB128 varints unless marked::
 
@@ -37,26 +39,25 @@ Format (version 3), all integers unsigned LEB128 varints unless marked::
 The layer names, pool sizes and lengths are not stored: the decoder is given them (the model's layout) and
 checks their CRC before decoding anything, so an untrusted stream can never make it allocate more than the
 model's own indices; the reference (and the pools, where ranks were used) are checked the same way, and the
-decoded codes against their CRC. Format 2 streams (layer names in the header, no reference) still decode.
+decoded codes against their CRC. Streams of format 2 (layer names in the header, no reference) are an
+earlier nws's: ``nws upgrade`` converts the runs that hold them.
 """
 
 from __future__ import annotations
 
 import functools
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import constriction
 import numpy as np
-import torch
 from torch import Tensor
 
-from nws.errors import NWSError
+from nws.bitcodes import (MANTISSAS, best_rice_k, bucketize, categorical, crc, low_bits, raw_bits, rice_bits, varint,
+                          width)
 
 MAGIC = b"NWSC"
 VERSION = 3
-RAW = 0  # format 2: mode of a layer stored as fixed-width indices
 
 # Models of a group of new indices (format 3).
 FIXED, HISTOGRAM, PRIOR, RANK = 0, 1, 2, 3
@@ -64,11 +65,6 @@ RANK_MAX_ENTRIES = 1024  # larger pools are not ranked (a neighbour table takes 
 PRIOR_WEIGHTS = 32  # prior weights 0, 1, 2, 4, ..., 2**30
 
 Layout = Mapping[str, tuple[int, int]]
-
-
-class CodesError(NWSError):
-    """Packed codes that cannot be read (truncated, corrupt, of an unknown version, or for another layout,
-    reference or pools than the ones given)."""
 
 
 def entropy_bits(indices: Tensor | np.ndarray, num_entries: int | None = None) -> float:
@@ -106,100 +102,6 @@ def _as_array(indices: Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64).ravel()
 
 
-# Rice coding of the histograms, unary parts first: each count c costs (c >> k) ones and a zero, then all
-# counts' k low bits follow, so both halves decode with array operations.
-
-def _rice_bits(values: np.ndarray, k: int) -> np.ndarray:
-    q = values >> k
-    unary = np.zeros(int(q.sum()) + len(values), dtype=np.uint8)
-    ends = np.cumsum(q + 1) - 1
-    unary[:] = 1
-    unary[ends] = 0
-    low = ((values[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8).ravel()
-    return np.concatenate([unary, low])
-
-
-def _best_rice_k(values: np.ndarray) -> int:
-    costs = [int(((values >> k) + 1 + k).sum()) for k in range(32)]
-    return int(np.argmin(costs))
-
-
-def _rice_decode(bits: np.ndarray, zeros: np.ndarray, pos: int, count: int, k: int) -> tuple[np.ndarray, int]:
-    """``count`` Rice-coded values starting at bit ``pos`` (``zeros``: every zero bit's position), and the
-    position after them."""
-    if count == 0:
-        return np.zeros(0, np.int64), pos
-    first = int(np.searchsorted(zeros, pos))
-    ends = zeros[first : first + count]
-    if len(ends) < count or ends[-1] + 1 + count * k > len(bits):
-        raise CodesError("packed codes are truncated or corrupt (histogram)")
-    q = np.diff(ends, prepend=pos - 1) - 1
-    end = int(ends[-1]) + 1 + count * k
-    low = bits[ends[-1] + 1 : end].reshape(count, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1))
-    return (q.astype(np.int64) << k) | low, end
-
-
-def _width(k: int) -> int:
-    """Bits of a fixed-width index into ``k`` entries."""
-    return (k - 1).bit_length()
-
-
-def _raw_bits(idx: np.ndarray, width: int) -> np.ndarray:
-    return ((idx[:, None] >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8).ravel()
-
-
-def _model(counts: np.ndarray):
-    return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
-# Buckets: with M mantissa bits, a value v >= 1 below 2**(M + 1) is its own bucket; a larger one is bucketed by
-# its octave and the M bits after its leading one, and its remaining low bits are stored as they are. Few
-# values repay coarse buckets (a small table), many repay fine ones; the packer picks M per group.
-
-def _bucket(v: np.ndarray, mantissa: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bucket and number of low bits of each ``v >= 1``."""
-    e = np.zeros(len(v), np.int64)
-    for shift in (16, 8, 4, 2, 1):  # floor(log2 v), exactly, for v < 2**32
-        e += np.where((v >> (e + shift)) > 0, shift, 0)
-    small = v < 1 << (mantissa + 1)
-    extra = np.where(small, 0, e - mantissa)
-    top = (v >> extra) & ((1 << mantissa) - 1)
-    bucket = np.where(small, v - 1, (1 << (mantissa + 1)) - 1 + ((e - mantissa - 1) << mantissa) + top)
-    return bucket, extra
-
-
-def _extra_widths(bucket: np.ndarray, mantissa: int) -> np.ndarray:
-    t = bucket - ((1 << (mantissa + 1)) - 1)
-    return np.where(t < 0, 0, (t >> mantissa) + 1)
-
-
-def _unbucket(bucket: np.ndarray, low: np.ndarray, mantissa: int) -> np.ndarray:
-    t = bucket - ((1 << (mantissa + 1)) - 1)
-    top = (1 << mantissa) + (t & ((1 << mantissa) - 1))
-    return np.where(t < 0, bucket + 1, (top << _extra_widths(bucket, mantissa)) | low)
-
-
-def _low_bits(v: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """The ``widths[i]`` low bits of every ``v[i]``, MSB first, concatenated."""
-    owner = np.repeat(np.arange(len(v)), widths)
-    shift = np.repeat(np.cumsum(widths), widths) - np.arange(len(owner)) - 1
-    return ((v[owner] >> shift) & 1).astype(np.uint8)
-
-
-MANTISSAS = 4  # mantissa bits 0..3
-# The largest bucket of a value below 2**31, per mantissa.
-MAX_BUCKET = [int(_bucket(np.array([(1 << 31) - 1]), m)[0][0]) for m in range(MANTISSAS)]
-
-
 # ------------------------------------------------------------------------------ neighbour ranks (pools)
 
 def neighbour_order(codebook: Tensor | np.ndarray) -> np.ndarray:
@@ -223,7 +125,7 @@ def _neighbour_order(shape: tuple[int, int], data: bytes, block: int = 64) -> np
     columns = [np.ascontiguousarray(book[:, j]) for j in range(d)]
     # Non-negative floats order like their bit patterns: one int32 sort key per pair, the distance's leading
     # bits above the entry's index (so near ties go by index).
-    shift = max(1, _width(k))
+    shift = max(1, width(k))
     index = np.arange(k, dtype=np.int32)
     order = np.empty((k, k), np.int16)
     dist, diff = np.empty((block, k), np.float32), np.empty((block, k), np.float32)
@@ -243,13 +145,6 @@ def _neighbour_order(shape: tuple[int, int], data: bytes, block: int = 64) -> np
     return order
 
 
-def _crc(*parts: bytes | np.ndarray) -> int:
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part if isinstance(part, bytes) else memoryview(np.ascontiguousarray(part)).cast("B"), crc)
-    return crc
-
-
 def _index_bytes(idx: np.ndarray, k: int) -> np.ndarray:
     """Indices in a canonical little-endian form (for CRCs)."""
     return idx.astype("<u2" if k <= 1 << 16 else "<u4")
@@ -260,12 +155,12 @@ def _layout_crc(layout: Layout, names: list[str]) -> int:
     for name in names:
         k, n = layout[name]
         encoded = name.encode()
-        parts.append(_varint(len(encoded)) + encoded + _varint(k) + _varint(n))
-    return _crc(b"".join(parts))
+        parts.append(varint(len(encoded)) + encoded + varint(k) + varint(n))
+    return crc(b"".join(parts))
 
 
 def _codes_crc(codes: Mapping[str, np.ndarray], layout: Layout, names: list[str]) -> int:
-    return _crc(*[_index_bytes(codes[name], layout[name][0]) for name in names])
+    return crc(*[_index_bytes(codes[name], layout[name][0]) for name in names])
 
 
 def _context_crc(reference: Mapping[str, np.ndarray], pools: Mapping[str, np.ndarray], layout: Layout,
@@ -275,11 +170,11 @@ def _context_crc(reference: Mapping[str, np.ndarray], pools: Mapping[str, np.nda
     parts: list[bytes | np.ndarray] = []
     for name in names:
         r = reference.get(name)
-        parts.append(_varint(0 if r is None else len(r)))
+        parts.append(varint(0 if r is None else len(r)))
         if r is not None:
             parts.append(_index_bytes(r, layout[name][0]))
     parts += [np.ascontiguousarray(pools[name], "<f4") for name in names if name in pools]
-    return _crc(*parts)
+    return crc(*parts)
 
 
 # ------------------------------------------------------------------------------------------- encoding
@@ -305,8 +200,8 @@ def _ideal_bits(counts: np.ndarray, probabilities: np.ndarray) -> float:
 def _table_plan(symbols: np.ndarray, size: int) -> tuple[np.ndarray, int, np.ndarray]:
     """A histogram of ``symbols`` over ``size`` values, its Rice parameter and its bits."""
     counts = np.bincount(symbols, minlength=size)
-    rice = _best_rice_k(counts)
-    return counts, rice, _rice_bits(counts, rice)
+    rice = best_rice_k(counts)
+    return counts, rice, rice_bits(counts, rice)
 
 
 def _bucket_plan(values: np.ndarray) -> tuple[bytes, list[np.ndarray], list[tuple[np.ndarray, np.ndarray]], float]:
@@ -314,21 +209,21 @@ def _bucket_plan(values: np.ndarray) -> tuple[bytes, list[np.ndarray], list[tupl
     number of mantissa bits. Header: the largest bucket, then the Rice parameter and mantissa bits."""
     best = None
     for mantissa in range(MANTISSAS):
-        bucket, widths = _bucket(values, mantissa)
+        bucket, widths = bucketize(values, mantissa)
         top = int(bucket.max())
         counts, rice, table = _table_plan(bucket, top + 1)
         cost = len(table) + int(widths.sum()) + entropy_bits(bucket)
         if best is None or cost < best[-1]:
-            best = (_varint(top) + bytes([rice | mantissa << 5]), (table, values, widths), (bucket, counts), cost)
+            best = (varint(top) + bytes([rice | mantissa << 5]), (table, values, widths), (bucket, counts), cost)
     header, (table, values, widths), segment, cost = best
-    return header, [table, _low_bits(values, widths)], [segment], cost
+    return header, [table, low_bits(values, widths)], [segment], cost
 
 
 def _values_plan(values: np.ndarray, k: int, ref_counts: np.ndarray | None, ranks: np.ndarray | None) -> _Plan:
     """The cheapest model of a group of new indices: fixed width, own histogram, the reference's
     histogram as a prior, or ranks among the old entries' neighbours."""
-    w = _width(k)
-    best = _Plan(bytes([FIXED]), [_raw_bits(values, w)], cost=len(values) * w)
+    w = width(k)
+    best = _Plan(bytes([FIXED]), [raw_bits(values, w)], cost=len(values) * w)
     counts, rice, table = _table_plan(values, k)
     cost = len(table) + entropy_bits(values, k)
     if cost < best.cost:
@@ -355,7 +250,7 @@ def _prior(ref_counts: np.ndarray, s: int) -> np.ndarray:
 def _layer_plan(x: np.ndarray, k: int, r: np.ndarray | None, book: np.ndarray | None) -> tuple[_Plan, bool]:
     """How one layer is coded (against ``r`` if given); also whether it uses the pool's neighbour ranks."""
     n_ref = 0 if r is None else len(r)
-    plan = _Plan(_varint(0 if n_ref == 0 else 1 if n_ref == len(x) else n_ref + 1))
+    plan = _Plan(varint(0 if n_ref == 0 else 1 if n_ref == len(x) else n_ref + 1))
     if k == 1:
         return plan, False
     m = min(len(x), n_ref)
@@ -363,7 +258,7 @@ def _layer_plan(x: np.ndarray, k: int, r: np.ndarray | None, book: np.ndarray | 
     if m:
         changed = np.flatnonzero(x[:m] != r[:m])
         c = len(changed)
-        plan.header += _varint(c)
+        plan.header += varint(c)
         if 0 < c < m:
             header, bits, segments, _ = _bucket_plan(np.diff(changed, prepend=-1))
             plan.header += header
@@ -431,344 +326,17 @@ def pack_codes(codes: Mapping[str, Tensor], pool_sizes: Mapping[str, int] | int,
     coder = constriction.stream.stack.AnsCoder()
     for symbols, counts in reversed(segments):
         if len(counts) > 1:  # an alphabet of one symbol costs nothing
-            coder.encode_reverse(symbols.astype(np.int32), _model(counts))
+            coder.encode_reverse(symbols.astype(np.int32), categorical(counts))
     stream = coder.get_compressed().astype("<u4")
     packed = np.packbits(np.concatenate(bits)) if bits else np.zeros(0, np.uint8)
     crcs = [_layout_crc(layout, names), _context_crc(refs, {name: books[name] for name in ranked}, layout, names),
             _codes_crc(arrays, layout, names)]
-    body = b"".join([*[c.to_bytes(4, "little") for c in crcs], *header, _varint(packed.size), _varint(stream.size),
+    body = b"".join([*[c.to_bytes(4, "little") for c in crcs], *header, varint(packed.size), varint(stream.size),
                      packed.tobytes(), stream.tobytes()])
-    return MAGIC + bytes([VERSION]) + _crc(body).to_bytes(4, "little") + body
+    return MAGIC + bytes([VERSION]) + crc(body).to_bytes(4, "little") + body
 
 
 def _as_float(book: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(book, Tensor):
         book = book.detach().cpu().float().numpy()
     return np.asarray(book, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------- decoding
-
-class _Reader:
-    """Bounds-checked reading of a packed header: every overrun is a :class:`CodesError`."""
-
-    def __init__(self, data: bytes, pos: int) -> None:
-        self.data, self.pos = data, pos
-
-    def varint(self, limit: int = 1 << 62) -> int:
-        value = 0
-        for shift in range(0, 63, 7):
-            if self.pos >= len(self.data):
-                raise CodesError("packed codes are truncated (header)")
-            byte = self.data[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                if value > limit:
-                    raise CodesError("packed codes have a corrupt header (value out of range)")
-                return value
-        raise CodesError("packed codes have a corrupt header (varint too long)")
-
-    def byte(self, limit: int = 255) -> int:
-        value = self.take(1)[0]
-        if value > limit:
-            raise CodesError("packed codes have a corrupt header (value out of range)")
-        return value
-
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise CodesError("packed codes are truncated")
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
-
-
-def _read_buckets(reader: _Reader) -> tuple[int, int]:
-    """A bucket table's header: (Rice parameter | mantissa bits << 5, largest bucket)."""
-    top = reader.varint(MAX_BUCKET[-1])
-    param = reader.byte((MANTISSAS - 1) << 5 | 31)
-    if top > MAX_BUCKET[param >> 5]:
-        raise CodesError("packed codes have a corrupt header (bucket out of range)")
-    return param, top
-
-
-@dataclass(frozen=True)
-class _Model:
-    """A stored model of a group of new indices: its kind, parameter (Rice parameter of a histogram, or
-    prior weight) and, for ranks, the largest bucket."""
-
-    kind: int
-    param: int = 0  # Rice parameter (| mantissa bits << 5 for ranks), or prior weight
-    top: int = 0
-
-    @staticmethod
-    def read(reader: _Reader, ranks: bool, prior: bool) -> _Model:
-        kind = reader.byte(RANK)
-        if (kind == RANK and not ranks) or (kind == PRIOR and not prior):
-            raise CodesError("packed codes have a corrupt header (a model the layer cannot use)")
-        if kind == FIXED:
-            return _Model(kind)
-        if kind == HISTOGRAM:
-            return _Model(kind, reader.byte(31))
-        if kind == PRIOR:
-            return _Model(kind, reader.byte(PRIOR_WEIGHTS - 1))
-        return _Model(kind, *_read_buckets(reader))
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """A layer's header: reference length, changed count, gap table, models of new and appended indices."""
-
-    name: str
-    k: int
-    n: int
-    n_ref: int
-    changed: int = 0
-    gaps: tuple[int, int] | None = None  # (Rice parameter | mantissa bits << 5, largest bucket)
-    new: _Model | None = None
-    tail: _Model | None = None
-
-    @staticmethod
-    def read(reader: _Reader, name: str, k: int, n: int) -> _Layer:
-        coded = reader.varint((1 << 31) + 1)
-        n_ref = n if coded == 1 else max(coded - 1, 0)
-        if (coded == 1 and n == 0) or (coded > 1 and n_ref == n):
-            raise CodesError("packed codes have a corrupt header (reference length)")
-        if k == 1:
-            return _Layer(name, k, n, n_ref)
-        m = min(n, n_ref)
-        c = reader.varint(m) if m else 0
-        gaps = _read_buckets(reader) if 0 < c < m else None
-        new = _Model.read(reader, ranks=True, prior=True) if c else None
-        tail = _Model.read(reader, ranks=False, prior=n_ref > 0) if n > m else None
-        return _Layer(name, k, n, n_ref, c, gaps, new, tail)
-
-
-class _Bits:
-    """The bit section, read in order."""
-
-    def __init__(self, data: bytes) -> None:
-        self.bits = np.unpackbits(np.frombuffer(data, np.uint8))
-        self.zeros = np.flatnonzero(self.bits == 0)
-        self.pos = 0
-
-    def rice(self, count: int, k: int) -> np.ndarray:
-        values, self.pos = _rice_decode(self.bits, self.zeros, self.pos, count, k)
-        return values
-
-    def fixed(self, count: int, width: int) -> np.ndarray:
-        if self.pos + count * width > len(self.bits):
-            raise CodesError("packed codes are truncated (fixed-width indices)")
-        raw = self.bits[self.pos : self.pos + count * width].reshape(count, width).astype(np.int64)
-        self.pos += count * width
-        return raw @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
-
-    def varying(self, widths: np.ndarray) -> np.ndarray:
-        """``widths[i]`` bits for every value, MSB first."""
-        total = int(widths.sum())
-        if self.pos + total > len(self.bits):
-            raise CodesError("packed codes are truncated (low bits)")
-        owner = np.repeat(np.arange(len(widths)), widths)
-        shift = np.repeat(np.cumsum(widths), widths) - np.arange(total) - 1
-        part = self.bits[self.pos : self.pos + total].astype(np.int64) << shift
-        self.pos += total
-        return np.bincount(owner, weights=part, minlength=len(widths)).astype(np.int64)
-
-    def trailing(self) -> bool:
-        left = self.bits[self.pos :]
-        return len(left) >= 8 or bool(left.any())
-
-
-class _Decoder:
-    """Decodes the layers' symbols in the order they were coded: bit section and rANS stream."""
-
-    def __init__(self, bits: bytes, stream: bytes) -> None:
-        self.bits = _Bits(bits)
-        self.coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, "<u4").astype(np.uint32))
-
-    def symbols(self, probabilities: np.ndarray, count: int, what: str) -> np.ndarray:
-        if count == 0 or len(probabilities) == 1:
-            return np.zeros(count, np.int64)
-        try:
-            out = self.coder.decode(_model(probabilities), count).astype(np.int64)
-        except Exception as err:  # constriction raises its own error types on a corrupt stream
-            raise CodesError(f"{what}: corrupt index stream ({err})") from None
-        if out.min() < 0 or out.max() >= len(probabilities):
-            raise CodesError(f"{what}: corrupt index stream (symbol out of range)")
-        return out
-
-    def histogram(self, size: int, rice: int, count: int, what: str) -> np.ndarray:
-        counts = self.bits.rice(size, rice)
-        if counts.sum() != count:
-            raise CodesError(f"{what}: histogram does not match the number of indices")
-        return counts
-
-    def buckets(self, param: int, top: int, count: int, what: str) -> np.ndarray:
-        """``count`` values >= 1: buckets under their stored histogram, then their low bits."""
-        mantissa = param >> 5
-        bucket = self.symbols(self.histogram(top + 1, param & 31, count, what), count, what)
-        return _unbucket(bucket, self.bits.varying(_extra_widths(bucket, mantissa)), mantissa)
-
-    def values(self, model: _Model, count: int, k: int, r: np.ndarray | None, old: np.ndarray | None,
-               order: np.ndarray | None, what: str) -> np.ndarray:
-        if model.kind == FIXED:
-            out = self.bits.fixed(count, _width(k))
-        elif model.kind == HISTOGRAM:
-            counts = self.histogram(k, model.param, count, what)
-            out = self.symbols(counts, count, what)
-            if not np.array_equal(np.bincount(out, minlength=k), counts):
-                raise CodesError(f"{what}: corrupt index stream (decoded histogram differs)")
-        elif model.kind == PRIOR:
-            out = self.symbols(_prior(np.bincount(r, minlength=k), model.param), count, what)
-        else:
-            ranks = self.buckets(model.param, model.top, count, what) - 1
-            if ranks.max() >= k:
-                raise CodesError(f"{what}: neighbour rank out of range")
-            out = order[old, ranks].astype(np.int64)
-            if (out == old).any():
-                raise CodesError(f"{what}: a changed index equal to its reference")
-        if count and out.max() >= k:
-            raise CodesError(f"{what}: index out of range")
-        return out
-
-    def layer(self, spec: _Layer, r: np.ndarray | None, order: np.ndarray | None) -> np.ndarray:
-        if spec.k == 1:
-            return np.zeros(spec.n, np.int64)
-        m = min(spec.n, spec.n_ref)
-        parts = []
-        if m:
-            out = r[:m].copy()
-            c = spec.changed
-            if spec.gaps is not None:
-                changed = np.cumsum(self.buckets(*spec.gaps, c, spec.name)) - 1
-                if changed[-1] >= m:
-                    raise CodesError(f"{spec.name}: changed positions past the layer's end")
-            else:
-                changed = np.arange(m if c else 0)
-            if c:
-                out[changed] = self.values(spec.new, c, spec.k, r, out[changed], order, spec.name)
-            parts.append(out)
-        if spec.tail is not None:
-            parts.append(self.values(spec.tail, spec.n - m, spec.k, r, None, None, spec.name))
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def _read_v3(reader: _Reader, layout: Layout, reference: Mapping[str, Tensor] | None,
-             pools: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    names = sorted(layout)
-    crc_stream = int.from_bytes(reader.take(4), "little")
-    if crc_stream != _crc(reader.data[reader.pos :]):
-        raise CodesError("packed codes are corrupt (CRC mismatch)")
-    crc_layout, crc_context, crc_codes = (int.from_bytes(reader.take(4), "little") for _ in range(3))
-    if crc_layout != _layout_crc(layout, names):
-        raise CodesError("packed codes are for other layers, pool sizes or layer sizes than expected")
-    # The whole header (its counts bounded by the layout) and the reference are checked before decoding.
-    specs = [_Layer.read(reader, name, *layout[name]) for name in names]
-    refs = {}
-    for spec in specs:
-        if not spec.n_ref:
-            continue
-        if reference is None or spec.name not in reference:
-            raise CodesError(f"packed codes were coded against a reference; none was given for {spec.name}")
-        refs[spec.name] = _as_array(reference[spec.name])
-        if len(refs[spec.name]) != spec.n_ref:
-            raise CodesError(f"packed codes were coded against a reference of {spec.n_ref} indices for "
-                             f"{spec.name}; the reference given has {len(refs[spec.name])}")
-    ranked = [spec.name for spec in specs if spec.new is not None and spec.new.kind == RANK]
-    if ranked and (pools is None or any(name not in pools for name in ranked)):
-        raise CodesError("packed codes were coded with the pools' neighbour ranks; no pools were given")
-    books = {name: _as_float(pools[name]) for name in ranked}
-    if any(book.ndim != 2 or book.shape[0] != layout[name][0] for name, book in books.items()):
-        raise CodesError("the pools given do not match the layout")
-    if crc_context != _context_crc(refs, books, layout, names):
-        raise CodesError("packed codes were coded against another reference or other pools than the ones given")
-    for name, r in refs.items():
-        if r.size and (r.min() < 0 or r.max() >= layout[name][0]):
-            raise CodesError(f"{name}: reference index out of range")
-    orders = {name: neighbour_order(book) for name, book in books.items()}
-    n_bits, n_words = reader.varint(len(reader.data)), reader.varint(len(reader.data))
-    decoder = _Decoder(reader.take(n_bits), reader.take(4 * n_words))
-    if reader.pos != len(reader.data):
-        raise CodesError("packed codes have trailing bytes")
-    out = {spec.name: decoder.layer(spec, refs.get(spec.name), orders.get(spec.name)) for spec in specs}
-    if decoder.bits.trailing():
-        raise CodesError("packed codes have trailing data in the tables")
-    if not decoder.coder.is_empty():
-        raise CodesError("packed codes have trailing data in the index stream")
-    if crc_codes != _codes_crc(out, layout, names):
-        raise CodesError("packed codes are corrupt (the decoded codes fail their CRC)")
-    return {name: torch.from_numpy(out[name]) for name in layout}
-
-
-def unpack_codes(data: bytes, layout: Layout, reference: Mapping[str, Tensor] | None = None,
-                 pools: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Inverse of :func:`pack_codes`: the codes, keyed and ordered as ``layout``. Raises
-    :class:`CodesError` on anything but a valid stream for this layout, reference and pools.
-
-    ``layout`` (per layer ``(pool entries, number of indices)``, e.g. :func:`nws.codes.code_layout` of the
-    model the codes are for) is checked before anything is decoded, so an untrusted stream cannot make the
-    reader allocate more than the model's own indices; so are ``reference`` (the same indices the codes
-    were packed against, if any) and ``pools`` (needed where the packer used neighbour ranks).
-    """
-    reader = _Reader(bytes(data), 0)
-    if len(reader.data) <= len(MAGIC) or reader.data[: len(MAGIC)] != MAGIC:
-        raise CodesError("not a packed-codes stream (bad magic or too short)")
-    version = reader.take(len(MAGIC) + 1)[-1]
-    if version == 2:
-        return _read_v2(reader, layout)
-    if version != VERSION:
-        raise CodesError(f"packed codes of format version {version}; this nws reads versions 2 and {VERSION}")
-    return _read_v3(reader, layout, reference, pools)
-
-
-def _read_v2(reader: _Reader, layout: Layout) -> dict[str, Tensor]:
-    """Format 2: per layer its name, pool size, count and mode, then Rice tables and one rANS stream."""
-    specs, names = [], set()
-    for _ in range(reader.varint()):
-        try:
-            name = reader.take(reader.varint()).decode()
-        except UnicodeDecodeError:
-            raise CodesError("packed codes have a corrupt header (layer name)") from None
-        k, n, mode = reader.varint(), reader.varint(), reader.take(1)[0]
-        if not (1 <= k < 1 << 31 and n < 1 << 31 and mode <= 32) or name in names:
-            raise CodesError("packed codes have a corrupt header (bad layer entry)")
-        specs.append((name, k, n, mode))
-        names.add(name)
-    if {name: (k, n) for name, k, n, _ in specs} != dict(layout):
-        raise CodesError("packed codes are for other layers, pool sizes or layer sizes than expected")
-    n_table, n_words = reader.varint(), reader.varint()
-    table, stream = reader.take(n_table), reader.take(4 * n_words)
-    if reader.pos != len(reader.data):
-        raise CodesError("packed codes have trailing bytes")
-    bits = np.unpackbits(np.frombuffer(table, np.uint8))
-    zeros = np.flatnonzero(bits == 0)
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, "<u4").astype(np.uint32))
-    out, pos = {}, 0
-    for name, k, n, mode in specs:
-        if mode == RAW:
-            w = _width(k)
-            if pos + n * w > len(bits):
-                raise CodesError("packed codes are truncated (fixed-width indices)")
-            raw = bits[pos : pos + n * w].reshape(n, w).astype(np.int64) @ (1 << np.arange(w - 1, -1, -1))
-            pos += n * w
-            if n and raw.max() >= k:
-                raise CodesError(f"{name}: index out of range")
-            out[name] = torch.from_numpy(raw.astype(np.int64))
-            continue
-        counts, pos = _rice_decode(bits, zeros, pos, k, mode - 1)
-        if counts.sum() != n:
-            raise CodesError(f"{name}: histogram does not match the number of indices")
-        if n == 0 or k == 1:
-            out[name] = torch.zeros(n, dtype=torch.long)
-            continue
-        try:
-            idx = coder.decode(_model(counts), n)
-        except Exception as err:  # constriction raises its own error types on a corrupt stream
-            raise CodesError(f"{name}: corrupt index stream ({err})") from None
-        if np.bincount(idx, minlength=k)[:k].tolist() != counts.tolist() or idx.max() >= k:
-            raise CodesError(f"{name}: corrupt index stream (decoded histogram differs)")
-        out[name] = torch.from_numpy(idx.astype(np.int64))
-    if len(bits) - pos >= 8 or bits[pos:].any():
-        raise CodesError("packed codes have trailing data in the tables")
-    if not coder.is_empty():
-        raise CodesError("packed codes have trailing data in the index stream")
-    return {name: out[name] for name in layout}

@@ -3,7 +3,8 @@
 :func:`run` checks the whole configuration and loads the data before anything is written, then: the source
 stage (the method makes and stores the network the first task starts from), every task in order (seeded by
 the run seed and its index alone; trained by the method; its files written atomically and listed; rebuilt
-from storage and evaluated), and finally every task evaluated from storage again, into ``results.json``.
+from storage and evaluated), and finally every task evaluated from storage again, into ``results.json`` and
+``results.md`` (:mod:`nws.results`), whoever calls it.
 
 An interrupted run continues with ``resume``: its files are verified, it must be this config's run,
 finished tasks are kept byte for byte, the method's state after the last one is read back from the files,
@@ -14,26 +15,29 @@ uninterrupted one. In a distributed run every rank trains; rank 0 alone writes, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from nws.config import ConfigError, RunConfig, stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
-from nws.engine import barrier, eval_device, evaluate, is_global_zero, use_threads
+from nws.devices import barrier, eval_device, is_global_zero, use_threads
+from nws.engine import seed_everything, task_seed
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
-from nws.metrics import continual_metrics
-from nws.methods.base import float32_bytes, seed_everything, task_seed
-from nws.store import MANIFEST, RunStore, atomic_write
+from nws.metrics import float32_bytes
+from nws.results import RESULTS, collect_results, write_results
+from nws.store import MANIFEST, RunStore
 
 # Settings that may differ when a run is resumed: where it runs and logs, not what it learns.
 RESUME_MAY_DIFFER = ("out", "data.root", "data.num_workers", "trainer.accelerator", "trainer.devices",
                      "trainer.logger", "trainer.num_nodes", "trainer.strategy", "trainer.progress_bar",
                      "trainer.checkpoint", "trainer.threads", "data.source_root")
-RESULTS = "results.json"
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -56,23 +60,23 @@ class Runner:
     """One run of ``config`` (its ``method``) on ``benchmark`` (default: the one the config names).
 
     Everything is checked here, before :meth:`run` writes anything: the settings, the method's own
-    requirements, the data (its folders and files), a ``pretrained`` run's model. ``method_options`` go to
-    the method (e.g. ``plain_source`` for a baseline).
+    requirements (:meth:`~nws.methods.Method.check`, its constructor), the data (its folders and files).
+    ``shared_source``: a source network made by another method of the same
+    :meth:`~nws.methods.Method.source_key`, which the method stores instead of making its own. After the
+    source stage, ``source`` is a copy of the source network when the method's may be shared, else None.
     """
 
     def __init__(self, config: RunConfig, benchmark: Benchmark | None = None, progress: bool = True,
-                 **method_options: Any):
+                 shared_source: nn.Module | None = None):
         self.config = validate(config)
         use_threads(config.trainer)
         self.method_class = method_class(config.method)
         self.method_class.check(config)
         benchmark = benchmark or benchmark_from_config(config.data, config.seed)
-        if benchmark.source is None and not config.pretrained:
-            raise ConfigError("data.source is none: set pretrained: RUN_DIR (pools pretrained by "
-                              "configs/pretrain_pools_imagenet_resnet18.yaml) or choose a data.source")
         self.ctx = Context(config, benchmark, eval_device(config.trainer), writer=is_global_zero(), progress=progress)
-        self.method: Method = self.method_class(self.ctx, **method_options)
+        self.method: Method = self.method_class(self.ctx, shared_source=shared_source)
         self.out = Path(config.out)
+        self.source: nn.Module | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """The whole sequence; returns the results (written to ``results.json``), or ``{}`` on a distributed rank
@@ -97,10 +101,14 @@ class Runner:
             source = method.pretrain(store)
             self.ctx.drop_checkpoints("pretrain")
             barrier()
+        if self.method_class.source_key(self.config) is not None:
+            self.source = copy.deepcopy(source)
         method.start(store, source)
         done = [t["index"] for t in store.tasks()]
-        for index in done:
-            if "acc_from_storage" not in store.task_entry(index):  # interrupted while evaluating it from storage
+        for index in done:  # a run interrupted right after listing its last task
+            if "memory_after" not in store.task_entry(index):
+                store.record_memory(index)
+            if "acc_from_storage" not in store.task_entry(index):
                 self._record_from_storage(store, index)
         if done:
             method.restore(store, done[-1])
@@ -130,11 +138,8 @@ class Runner:
         return results
 
     def _create(self) -> RunStore:
-        store = self.method.store_class(self.out, create=True)
-        store.manifest.update(method=self.method.name, config=dataclasses.asdict(self.config),
-                              **self.method.manifest_fields())
-        store.write_manifest()
-        return store
+        return self.method.store_class(self.out, create=True, method=self.method.name,
+                                       config=dataclasses.asdict(self.config), **self.method.manifest_fields())
 
     def _reopen(self) -> RunStore:
         """The interrupted run in ``out``, verified and checked to be this config's run, its leftovers removed."""
@@ -142,7 +147,10 @@ class Runner:
         if store.method != self.method.name:
             raise StoreError(f"--resume: {self.out} holds a run of method {store.method}, not {self.method.name}")
         current = json.loads(json.dumps(dataclasses.asdict(self.config)))
-        stored = store.manifest.setdefault("config", current)  # a store written from Python may not record it
+        stored = store.manifest.get("config")
+        if stored is None:
+            raise StoreError(f"--resume: {self.out} does not record the settings it was run with (it was not written "
+                             "by a run); choose another output directory")
         stored_config(stored, f"--resume: {self.out}'s config")  # refuses settings nws no longer has
         differ = config_differences(stored, current)
         if differ:
@@ -180,7 +188,7 @@ class Runner:
             entry["skipped_steps"] = skipped
         store.add_task(entry, saved.files)
         store.keep_only(self._needed(store))  # e.g. the network the new one supersedes
-        store.update_task(index, memory_after=store.size(store.shared_files() + [t["file"] for t in store.tasks()]))
+        store.record_memory(index)
         self._record_from_storage(store, index)
         self.ctx.drop_checkpoints(f"task_{index:03d}")
 
@@ -212,40 +220,14 @@ class Runner:
         return {}
 
     def finish(self) -> dict[str, Any]:
-        """Evaluate every task from storage now (a fresh reader) and write ``results.json``."""
+        """Evaluate every task from storage now (a fresh reader) and write ``results.json`` and ``results.md``."""
         results = collect_results(self.method.store_class(self.out), self.ctx.benchmark,
                                   num_workers=self.config.data.num_workers, device=self.ctx.device)
-        atomic_write(self.out / RESULTS, json.dumps(results, indent=1).encode())
+        write_results(self.out, results)
         return results
 
 
-def collect_results(store: RunStore, benchmark: Benchmark, num_workers: int = 0, device: Any = None) -> dict[str, Any]:
-    """The ``results.json`` contract, the same for every method: per task what its manifest entry records plus
-    ``acc_final`` (rebuilt from storage and evaluated now); continual metrics; memory, and where the reader
-    provides it (NWS) ``memory.reference_equivalent``, what the reference implementation would store."""
-    tasks = []
-    for entry in store.tasks():
-        test = benchmark.tasks[entry["index"]].test
-        task = {k: v for k, v in entry.items() if k not in ("index", "file", "memory_after")}
-        task["acc_final"] = evaluate(store.model(entry["index"]), test, num_workers=num_workers, device=device)
-        tasks.append(task)
-    shared = store.shared_files()
-    sizes = [sum(t["bytes"].values()) for t in tasks]
-    after = [t.get("memory_after") for t in store.tasks()]
-    if None in after:  # a run begun before nws recorded it: shared files (never changed) plus the tasks so far
-        after = [store.size(shared) + sum(sizes[: i + 1]) for i in range(len(sizes))]
-    config = store.manifest.get("config") or {}
-    memory = {"shared": store.size(shared), "shared_files": {name: store.size([name]) for name in shared},
-              "tasks_total": sum(sizes), "float32_model": max((t["float32_model"] for t in tasks), default=0)}
-    figures = store.reference_equivalent()  # what the reference implementation would store (NWS runs)
-    if figures is not None:
-        memory["reference_equivalent"] = figures
-    return {"method": store.method, "seed": config.get("seed"), "config": config,
-            **continual_metrics(tasks), "tasks": tasks, "memory": memory,
-            "memory_after_task": after, "source": store.manifest.get("source")}
-
-
 def run(config: RunConfig, benchmark: Benchmark | None = None, resume: bool = False, progress: bool = True,
-        **method_options: Any) -> dict[str, Any]:
+        shared_source: nn.Module | None = None) -> dict[str, Any]:
     """Run ``config`` (see :class:`Runner`); returns the results."""
-    return Runner(config, benchmark, progress, **method_options).run(resume)
+    return Runner(config, benchmark, progress, shared_source).run(resume)

@@ -1,51 +1,42 @@
-"""The run directory: its files, written atomically, and the manifest that lists and verifies them.
+"""The run directory of any method: its files, written atomically, and the manifest that lists and verifies them.
 
-A run directory holds safetensors files (formats in :mod:`nws.taskfile`) and ``manifest.json``. Writes are
-atomic (temporary file in the same directory, fsync, rename, fsync of the directory); a file is listed in the
-manifest only once it is complete under its final name; the manifest records each file's size and sha256 and
-carries a checksum of its own content. Every read is verified, and every problem with a directory or file
-raises :class:`StoreError`. :class:`RunStore` is this, for any method; :class:`TaskStore` reads an NWS run
-(its pools, source network and tasks). ``docs/reliability.md`` describes the formats and guarantees.
+A run directory holds safetensors files (the container: :mod:`nws.taskfile`) and ``manifest.json``. Writes
+are atomic (temporary file in the same directory, fsync, rename, fsync of the directory); a file is listed in
+the manifest only once it is complete under its final name; the manifest records each file's size and sha256
+and carries a checksum of its own content. Every read is verified, and every problem with a directory or file
+raises :class:`StoreError`. :class:`RunStore` is this; a method's reader subclasses it (NWS's:
+:class:`nws.methods.nws_store.TaskStore`). ``docs/reliability.md`` describes the formats and guarantees.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import secrets
 import signal
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from nws.errors import StoreError
-from nws.codes import code_layout
-from nws.packing import Layout
-from nws.taskfile import (SOURCE_REFERENCE, ModelSpec, TaskFile, build_model, build_task, is_int, is_number,
-                          model_from_source, pack_file, pools_bytes, read_pools, read_reference, read_task_file,
-                          reference_bytes, reference_pools_bytes, reference_task_bytes, source_bytes, str_list,
-                          task_bytes, task_codes, task_spec, unpack_file)
-from nws.taskfile import first_line as _first_line
+from nws.container import check_version, is_number, pack_file, unpack_file
+from nws.container import first_line as _first_line
+from nws.spec import is_int, str_list
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1: before nws 0.2 (upgrade with `nws upgrade RUN`)
 MANIFEST = "manifest.json"
-POOLS = "pools.safetensors"
-SOURCE = "source.safetensors"
-REFERENCE = "reference.safetensors"
+SOURCE = "source.safetensors"  # the network the first task starts from, whatever the method
 CRASH_ENV = "NWS_CRASH_AT"
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# Numbers a task entry may carry, and the types of other optional entries.
-_TASK_NUMBERS = ("acc_after_training", "acc_from_storage", "float32_model", "mask_density", "train_seconds",
-                 "train_cpu_seconds", "skipped_steps")
+# Numbers the runner records for a task (a method's own extras are checked by its reader).
+_TASK_NUMBERS = ("acc_after_training", "acc_from_storage", "float32_model", "train_seconds", "train_cpu_seconds",
+                 "skipped_steps")
 
 
 def task_file(index: int) -> str:
@@ -56,7 +47,8 @@ def crash_point(name: str, stage: str) -> None:
     """Test hook of the fault-injection tests: SIGKILL this process when ``$NWS_CRASH_AT`` is ``name:stage``.
 
     :func:`atomic_write` calls it at stage ``written`` (temporary file complete and fsynced, not yet renamed)
-    and ``renamed`` (file in place, the manifest not yet updated). Unset in normal use, it does nothing.
+    and ``renamed`` (file in place, the manifest not yet updated); ``nws upgrade`` at ``moved`` (a verified file
+    moved into the run). Unset in normal use, it does nothing.
     """
     if os.environ.get(CRASH_ENV) == f"{name}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -117,8 +109,8 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def parse_manifest(data: bytes, what: str = MANIFEST) -> dict[str, Any]:
-    """A manifest's content, checked in full (format, version, checksum, every entry's types);
-    :class:`StoreError` for anything else."""
+    """A manifest's content, checked in full as far as every method shares it (format, version, checksum, the
+    entries the runner writes); :class:`StoreError` for anything else."""
     try:
         manifest = json.loads(data)
     except (ValueError, RecursionError) as err:
@@ -128,9 +120,8 @@ def parse_manifest(data: bytes, what: str = MANIFEST) -> dict[str, Any]:
     version = manifest.get("version")
     if not is_int(version) or version < 1:
         raise StoreError(f"{what} has a corrupt format version")
-    if version > MANIFEST_VERSION:
-        raise StoreError(f"{what} has format version {version}, newer than this nws reads ({MANIFEST_VERSION});"
-                         " upgrade nws")
+    if version != MANIFEST_VERSION:
+        check_version(version, MANIFEST_VERSION, what)
     try:
         intact = manifest.get("checksum") == manifest_checksum(manifest)
     except (ValueError, RecursionError):
@@ -166,18 +157,8 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         sizes = t.get("bytes", {})
         if not (isinstance(sizes, dict) and all(is_int(v) for v in sizes.values())):
             return f"bad sizes in task {t['index']}"
-        if not isinstance(t.get("sparsity", {}), dict):
-            return f"bad sparsity in task {t['index']}"
-    if not isinstance(m.get("method", ""), str):
-        return "bad method entry"
-    model = m.get("model", {"name": "", "kwargs": {}})
-    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
-        return "bad model entry"
-    if "spec" in m:
-        try:
-            ModelSpec.from_json(m["spec"])
-        except StoreError:
-            return "bad model spec"
+    if not isinstance(m.get("method"), str):
+        return "bad or missing method entry"
     source = m.get("source", {})
     if not (isinstance(source, dict) and isinstance(source.get("name", ""), str)
             and is_number(source.get("accuracy", 0))):
@@ -195,15 +176,19 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
 class RunStore:
     """A run directory of any method: verified files, and the manifest listing them and the tasks.
 
-    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one and refuses a directory that
-    already holds a run). A method's reader subclasses it with :meth:`build` (a task's network from the files
-    alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory).
+    ``RunStore(path)`` opens an existing run (``create=True`` makes a new one of ``method``, its manifest
+    holding ``fields`` from the first write, and refuses a directory that already holds a run). A method's reader subclasses it with :meth:`build` (a task's network
+    from the files alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory),
+    and may check its own manifest entries (:meth:`manifest_problem`) and add to the results' memory
+    (:meth:`memory_extras`).
     """
 
-    def __init__(self, root: str | os.PathLike, create: bool = False):
+    def __init__(self, root: str | os.PathLike, create: bool = False, method: str | None = None, **fields: Any):
         self.root = Path(root)
         self._cache: dict[int, nn.Module] = {}
         if create:
+            if not isinstance(method, str):
+                raise ValueError("a new run directory needs the name of its method")
             if (self.root / MANIFEST).exists():
                 raise StoreError(f"{self.root} already holds a run; pass --resume to continue it or choose"
                                  " another output directory")
@@ -211,8 +196,8 @@ class RunStore:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise StoreError(f"cannot create the run directory {self.root} ({err.strerror})") from None
-            self.manifest: dict[str, Any] = {"format": "nws-run", "version": MANIFEST_VERSION, "files": {},
-                                             "tasks": []}
+            self.manifest: dict[str, Any] = {"format": "nws-run", "version": MANIFEST_VERSION, "method": method,
+                                             **fields, "files": {}, "tasks": []}
             self.write_manifest()
         else:
             self.manifest = self._read_manifest()
@@ -228,14 +213,26 @@ class RunStore:
             data = path.read_bytes()
         except OSError as err:
             raise StoreError(f"cannot read {path} ({err.strerror})") from None
-        return parse_manifest(data, str(path))
+        manifest = parse_manifest(data, str(path))
+        problem = self.manifest_problem(manifest)
+        if problem:
+            raise StoreError(f"{path} is corrupt ({problem})")
+        return manifest
+
+    @classmethod
+    def manifest_problem(cls, manifest: dict[str, Any]) -> str | None:
+        """What is wrong with the entries of ``manifest`` that this reader's method writes (its
+        :meth:`~nws.methods.Method.manifest_fields` and task records), or None; the entries every method shares
+        are checked by :func:`parse_manifest`."""
+        return None
 
     def write_manifest(self) -> None:
         atomic_write(self.root / MANIFEST, manifest_bytes(self.manifest))
 
     @property
     def method(self) -> str:
-        return self.manifest.get("method", "nws")
+        """The name of the run's method."""
+        return self.manifest["method"]
 
     # -- files
     def write(self, name: str, data: bytes) -> None:
@@ -245,7 +242,7 @@ class RunStore:
         self.write_manifest()
 
     def put(self, name: str, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> int:
-        """Write a safetensors file of ``kind`` (:func:`nws.taskfile.pack_file`) and list it; returns its size."""
+        """Write a safetensors file of ``kind`` (:func:`nws.container.pack_file`) and list it; returns its size."""
         data = pack_file(kind, tensors, meta)
         self.write(name, data)
         return len(data)
@@ -324,6 +321,11 @@ class RunStore:
         self.task_entry(index).update(record)
         self.write_manifest()
 
+    def record_memory(self, index: int) -> None:
+        """Record ``memory_after`` for task ``index``, the last listed: what serving tasks ``0..index`` takes (the
+        shared files and the tasks' own)."""
+        self.update_task(index, memory_after=self.size(self.shared_files() + [t["file"] for t in self.tasks()]))
+
     # -- what a method's reader provides
     def shared_files(self) -> list[str]:
         """The files every listed task needs, stored once (shared memory)."""
@@ -333,177 +335,13 @@ class RunStore:
         """Task ``index``'s network from the files alone."""
         raise NotImplementedError
 
-    def reference_equivalent(self) -> dict[str, int] | None:
-        """What the NWS reference implementation would store for this run (None: not an NWS run)."""
-        return None
+    def memory_extras(self) -> dict[str, Any]:
+        """What the results' ``memory`` records besides the files' sizes (e.g. what another implementation
+        would store for the same run)."""
+        return {}
 
     def model(self, index: int) -> nn.Module:
         """Task ``index``'s network rebuilt from storage alone (cached, eval mode)."""
         if index not in self._cache:
             self._cache[index] = self.build(index).eval()
         return self._cache[index]
-
-
-class TaskStore(RunStore):
-    """An NWS run: the frozen pools, the pool-pretrained network, the reference, one file of codes per task.
-
-    ``model(i)`` is task ``i``'s network rebuilt from the shared files (pools, reference) and its task file;
-    ``codes(i)`` its pool indices without building a model; ``load_source()`` the network the first task
-    starts from. A task coded against an earlier task (``model.code_reference: previous``) needs that task's
-    codes too, back to its key task (coded against the reference).
-    """
-
-    CODES_CACHE = 4  # decoded tasks kept: a chain is read in order, each task needing the one before
-
-    def __init__(self, root: str | os.PathLike, create: bool = False):
-        super().__init__(root, create)
-        self._pools: tuple[dict[str, Tensor], str, ModelSpec] | None = None
-        self._reference: dict[str, Tensor] | None = None
-        self._layouts: dict[int, Layout] = {}
-        self._codes: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
-
-    def shared_files(self) -> list[str]:
-        """The pools, and the reference every task of format 2 is coded against (runs of format 1 have none)."""
-        return [POOLS] + ([REFERENCE] if REFERENCE in self.manifest["files"] else [])
-
-    def save_pools(self, model: nn.Module, spec: ModelSpec) -> None:
-        self.write(POOLS, pools_bytes(model, spec))
-        self.manifest["spec"] = spec.to_json()
-        self._pools = None
-        self.write_manifest()
-
-    def _read_pools(self) -> tuple[dict[str, Tensor], str, ModelSpec]:
-        if self._pools is None:
-            what = str(self.root / POOLS)
-            books, fingerprint, spec = read_pools(self.read(POOLS), what)
-            if "spec" in self.manifest and self.manifest["spec"] != spec.to_json():
-                raise StoreError(f"{what} and the manifest disagree on the model spec")
-            self._pools = (books, fingerprint, spec)
-        return self._pools
-
-    def pools(self) -> tuple[dict[str, Tensor], str]:
-        """The run's codebooks by layer, and their fingerprint."""
-        books, fingerprint, _ = self._read_pools()
-        return books, fingerprint
-
-    def spec(self) -> ModelSpec:
-        """The run's model spec (architecture and NWS settings; ``num_classes`` of the source task)."""
-        return self._read_pools()[2]
-
-    def layout(self, num_classes: int) -> Layout:
-        """The codes layout of the run's model with ``num_classes`` classes (built once per class count)."""
-        if num_classes not in self._layouts:
-            spec = dataclasses.replace(self.spec(), num_classes=num_classes)
-            self._layouts[num_classes] = code_layout(build_model(spec, f"{self.root}: model spec"))
-        return self._layouts[num_classes]
-
-    def save_source(self, model: nn.Module, spec: ModelSpec) -> None:
-        """The pool-pretrained network: the starting weights of the first task."""
-        self.write(SOURCE, source_bytes(model, spec))
-
-    def load_source(self) -> nn.Module:
-        """The pool-pretrained network rebuilt from storage, its pools loaded from the pools file and frozen."""
-        books, _, spec = self._read_pools()
-        return model_from_source(self.read(SOURCE), books, spec, str(self.root / SOURCE))
-
-    def save_reference(self) -> None:
-        """Store the reference the tasks are coded against: the indices of the source network, as stored."""
-        self.write(REFERENCE, reference_bytes(self.load_source(), self.pools()[1]))
-        self._reference = None
-
-    def reference_codes(self) -> dict[str, Tensor]:
-        """The run's reference: the source network's indices per layer."""
-        if self._reference is None:
-            if REFERENCE not in self.manifest["files"]:
-                raise StoreError(f"{self.root} has no {REFERENCE}, which its tasks of format 2 are coded against")
-            self._reference = read_reference(self.read(REFERENCE), self.layout(self.spec().num_classes),
-                                             self.pools()[1], str(self.root / REFERENCE))
-        return self._reference
-
-    def save_task(self, index: int, model: nn.Module, name: str, classes: list[str],
-                  against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
-                  **record: Any) -> dict[str, int]:
-        """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm
-        as ``bn_dtype``, other state) and list it with ``record`` and its size as the reference would store it;
-        returns its sizes."""
-        data, sizes = self.task_bytes(index, model, name, classes, against, bn_dtype)
-        self.add_task({"index": index, "name": name, "classes": list(classes), "file": task_file(index),
-                       "bytes": sizes, "reference_bytes": reference_task_bytes(model), **record},
-                      {task_file(index): data})
-        return sizes
-
-    def task_bytes(self, index: int, model: nn.Module, name: str, classes: list[str],
-                   against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
-                   ) -> tuple[bytes, dict[str, int]]:
-        """Task ``index``'s file (:func:`nws.taskfile.task_bytes`), coded against the run's reference or the
-        stored codes of task ``against``."""
-        reference = self.reference_codes() if against == SOURCE_REFERENCE else self.codes(int(against))
-        task = {"index": index, "name": name, "classes": list(classes)}
-        return task_bytes(model, task, self.pools()[1], reference, against, bn_dtype)
-
-    def add_task(self, entry: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-        self._codes.pop(entry["index"], None)
-        return super().add_task(entry, files)
-
-    def _task_file(self, index: int) -> TaskFile:
-        """Task ``index``'s file, verified and parsed, checked to hold the task the manifest lists."""
-        entry = self.task_entry(index)
-        what = str(self.root / entry["file"])
-        tf = read_task_file(self.read(entry["file"]), self.pools()[1], what)
-        if tf.task["index"] != index or tf.task["name"] != entry["name"]:
-            raise StoreError(f"{what} holds task {tf.task['index']} ({tf.task['name']}), the manifest lists it as "
-                             f"task {index} ({entry['name']})")
-        return tf
-
-    def _decode(self, tf: TaskFile) -> dict[str, Tensor]:
-        layout = self.layout(len(tf.task["classes"]))
-        if tf.version == 1:
-            task_spec(tf, self.spec())
-        return task_codes(tf, layout, self.pools()[0], self._reference_of)
-
-    def _reference_of(self, against: str | int) -> dict[str, Tensor]:
-        return self.reference_codes() if against == SOURCE_REFERENCE else self._codes[int(against)]
-
-    def codes(self, index: int) -> dict[str, Tensor]:
-        """Task ``index``'s pool indices per layer, read from its task file (no model is built), and from the
-        tasks back to its key task where it is coded against the previous one."""
-        chain: list[TaskFile] = []
-        i: str | int = index
-        while i != SOURCE_REFERENCE and i not in self._codes:
-            chain.append(self._task_file(int(i)))
-            i = chain[-1].reference if chain[-1].reference is not None else SOURCE_REFERENCE
-        for tf in reversed(chain):
-            self._codes[tf.task["index"]] = self._decode(tf)
-            while len(self._codes) > max(self.CODES_CACHE, len(chain)):
-                self._codes.popitem(last=False)
-        self._codes.move_to_end(index)
-        return self._codes[index]
-
-    def build(self, index: int) -> nn.Module:
-        codes = self.codes(index)
-        books, _, spec = self._read_pools()
-        return build_task(self._task_file(index), books, spec, codes=codes)
-
-    def reference_equivalent(self) -> dict[str, int] | None:
-        """The run's memory as the reference implementation stores it (``docs/reference.md``, row 6): its pools
-        file for these pools, and every task's indices and BatchNorm (``reference_bytes``, recorded when the task
-        was stored); None when a task lacks that record (stored before nws recorded it)."""
-        tasks = self.tasks()
-        if not all(isinstance(t.get("reference_bytes"), dict) and all(is_int(v) for v in t["reference_bytes"].values())
-                   for t in tasks):
-            return None
-        pools = reference_pools_bytes(self.pools()[0])
-        total = sum(v for t in tasks for v in t["reference_bytes"].values())
-        return {"pools": pools, "tasks_total": total, "total": pools + total}
-
-
-def save_pools_run(out: str | os.PathLike, model: nn.Module, spec: ModelSpec, source: dict[str, Any]) -> TaskStore:
-    """Write ``model``'s pools and network as a pool-pretraining run directory (pools, source network,
-    manifest), which ``nws run --pretrained OUT`` starts its first task from; ``source`` (where the pools come
-    from) is recorded in the manifest. A directory that already holds a run is refused."""
-    store = TaskStore(out, create=True)
-    store.save_pools(model, spec)
-    store.save_source(model, spec)
-    store.manifest["source"] = source
-    store.write_manifest()
-    return store

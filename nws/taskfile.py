@@ -1,7 +1,7 @@
 """The task-file format: the safetensors files of a run, their metadata, and models rebuilt from them.
 
-Every file is safetensors (no pickle on any load path) whose metadata holds its ``format`` (``nws-pools``,
-``nws-source``, ``nws-reference``, ``nws-task``, or a baseline's kind), a format ``version`` and JSON-encoded
+Every file is a safetensors container (:mod:`nws.container`) whose metadata holds its ``format``
+(``nws-pools``, ``nws-source``, ``nws-reference``, ``nws-task``), a format ``version`` and JSON-encoded
 entries: the model spec and layer shapes, pool and group sizes, and for a task its classes and the fingerprint
 of the pools it was encoded against. Readers check everything (format, version, metadata types, spec, shapes,
 fingerprint, codes layout before decoding, tensor names, shapes, dtypes, finite values) and raise
@@ -13,8 +13,8 @@ also holds (:mod:`nws.packing`): the source network's indices, stored once per r
 its other state (biases, unsearched layers) as one flat tensor per kind and dtype (``bn.float32``,
 ``other.float32``), in the model's state-dict order, without the ``num_batches_tracked`` counters that
 BatchNorm reads only when its momentum is None; and as metadata only its task record, the pools'
-fingerprint and its reference (the model spec is the run's, with the task's number of classes). Format 1
-(the spec and layer shapes in the metadata, indices coded alone, one tensor per state entry) still loads.
+fingerprint and its reference (the model spec is the run's, with the task's number of classes). Readers read
+this format only; ``nws upgrade`` (:mod:`nws.upgrade`) converts a run of an earlier one.
 """
 
 from __future__ import annotations
@@ -22,46 +22,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import lzma
-import math
-import re
-import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nws.codes import code_layout, decode, encode
+from nws.container import check_state, first_line, meta_entry, nbytes, pack_file, unpack_file
 from nws.convert import nws_layers
 from nws.errors import StoreError
-from nws.packing import CodesError, Layout, pack_codes, unpack_codes
-from nws.spec import ModelSpec
+from nws.bitcodes import CodesError
+from nws.packing import Layout, pack_codes
+from nws.unpacking import unpack_codes
+from nws.spec import ModelSpec, is_int, str_list
 
 FORMAT_VERSION = 1  # pools, source and reference files
-TASK_VERSION = 2  # task files; format 1 still loads
+TASK_VERSION = 2  # task files
 SOURCE_REFERENCE = "source"  # a task coded against the run's reference (the source network's indices)
-_VERSION = re.compile(r"[0-9]{1,9}")
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def build_model(spec: ModelSpec, what: str) -> nn.Module:
@@ -91,84 +71,6 @@ def model_codebooks(model: nn.Module) -> dict[str, Tensor]:
     return {name: layer.pool.codebook for name, layer in nws_layers(model)}
 
 
-# ----------------------------------------------------------------------------------- file format
-
-
-def pack_file(kind: str, tensors: dict[str, Tensor], meta: dict[str, Any], version: int = FORMAT_VERSION) -> bytes:
-    """A safetensors file of ``kind`` whose bytes depend on its content alone.
-
-    safetensors writes its header in hash-map order, which changes from process to process; the header is
-    rewritten with sorted keys (and padded to 8 bytes as safetensors does), so equal content gives equal
-    bytes and a resumed run reproduces an uninterrupted one's files exactly.
-    """
-    header = {"format": kind, "version": str(version),
-              **{k: json.dumps(v) for k, v in meta.items()}}
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
-    (n,) = struct.unpack("<Q", data[:8])
-    head = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + data[8 + n :]
-
-
-def unpack_file(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and metadata of a safetensors file of ``kind``; :class:`StoreError` for anything else."""
-    tensors, meta, _ = unpack_versioned(data, kind, what)
-    return tensors, meta
-
-
-def unpack_versioned(data: bytes, kind: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any], int]:
-    """:func:`unpack_file`, and the file's format version (at most the newest of its kind)."""
-    newest = TASK_VERSION if kind == "nws-task" else FORMAT_VERSION
-    if len(data) < 8:
-        raise StoreError(f"{what} is empty or truncated")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise StoreError(f"{what} is truncated (header)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, RecursionError) as err:
-        raise StoreError(f"{what} has a corrupt header ({first_line(err)})") from None
-    raw = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise StoreError(f"{what} has a corrupt header (no nws metadata)")
-    if raw.get("format") != kind:
-        raise StoreError(f"{what} is not an nws {kind.removeprefix('nws-')} file (format {raw.get('format')!r})")
-    if not _VERSION.fullmatch(raw.get("version", "")) or int(raw["version"]) < 1:
-        raise StoreError(f"{what} has a corrupt format version")
-    if int(raw["version"]) > newest:
-        raise StoreError(f"{what} has format version {raw['version']}, newer than this nws reads "
-                         f"({newest}); upgrade nws")
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "version")}
-    except (ValueError, RecursionError) as err:
-        raise StoreError(f"{what} has corrupt metadata ({first_line(err)})") from None
-    try:
-        tensors = st_load(data)
-    except Exception as err:  # safetensors raises its own error types on corrupt data
-        raise StoreError(f"{what} is corrupt ({first_line(err)})") from None
-    return tensors, meta, int(raw["version"])
-
-
-def meta_entry(meta: dict[str, Any], key: str, what: str) -> Any:
-    """``meta[key]``; :class:`StoreError` naming ``what`` if the file lacks it."""
-    if key not in meta:
-        raise StoreError(f"{what} lacks its {key!r} metadata")
-    return meta[key]
-
-
-def check_state(state: dict[str, Tensor], expected: dict[str, Tensor], what: str) -> None:
-    """``state`` has exactly ``expected``'s keys, shapes and dtypes, and only finite values."""
-    if set(state) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
-        raise StoreError(f"{what}: stored state does not match the model (missing {missing}, unexpected {unexpected})")
-    for key, value in state.items():
-        if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
-            raise StoreError(f"{what}: {key} is {value.dtype} {tuple(value.shape)}, the model needs "
-                             f"{expected[key].dtype} {tuple(expected[key].shape)}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise StoreError(f"{what}: {key} holds non-finite values")
-
-
 def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """A task's stored state besides its codes: BatchNorm entries, and everything else (biases, unsearched layers).
 
@@ -186,10 +88,6 @@ def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]
             continue
         (bn if key.startswith(bn_prefixes) else other)[key] = value
     return bn, other
-
-
-def nbytes(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def pools_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
@@ -213,20 +111,6 @@ def read_pools(data: bytes, what: str) -> tuple[dict[str, Tensor], str, ModelSpe
     if fingerprint != meta_entry(meta, "fingerprint", what):
         raise StoreError(f"{what} is corrupt (fingerprint mismatch)")
     return books, fingerprint, spec
-
-
-def adopt_legacy_biases(model: nn.Module, stored: Mapping[str, Tensor]) -> None:
-    """Give each bias-free Conv2d or Linear of ``model`` whose bias ``stored`` holds (float32, one value per
-    output) a bias, for the state to load into: runs written before nws's models lost their biases (every
-    classifier and VGG16-BN's convs, 2026-12-02) still load. Any other extra key is left for the state check
-    to refuse."""
-    modules = dict(model.named_modules())
-    for key, value in stored.items():
-        name, _, leaf = key.rpartition(".")
-        module = modules.get(name)
-        if (leaf == "bias" and isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None
-                and value.dtype == torch.float32 and tuple(value.shape) == (module.weight.shape[0],)):
-            module.bias = nn.Parameter(torch.zeros_like(value))
 
 
 def stored_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -384,49 +268,34 @@ class TaskFile:
 
     tensors: dict[str, Tensor]
     meta: dict[str, Any]
-    version: int
     task: dict[str, Any]  # index, name, classes
-    reference: str | int | None  # format 2: what the codes are coded against; format 1: None (coded alone)
+    reference: str | int  # what the codes are coded against: "source" or an earlier task's index
     what: str
 
 
 def read_task_file(data: bytes, pools_sha: str, what: str) -> TaskFile:
     """A task file's header: format, version, task record, the pools it was encoded against, its reference."""
-    tensors, meta, version = unpack_versioned(data, "nws-task", what)
+    tensors, meta = unpack_file(data, "nws-task", what, TASK_VERSION)
     task = _task_record(meta_entry(meta, "task", what), what)
     if meta_entry(meta, "pools_fingerprint", what) != pools_sha:
         raise StoreError(f"{what} was encoded against different pools than this run's")
-    reference = None
-    if version >= 2:
-        reference = meta_entry(meta, "reference", what)
-        if not (reference == SOURCE_REFERENCE or (is_int(reference) and 0 <= reference < task["index"])):
-            raise StoreError(f"{what} has a bad reference record ({str(reference)[:40]!r})")
-    return TaskFile(tensors, meta, version, task, reference, what)
+    reference = meta_entry(meta, "reference", what)
+    if not (reference == SOURCE_REFERENCE or (is_int(reference) and 0 <= reference < task["index"])):
+        raise StoreError(f"{what} has a bad reference record ({str(reference)[:40]!r})")
+    return TaskFile(tensors, meta, task, reference, what)
 
 
 def task_spec(tf: TaskFile, run_spec: ModelSpec) -> ModelSpec:
-    """The task's model spec: the run's (``run_spec``, from its pools file) with the task's number of classes.
-    A format-1 file names its spec, which must be that."""
-    if tf.version >= 2:
-        return dataclasses.replace(run_spec, num_classes=len(tf.task["classes"]))
-    what = tf.what
-    spec = ModelSpec.from_json(meta_entry(tf.meta, "spec", what), what)
-    if spec.num_classes != len(tf.task["classes"]):
-        raise StoreError(f"{what}: its model has {spec.num_classes} classes, its task {len(tf.task['classes'])}")
-    if dataclasses.replace(spec, num_classes=run_spec.num_classes) != run_spec:
-        raise StoreError(f"{what} is for another architecture or NWS settings than this run's")
-    return spec
+    """The task's model spec: the run's (``run_spec``, from its pools file) with the task's number of classes."""
+    return dataclasses.replace(run_spec, num_classes=len(tf.task["classes"]))
 
 
 def task_codes(tf: TaskFile, layout: Layout, books: dict[str, Tensor], references: References | None) -> dict[str, Tensor]:
     """The task's codes for ``layout`` (its model's, :func:`nws.codes.code_layout`), decoded against the
-    reference it names (from ``references``; format 1 needs none)."""
-    reference = None
-    if tf.reference is not None:
-        if references is None:
-            raise StoreError(f"{tf.what} is coded against {_describe(tf.reference)}, which this reader lacks")
-        reference = references(tf.reference)
-    return _packed_codes(tf.tensors, layout, tf.what, reference, books)
+    reference it names (from ``references``)."""
+    if references is None:
+        raise StoreError(f"{tf.what} is coded against {_describe(tf.reference)}, which this reader lacks")
+    return _packed_codes(tf.tensors, layout, tf.what, references(tf.reference), books)
 
 
 def _describe(reference: str | int) -> str:
@@ -438,24 +307,13 @@ def build_task(tf: TaskFile, books: dict[str, Tensor], run_spec: ModelSpec, refe
     """The task's model (eval mode) from its file and the run's pools, and its ``codes`` if already decoded
     (else decoded here against the reference it names)."""
     what = tf.what
-    spec = task_spec(tf, run_spec)
-    model = build_model(spec, what)
-    if tf.version == 1 and layer_shapes(model) != meta_entry(tf.meta, "layers", what):
-        raise StoreError(f"{what}: its layer shapes do not match the architecture {spec.name!r}")
+    model = build_model(task_spec(tf, run_spec), what)
     load_pools_into(model, books, what)
     decode(model, codes if codes is not None else task_codes(tf, code_layout(model), books, references))
-    if tf.version == 1:
-        state = {k.split(".", 1)[1]: v for k, v in tf.tensors.items() if k.startswith(("bn.", "other."))}
-        if len(state) + 1 != len(tf.tensors):
-            raise StoreError(f"{what} holds unexpected tensors")
-        adopt_legacy_biases(model, state)
-        bn, other = split_state(model)
-        check_state(state, {**bn, **other}, what)
-    else:
-        if any(k != "codes" and not k.startswith(("bn.", "other.")) for k in tf.tensors):
-            raise StoreError(f"{what} holds unexpected tensors")
-        bn, other = stored_state(model)
-        state = {**unflatten_state(tf.tensors, "bn", bn, what), **unflatten_state(tf.tensors, "other", other, what)}
+    if any(k != "codes" and not k.startswith(("bn.", "other.")) for k in tf.tensors):
+        raise StoreError(f"{what} holds unexpected tensors")
+    bn, other = stored_state(model)
+    state = {**unflatten_state(tf.tensors, "bn", bn, what), **unflatten_state(tf.tensors, "other", other, what)}
     model.load_state_dict(state, strict=False)
     return model.eval()
 
@@ -484,7 +342,6 @@ def model_from_source(data: bytes, books: dict[str, Tensor], run_spec: ModelSpec
     if spec != run_spec:
         raise StoreError(f"{what} is for another architecture or NWS settings than this run's pools")
     model = build_model(spec, what)
-    adopt_legacy_biases(model, tensors)
     check_state(tensors, model.state_dict(), what)
     model.load_state_dict(tensors)
     load_pools_into(model, books, what)

@@ -16,7 +16,9 @@ import torch
 
 from nws.convert import freeze_pools, nws_layers
 from nws.methods.base import resize_classifier
-from nws.store import MANIFEST, ModelSpec, TaskStore, manifest_bytes, sha256
+from nws.methods.nws import TaskStore
+from nws.spec import ModelSpec
+from nws.store import MANIFEST, manifest_bytes, sha256
 
 SPEC = ModelSpec("convnet", 10, {"in_channels": 1, "widths": [8, 16]}, pool_size=16, group_size=1)
 

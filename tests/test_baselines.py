@@ -180,10 +180,13 @@ def test_masks_pack_one_bit_per_weight():
 
 
 def test_method_registry(tmp_path, benchmark):
-    assert set(METHODS) == {"nws", "finetune", "individual", "packnet", "piggyback"}
+    assert {"nws", "finetune", "individual", "packnet", "piggyback"} <= set(METHODS)
     assert method_class("nws") is NWS and all(METHODS[m].name == m for m in METHODS)
+    assert method_class("nws.methods.nws:NWS") is NWS
     with pytest.raises(ConfigError, match="unknown method"):
         method_class("ewc")
+    with pytest.raises(ConfigError, match="cannot load"):
+        method_class("nws.methods.nws:EWC")
 
 
 def test_cli_method_errors_are_one_line(capsys, tmp_path):

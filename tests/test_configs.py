@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from nws.convert import convert, nws_layers
 from nws.data.cifar100 import SUPERCLASSES
 from nws.data.folders import CUB2SKETCHES
 from nws.models import create_model
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -49,11 +48,31 @@ TASK_ORDER_CIFAR = ["aquatic_mammals", "fish", "flowers", "food_containers", "fr
 CUB_CLASSES = [200, 196, 102, 195, 250]  # CUB-200 cropped, Cars cropped, Flowers, WikiArt, Sketches
 
 
+def decay_epochs(cfg) -> list[int]:
+    """The epochs after which the learning rate drops, read off the schedule the engine trains with."""
+    import warnings
+
+    from torch import nn
+
+    from nws.engine import TrainModule
+
+    (optimizer,), (scheduler,) = TrainModule(nn.Linear(1, 1), cfg).configure_optimizers()
+    epochs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scheduler steps here without training
+        for epoch in range(1, cfg.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if optimizer.param_groups[0]["lr"] < lr:
+                epochs.append(epoch)
+    return epochs
+
+
 def stage(cfg) -> dict:
     """A training stage as the reference states it: decay epochs instead of fractions."""
     d = dataclasses.asdict(cfg)
-    d["decay_epochs"] = sorted({max(1, math.floor(f * cfg.epochs)) for f in d.pop("milestones")})
-    return d
+    del d["milestones"]
+    return {**d, "decay_epochs": decay_epochs(cfg)}
 
 
 def load(name: str):

@@ -4,7 +4,9 @@ and resuming a task from its last epoch, precision and logger checks."""
 from __future__ import annotations
 
 import os
+import re
 import socket
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,13 +19,15 @@ from torch.utils.data import TensorDataset
 from nws.cli import main
 from nws.config import TrainConfig, TrainerConfig
 from nws.convert import convert, nws_layers
-from nws.engine import (NonFiniteError, check_precision, fit, last_checkpoint, make_logger, revert_sync_batchnorm,
-                        shutdown_distributed)
+from nws.devices import shutdown_distributed
+from nws.engine import LossTerm, NonFiniteError, ParamGroup, StepAction, check_precision, fit, revert_sync_batchnorm
+from nws.logs import last_checkpoint, make_logger
 from nws.errors import NWSError
+from nws.methods.nws import PoolEMA, nws_loss_terms
 from nws.models import create_model
 from nws.pool import KernelPool, all_reduce_step_statistics
 from nws.search import brute_force_nearest
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 
 CPU = dict(accelerator="cpu", logger="none", progress_bar=False)
 
@@ -49,6 +53,13 @@ def tiny_model() -> nn.Module:
     return convert(TinyNet(), pool_size=16, init="kernels", seed=3)
 
 
+def nws_fit(model: nn.Module, data, cfg: TrainConfig, trainer_cfg: TrainerConfig, pretrain: bool = False,
+            callbacks: list = (), **kwargs):
+    """``fit`` as the NWS method trains: its loss terms, and with ``pretrain`` the pools' EMA after every step."""
+    callbacks = [*([PoolEMA()] if pretrain else []), *callbacks]
+    return fit(model, data, cfg, trainer_cfg, loss_terms=nws_loss_terms(model, cfg), callbacks=callbacks, **kwargs)
+
+
 def tiny_data(n: int = 64) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(3, (n,), generator=g))
@@ -60,8 +71,9 @@ DDP_CFG = TrainConfig(epochs=2, batch_size=16, lr=0.1)
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
-    model = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(devices=2, strategy="ddp", checkpoint=False, **CPU),
-                pretrain=True, log_dir=Path(out), name="ddp", seed=7).model
+    model = nws_fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(devices=2, strategy="ddp", checkpoint=False,
+                                                                      **CPU),
+                    pretrain=True, log_dir=Path(out), name="ddp", seed=7).model
     torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
     # The reduction itself, on statistics that differ per rank: every rank ends with their mean.
     pools = [KernelPool(4, 2), KernelPool(3, 5)]
@@ -88,8 +100,8 @@ def test_ddp_pools_identical_on_ranks_and_equal_to_one_process(tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical pools (and weights) on both
     # One process on the same global batch (16 = 2 ranks x 8), the same data order.
-    single = fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(checkpoint=False, **CPU), pretrain=True,
-                 log_dir=tmp_path, name="one", seed=7).model.state_dict()
+    single = nws_fit(tiny_model(), tiny_data(), DDP_CFG, TrainerConfig(checkpoint=False, **CPU), pretrain=True,
+                     log_dir=tmp_path, name="one", seed=7).model.state_dict()
     start = tiny_model().state_dict()
     for key, value in ranks[0].items():
         if ".pool." in key:
@@ -123,9 +135,9 @@ def test_mixed_precision_pretraining_stays_finite(tmp_path, precision):
     assert torch.isinf((kernels.half() ** 2).sum(1)).any()  # squared distances overflow in half precision
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(4, (32,), generator=g))
-    out = fit(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-4),
-              TrainerConfig(precision=precision, checkpoint=False, **CPU), pretrain=True, log_dir=tmp_path,
-              name="amp").model
+    out = nws_fit(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-4),
+                  TrainerConfig(precision=precision, checkpoint=False, **CPU), pretrain=True, log_dir=tmp_path,
+                  name="amp").model
     for name, layer in nws_layers(out):
         pool = layer.pool
         assert pool.codebook.dtype == pool.cluster_size.dtype == pool.embed_sum.dtype == torch.float32, name
@@ -145,46 +157,66 @@ class _Overflow(L.Callback):
             batch[0].mul_(1e30)
 
 
-def _tiny_fit(tmp_path, precision: str, callbacks: list, monkeypatch, **trainer):
-    original = L.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(L.Trainer, "__init__", init)
-    return fit(tiny_model(), tiny_data(), TrainConfig(epochs=1, batch_size=16, lr=0.1),
-               TrainerConfig(precision=precision, checkpoint=False, **CPU, **trainer), log_dir=tmp_path, name="t")
+def _tiny_fit(tmp_path, precision: str, callbacks: list, **trainer):
+    return nws_fit(tiny_model(), tiny_data(), TrainConfig(epochs=1, batch_size=16, lr=0.1),
+                   TrainerConfig(precision=precision, checkpoint=False, **CPU, **trainer), log_dir=tmp_path, name="t",
+                   callbacks=callbacks)
 
 
-def test_an_overflowing_step_is_skipped_and_counted_under_the_scaler(tmp_path, monkeypatch):
-    fitted = _tiny_fit(tmp_path, "16-mixed", [_Overflow(1)], monkeypatch)
+def test_an_overflowing_step_is_skipped_and_counted_under_the_scaler(tmp_path):
+    fitted = _tiny_fit(tmp_path, "16-mixed", [_Overflow(1)])
     assert fitted.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in fitted.model.parameters())
 
 
-def test_overflow_stops_at_once_without_a_scaler(tmp_path, monkeypatch):
-    with pytest.raises(NonFiniteError, match="non-finite loss"):
-        _tiny_fit(tmp_path, "32-true", [_Overflow(1)], monkeypatch)
+def test_overflow_stops_at_once_without_a_scaler(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(ce [^,]+, commit "):
+        _tiny_fit(tmp_path, "32-true", [_Overflow(1)])
 
 
-def test_too_many_skipped_steps_in_a_row_stop(tmp_path, monkeypatch):
+def test_too_many_skipped_steps_in_a_row_stop(tmp_path):
     class Always(_Overflow):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             batch[0].mul_(1e30)
 
     with pytest.raises(NonFiniteError, match="in a row overflowed"):
-        _tiny_fit(tmp_path, "16-mixed", [Always(0)], monkeypatch, max_skipped_steps=2)
+        _tiny_fit(tmp_path, "16-mixed", [Always(0)], max_skipped_steps=2)
 
 
-def test_a_non_finite_weight_stops_under_the_scaler_too(tmp_path, monkeypatch):
+def test_a_non_finite_weight_stops_under_the_scaler_too(tmp_path):
     class Poison(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             with torch.no_grad():
                 pl_module.model.conv2.weight[0, 0, 0, 0] = float("nan")
 
     with pytest.raises(NonFiniteError, match="non-finite weight conv2.weight"):
-        _tiny_fit(tmp_path, "16-mixed", [Poison()], monkeypatch)
+        _tiny_fit(tmp_path, "16-mixed", [Poison()])
+
+
+def test_a_method_adds_loss_terms_parameter_groups_and_step_actions(tmp_path):
+    """The engine's hooks, with no method behind them: an extra loss term is added with its weight and logged;
+    a parameter group is stepped by its own optimizer, and a non-finite value in it is named by the group; a
+    step action runs after every optimizer step."""
+    torch.manual_seed(0)
+    extra = nn.Parameter(torch.zeros(3))
+    pull = LossTerm("pull", 2.0, lambda m: (extra - 1).pow(2).sum())  # gradient 4 (extra - 1)
+    group = ParamGroup("the shifts", [extra], lambda ps: torch.optim.SGD(ps, lr=0.25))
+    steps, logged = [], []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(set(trainer.callback_metrics))
+
+    fit(TinyNet(), tiny_data(32), TrainConfig(epochs=1, batch_size=16), TrainerConfig(checkpoint=False, **CPU),
+        log_dir=tmp_path, name="t", loss_terms=[pull], param_groups=[group],
+        callbacks=[StepAction(lambda: steps.append(extra.detach().clone())), Spy()])
+    assert [s.tolist() for s in steps] == [[1.0] * 3, [1.0] * 3]  # 0 - 0.25 * 4 * (0 - 1), then at rest
+    assert all({"ce", "pull", "loss"} <= names for names in logged) and len(logged) == 2
+    with torch.no_grad():
+        extra.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite weight a parameter of the shifts"):
+        fit(TinyNet(), tiny_data(32), TrainConfig(epochs=1, batch_size=16), TrainerConfig(checkpoint=False, **CPU),
+            log_dir=tmp_path, name="u", param_groups=[group])
 
 
 @pytest.mark.parametrize("precision", ["16-true", "bf16-true", "fp8"])
@@ -213,22 +245,7 @@ class _Crash(L.Callback):
             raise KeyboardInterrupt
 
 
-@pytest.fixture
-def crash_at(monkeypatch):
-    """``crash_at(n)``: the next fits stop at the start of epoch ``n`` (``None``: they run to the end)."""
-    original = L.Trainer.__init__
-
-    def arm(at: int | None) -> None:
-        def init(self, *args, **kwargs):
-            if at is not None:
-                kwargs["callbacks"] = [*kwargs.get("callbacks", []), _Crash(at)]
-            original(self, *args, **kwargs)
-
-        monkeypatch.setattr(L.Trainer, "__init__", init)
-    return arm
-
-
-def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path, crash_at):
+def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path):
     model = lambda: convert(create_model("convnet", num_classes=3, in_channels=1, widths=(8, 16)),  # noqa: E731
                             pool_size=16, init="kernels")
     g = torch.Generator().manual_seed(1)
@@ -236,27 +253,26 @@ def test_resume_from_a_mid_task_checkpoint_equals_an_uninterrupted_fit(tmp_path,
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, milestones=[0.5])  # lr decays at epoch 1
     trainer_cfg = TrainerConfig(**CPU)
     torch.manual_seed(0)
-    full = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="a",
-               checkpoint_dir=tmp_path / "a", seed=5).model
-    crash_at(1)
+    full = nws_fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="a",
+                   checkpoint_dir=tmp_path / "a", seed=5).model
     torch.manual_seed(0)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b", checkpoint_dir=tmp_path / "b",
-            seed=5)
-    crash_at(None)
+        nws_fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b",
+                checkpoint_dir=tmp_path / "b", seed=5, callbacks=[_Crash(1)])
     checkpoint = last_checkpoint(tmp_path / "b")
     assert checkpoint is not None and torch.load(checkpoint, weights_only=True)["epoch"] == 0
     torch.manual_seed(1)  # a different start: everything comes from the checkpoint
-    resumed = fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b",
-                  checkpoint_dir=tmp_path / "b", resume_from=checkpoint, seed=5).model
+    resumed = nws_fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="b",
+                      checkpoint_dir=tmp_path / "b", resume_from=checkpoint, seed=5).model
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights, pools, EMA, BatchNorm
     with pytest.raises(NWSError, match="does not exist"):
-        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c", resume_from=tmp_path / "none")
+        nws_fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c",
+                resume_from=tmp_path / "none")
     (tmp_path / "bad.ckpt").write_bytes(b"garbage")
     with pytest.raises(NWSError, match="unreadable"):
-        fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c",
-            resume_from=tmp_path / "bad.ckpt")
+        nws_fit(model(), data, cfg, trainer_cfg, pretrain=True, log_dir=tmp_path, name="c",
+                resume_from=tmp_path / "bad.ckpt")
 
 
 SMALL = ["--pretrain.epochs", "1", "--task.epochs", "2", "--model.pool_size", "16", "--trainer.logger", "none",
@@ -289,11 +305,24 @@ def test_resumed_run_continues_the_interrupted_task_from_its_checkpoint(tmp_path
     assert [t["acc_from_storage"] for t in full.tasks()] == [t["acc_from_storage"] for t in cut.tasks()]
 
 
-def test_the_progress_bar_names_the_stage(tmp_path, capfd):
+def test_the_progress_bar_names_the_stage_on_a_terminal(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     fit(tiny_model(), tiny_data(32), TrainConfig(epochs=2, batch_size=16),
         TrainerConfig(accelerator="cpu", logger="csv", checkpoint=False), log_dir=tmp_path, name="task_007")
     shown = "".join(capfd.readouterr())  # tqdm writes to stdout under Lightning
     assert "task_007 epoch 1/2" in shown and "task_007 epoch 2/2" in shown and "v_num" not in shown
+    assert "[task_007] epoch" not in shown
+
+
+def test_elsewhere_each_epoch_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    fit(tiny_model(), tiny_data(32), TrainConfig(epochs=2, batch_size=16),
+        TrainerConfig(accelerator="cpu", logger="csv", checkpoint=False), log_dir=tmp_path, name="task_007")
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[task_007] epoch 1/2", "[task_007] epoch 2/2"], out
+    assert all(re.fullmatch(r"\[task_007\] epoch \d/2: loss \d+\.\d{4}, \d+\.\d s", line) for line in lines)
+    assert "\r" not in out + err and "%" not in out + err
 
 
 def test_revert_sync_batchnorm():

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_fixtures import make_store
 
-from nws.store import MANIFEST, POOLS, StoreError, manifest_bytes, parse_manifest, read_pools, task_file
-from nws.taskfile import model_from_task
+from nws.methods.nws import POOLS, TaskStore
+from nws.store import MANIFEST, StoreError, manifest_bytes, parse_manifest, task_file
+from nws.taskfile import model_from_task, read_pools
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -45,7 +46,7 @@ def _read_pools(data: bytes) -> None:
 
 def _read_manifest(data: bytes) -> None:
     try:
-        parse_manifest(data)
+        TaskStore.manifest_problem(parse_manifest(data))
     except StoreError:
         pass
 
@@ -128,12 +129,13 @@ def test_manifest_content_of_any_shape(store, path, value):
 @pytest.mark.parametrize("field, value", [("method", 5), ("method", ["packnet"]), ("method", "ewc"),
                                           ("model", "convnet"), ("model", {"name": 3, "kwargs": {}})])
 def test_a_bad_method_or_model_entry_is_a_store_error(tmp_path, field, value):
-    """Fields only the baselines' manifests use are checked as NWS's are: one error type, never a crash."""
+    """The method entry, and fields only the baselines' manifests use (checked by their reader): one error type,
+    never a crash."""
     from nws.methods import open_run
 
     run = tmp_path / "run"
     run.mkdir()
-    manifest = {"format": "nws-run", "version": 1, "files": {}, "tasks": [], field: value}
+    manifest = {"format": "nws-run", "version": 1, "files": {}, "tasks": [], "method": "packnet", field: value}
     (run / MANIFEST).write_bytes(manifest_bytes(manifest))
     with pytest.raises(StoreError):
         open_run(str(run))

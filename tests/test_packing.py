@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from nws import conditional_entropy_bits, entropy_bits, pack_codes, unpack_codes
-from nws.packing import MAGIC, VERSION, CodesError, _varint, neighbour_order
+from nws.bitcodes import crc, varint
+from nws.bitcodes import CodesError
+from nws.packing import MAGIC, VERSION, neighbour_order
 
 K = 512
 
@@ -248,50 +250,12 @@ def test_neighbour_order() -> None:
 
 # ------------------------------------------------------------------------------------- format 2 streams
 
-# Written by the format 2 coder (nws before conditional coding): conv1 entropy-coded, an empty layer and a
-# small layer stored as fixed width.
-V2_STREAM = bytes.fromhex(
-    "4e575343020305636f6e76314096010205656d707479040000026663030a001b1571e117f01eeb84815f9ff83f0b35fd2002"
-    "09097080208054064825c83dd40210912685b32f278a9a420cbf6ad1672d58bd4626090cde298a59a26be87dca257a8765"
-    "8027462d94e52a9c76096905660b14e260c8af97db8ab87813afde3515c85acc1ac187f509b023e16a2bbb2d00")
-V2_CODES = {
-    "conv1": [52, 43, 36, 28, 52, 26, 53, 4, 28, 36, 55, 19, 48, 38, 43, 38, 57, 21, 23, 12, 4, 16, 52, 52, 11, 38,
-              35, 38, 38, 20, 55, 35, 38, 38, 12, 4, 26, 43, 50, 43, 11, 52, 48, 52, 36, 52, 2, 1, 1, 19, 19, 12, 36,
-              1, 38, 12, 38, 1, 20, 53, 36, 50, 38, 38, 12, 36, 1, 48, 55, 52, 4, 22, 20, 11, 38, 47, 20, 52, 47, 12,
-              43, 52, 12, 36, 38, 38, 8, 38, 38, 50, 48, 21, 43, 52, 52, 12, 1, 38, 19, 36, 53, 22, 19, 34, 38, 8, 22,
-              12, 38, 51, 22, 22, 36, 19, 19, 21, 34, 4, 43, 36, 20, 4, 43, 12, 12, 12, 4, 52, 19, 20, 51, 38, 12, 28,
-              52, 22, 43, 8, 43, 44, 50, 38, 22, 4, 36, 43, 12, 19, 36, 43],
-    "empty": [],
-    "fc": [1, 2, 1, 0, 2, 0, 0, 2, 1, 1],
-}
-V2_LAYOUT = {"conv1": (64, 150), "empty": (4, 0), "fc": (3, 10)}
 
-
-def test_format_2_stream_still_decodes() -> None:
-    out = unpack_codes(V2_STREAM, V2_LAYOUT)
-    assert list(out) == list(V2_CODES)
-    for name, values in V2_CODES.items():
-        assert torch.equal(out[name], torch.tensor(values, dtype=torch.long))
-    # ... and its layout is checked before decoding, as before.
-    for wrong in ({**V2_LAYOUT, "fc": (3, 11)}, {"conv1": (64, 150), "fc": (3, 10)}):
-        with pytest.raises(CodesError, match="other layers"):
-            unpack_codes(V2_STREAM, wrong)
-    for end in range(len(V2_STREAM)):
-        with pytest.raises(CodesError):
-            unpack_codes(V2_STREAM[:end], V2_LAYOUT)
-
-
-def _v2_crafted(*layers: tuple[bytes, int, int, int], table: bytes = b"") -> bytes:
-    head = [_varint(len(layers))]
-    for name, k, n, mode in layers:
-        head += [_varint(len(name)), name, _varint(k), _varint(n), bytes([mode])]
-    return MAGIC + b"\x02" + b"".join(head) + _varint(len(table)) + _varint(0) + table
-
-
-def test_format_2_stream_claiming_huge_layers_is_refused_before_decoding() -> None:
-    huge = _v2_crafted((b"a", 2, (1 << 31) - 1, 32))
-    with pytest.raises(CodesError, match="other layers"):
-        unpack_codes(huge, {"a": (2, 100)})
+def test_a_format_2_stream_is_refused_naming_the_upgrade() -> None:
+    """Streams of format 2 are an earlier nws's; nws upgrade reads them (tests/test_upgrade.py)."""
+    stream = MAGIC + b"\x02" + bytes(8)
+    with pytest.raises(CodesError, match="earlier nws; convert the run with nws upgrade"):
+        unpack_codes(stream, {"a": (2, 3)})
 
 
 # ------------------------------------------------------------------------------------------- failure
@@ -328,9 +292,7 @@ def test_truncated_streams() -> None:
 
 def _reseal(data: bytes) -> bytes:
     """``data`` with its leading CRC made valid again, so a mutation reaches the decoder."""
-    from nws.packing import _crc
-
-    return data[:5] + _crc(data[9:]).to_bytes(4, "little") + data[9:]
+    return data[:5] + crc(data[9:]).to_bytes(4, "little") + data[9:]
 
 
 def test_random_bit_flips() -> None:
@@ -400,14 +362,14 @@ def test_pools_are_checked_before_decoding() -> None:
 def _v3_crafted(layout: dict, layers: bytes, bits: bytes = b"", codes: dict | None = None) -> bytes:
     """A format 3 stream with a hand-written layer header and no reference; the CRCs are those of
     ``layout`` and ``codes``."""
-    from nws.packing import _codes_crc, _context_crc, _crc, _layout_crc
+    from nws.packing import _codes_crc, _context_crc, _layout_crc
 
     names = sorted(layout)
     arrays = {n: np.asarray(v) for n, v in (codes or {}).items()}
     crcs = [_layout_crc(layout, names), _context_crc({}, {}, layout, names),
             _codes_crc(arrays, layout, names) if codes else 0]
-    body = b"".join(c.to_bytes(4, "little") for c in crcs) + layers + _varint(len(bits)) + _varint(0) + bits
-    return MAGIC + bytes([VERSION]) + _crc(body).to_bytes(4, "little") + body
+    body = b"".join(c.to_bytes(4, "little") for c in crcs) + layers + varint(len(bits)) + varint(0) + bits
+    return MAGIC + bytes([VERSION]) + crc(body).to_bytes(4, "little") + body
 
 
 ZEROS = {"a": [0] * 5}
@@ -441,8 +403,8 @@ def test_crafted_counts_beyond_the_layout_are_refused() -> None:
     header check, before any allocation."""
     layout = {"a": (16, 5)}
     reference = {"a": torch.arange(5)}
-    _raises_codes_error(_v3_crafted(layout, _varint((1 << 31) + 2)), layout, reference, match="out of range")
-    _raises_codes_error(_v3_crafted(layout, b"\x01" + _varint(6)), layout, reference, match="out of range")
+    _raises_codes_error(_v3_crafted(layout, varint((1 << 31) + 2)), layout, reference, match="out of range")
+    _raises_codes_error(_v3_crafted(layout, b"\x01" + varint(6)), layout, reference, match="out of range")
 
 
 def test_large_pools_are_not_ranked() -> None:

@@ -18,7 +18,8 @@ from torch import nn
 
 from nws.cli import main
 from nws.convert import nws_layers
-from nws.store import CRASH_ENV, TaskStore, task_file
+from nws.methods.nws import TaskStore
+from nws.store import CRASH_ENV, task_file
 
 SMALL = ["--pretrain.epochs", "2", "--task.epochs", "2", "--model.pool_size", "64", "--trainer.logger", "none"]
 

@@ -19,7 +19,7 @@ from nws.models import create_model
 from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
                               read_checkpoint, reference_module_name, reference_pools)
 from nws.search import brute_force_nearest
-from nws.store import TaskStore
+from nws.methods.nws import TaskStore
 from nws.taskfile import layer_shapes
 
 

@@ -17,10 +17,11 @@ from nws.convert import nws_layers
 from nws.data.digits import digits_benchmark
 from nws.errors import NWSError
 from nws.metrics import continual_metrics, extrapolate
-from nws.report import (aggregate, comparison_table, find_runs, markdown_table, pool_usage, time_table,
-                        write_report)
+from nws.groups import aggregate, find_runs
+from nws.methods.nws import NWS, TaskStore
+from nws.report import comparison_table, time_table, write_report
 from nws.runner import run
-from nws.store import TaskStore
+from nws.tables import markdown_table, run_markdown
 
 
 def fake_results(method: str, seed: int, final: list[float], after: list[float], task_bytes: int,
@@ -28,9 +29,11 @@ def fake_results(method: str, seed: int, final: list[float], after: list[float],
     tasks = [{"name": names[i], "classes": ["a", "b"], "acc_after_training": a, "acc_from_storage": a,
               "acc_final": f, "bytes": {"weights": task_bytes, "batchnorm": 0, "other": 0}, "float32_model": 400}
              for i, (f, a) in enumerate(zip(final, after))]
-    return {"method": method, "seed": seed, "config": {"seed": seed, "out": f"x/{seed}", "method": method, **config},
+    return {"format": "nws-results", "version": 2, "method": method, "seed": seed,
+            "config": {"seed": seed, "out": f"x/{seed}", "method": method, **config},
             **continual_metrics(tasks), "tasks": tasks,
-            "memory": {"shared": shared, "tasks_total": task_bytes * len(tasks), "float32_model": 400},
+            "memory": {"shared": shared, "shared_files": {"network.safetensors": shared} if shared else {},
+                       "tasks_total": task_bytes * len(tasks), "float32_model": 400},
             "memory_after_task": [shared + task_bytes * (i + 1) for i in range(len(tasks))]}
 
 
@@ -123,16 +126,28 @@ def test_report_rejects_missing_and_malformed_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a results file" in err
-
-
-def test_report_refuses_a_run_whose_config_cannot_be_read(tmp_path, capsys):
     results = fake_results("packnet", 0, [1.0, 1.0], [1.0, 1.0], 10)
-    del results["config"]
+    del results["memory"]["shared_files"]
+    write_run(tmp_path / "broken", results)
+    assert main(["report", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a results file" in err and "shared_files" in err
+
+
+def test_report_refuses_results_of_an_earlier_nws_naming_the_upgrade(tmp_path, capsys):
+    """Results as nws wrote them before results.json had a format (memory as ``pools``, no config): one line,
+    exit 2, naming the command that converts them; newer results: upgrade nws."""
+    results = fake_results("nws", 0, [1.0, 1.0], [1.0, 1.0], 10, shared=100)
+    for key in ("format", "version", "config", "memory_after_task"):
+        del results[key]
+    results["memory"]["pools"] = results["memory"].pop("shared")
     write_run(tmp_path / "old", results)
-    (tmp_path / "old" / "manifest.json").write_text("{not json")
     assert main(["report", str(tmp_path / "old")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "lacks the run's config and the manifest cannot be read" in err
+    assert err.count("\n") == 1 and f"nws upgrade {tmp_path / 'old'}" in err
+    write_run(tmp_path / "new", {**fake_results("nws", 0, [1.0], [1.0], 10), "version": 3})
+    assert main(["report", str(tmp_path / "new")]) == 2
+    assert "newer than this nws reads (2); upgrade nws" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +163,11 @@ def nws_run(tmp_path_factory):
 
 
 def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
+    """``nws.runner.run`` from Python writes results.json and its table results.md."""
     out, _ = nws_run
     results = json.loads((out / "results.json").read_text())
-    assert results["method"] == "nws"
+    assert (out / "results.md").read_text() == run_markdown(results)
+    assert results["method"] == "nws" and (results["format"], results["version"]) == ("nws-results", 2)
     assert all(t["acc_final"] == t["acc_from_storage"] for t in results["tasks"])
     sizes = [sum(t["bytes"].values()) for t in results["tasks"]]
     files = json.loads((out / "manifest.json").read_text())["files"]
@@ -172,7 +189,7 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
 def test_pool_usage_counts_distinct_indices(nws_run):
     """Checked against the rebuilt networks: the entries a task uses are its distinct searched kernels."""
     out, _ = nws_run
-    usage = pool_usage(out)
+    usage = NWS.pool_usage(str(out))
     store = TaskStore(out)
     books, _ = store.pools()
     assert usage["layers"] == list(books)

@@ -16,7 +16,8 @@ import pytest
 
 from nws.methods import open_run
 from nws.cli import main
-from nws.store import CRASH_ENV, MANIFEST, POOLS, REFERENCE, SOURCE, TaskStore, task_file
+from nws.methods.nws import POOLS, REFERENCE, TaskStore
+from nws.store import CRASH_ENV, MANIFEST, SOURCE, task_file
 from nws.taskfile import read_task_file
 
 TINY = ["--pretrain.epochs", "1", "--task.epochs", "1", "--model.pool_size", "32", "--trainer.logger", "none",

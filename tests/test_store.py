@@ -15,7 +15,8 @@ from store_fixtures import SPEC, edit_header, edit_meta, load_everything, make_s
 from nws.cli import main
 from nws.convert import nws_layers
 from nws.packing import pack_codes
-from nws.store import (MANIFEST, POOLS, SOURCE, StoreError, TaskStore, atomic_write, manifest_bytes, pack_file,
+from nws.methods.nws import POOLS, TaskStore
+from nws.store import (MANIFEST, SOURCE, StoreError, atomic_write, manifest_bytes, pack_file,
                        parse_manifest, task_file, unpack_file)
 from nws.taskfile import TASK_VERSION, split_state
 
@@ -190,9 +191,9 @@ def test_newer_format_versions_are_refused(run):
     with pytest.raises(StoreError, match="format version 3, newer"):
         TaskStore(run).model(1)
     manifest = json.loads((run / MANIFEST).read_bytes())
-    manifest["version"] = 2
+    manifest["version"] = 3
     (run / MANIFEST).write_bytes(manifest_bytes(manifest))
-    with pytest.raises(StoreError, match="format version 2, newer"):
+    with pytest.raises(StoreError, match="format version 3, newer"):
         TaskStore(run)
 
 
@@ -242,7 +243,7 @@ def test_task_codes_with_another_layout(run):
     """Codes that decode fine but hold one index too many for the classifier: refused by both readers
     before decoding (a crafted stream cannot make them allocate more than the model's own indices)."""
     name = task_file(1)
-    tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name)
+    tensors, meta = unpack_file((run / name).read_bytes(), "nws-task", name, TASK_VERSION)
     store = TaskStore(run)
     codes = store.codes(1)
     codes["fc"] = torch.cat([codes["fc"], torch.zeros(1, dtype=torch.long)])
@@ -320,81 +321,6 @@ def test_eval_reports_a_corrupt_task_and_evaluates_the_others(run, capsys):
     assert all("accuracy" in line for i, line in enumerate(lines) if i != 2)
 
 
-FORMAT1 = Path(__file__).parent / "fixtures" / "run_format1"  # written by nws d56138d (task format 1)
-
-
-def test_a_run_of_task_format_1_loads_and_evaluates_as_recorded(tmp_path):
-    """A run written before task format 2 (spec and layer shapes in each task file, indices coded alone, one
-    tensor per state entry, no reference file): every task rebuilds and scores exactly what its run recorded."""
-    from nws.config import DataConfig
-    from nws.data import benchmark_from_config
-    from nws.runner import collect_results
-
-    run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
-    recorded = json.loads((run / "results.json").read_text())
-    store = TaskStore(run)
-    store.check()
-    assert store.shared_files() == [POOLS]
-    benchmark = benchmark_from_config(DataConfig(**recorded["config"]["data"]), recorded["config"]["seed"])
-    results = collect_results(store, benchmark)
-    assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
-    assert results["memory"] == recorded["memory"]
-    for t in store.tasks():
-        codes = store.codes(t["index"])
-        assert all(torch.equal(codes[name], layer.search()) for name, layer in nws_layers(store.model(t["index"])))
-
-
-BIASES = Path(__file__).parent / "fixtures" / "run_biases"  # written by nws ea046b4, whose models had biases
-
-
-def test_a_run_whose_models_had_biases_loads_and_evaluates_as_recorded(tmp_path):
-    """A run written before the models lost their biases (the convnet's classifier had one): its source and
-    tasks rebuild with the stored biases and score exactly what the run recorded."""
-    from nws.config import DataConfig
-    from nws.data import benchmark_from_config
-    from nws.runner import collect_results
-
-    run = Path(shutil.copytree(BIASES, tmp_path / "run"))
-    recorded = json.loads((run / "results.json").read_text())
-    store = TaskStore(run)
-    store.check()
-    benchmark = benchmark_from_config(DataConfig(**recorded["config"]["data"]), recorded["config"]["seed"])
-    results = collect_results(store, benchmark)
-    assert [t["acc_final"] for t in results["tasks"]] == [t["acc_final"] for t in recorded["tasks"]]
-    stored = unpack_file((run / task_file(1)).read_bytes(), "nws-task", "t")[0]["other.fc.bias"]
-    assert torch.equal(store.model(1).fc.bias, stored)
-    source = unpack_file((run / SOURCE).read_bytes(), "nws-source", "s")[0]
-    assert torch.equal(store.load_source().fc.bias, source["fc.bias"])
-
-
-def test_a_stored_bias_of_no_bias_free_layer_is_refused(tmp_path):
-    """Only the bias of a bias-free Conv2d or Linear of the model is adopted; any other extra entry is refused."""
-    run = Path(shutil.copytree(BIASES, tmp_path / "run"))
-    for name, key, renamed in ((task_file(1), "other.fc.bias", "other.features.2.bias"),
-                               (SOURCE, "fc.bias", "features.2.bias")):  # features.2: a ReLU
-        (run / name).write_bytes(edit_header((run / name).read_bytes(),
-                                             lambda header, k=key, r=renamed: header.update({r: header.pop(k)})))
-        reseal(run, name)
-    with pytest.raises(StoreError, match="unexpected"):
-        TaskStore(run).model(1)
-    with pytest.raises(StoreError, match="unexpected"):
-        TaskStore(run).load_source()
-
-
-def test_a_format_1_task_for_another_architecture_is_refused(tmp_path):
-    run = Path(shutil.copytree(FORMAT1, tmp_path / "run"))
-    name = task_file(1)
-    data = (run / name).read_bytes()
-    (run / name).write_bytes(edit_meta(data, "spec", lambda s: {**s, "kwargs": {**s["kwargs"], "widths": [8, 32]}}))
-    reseal(run, name)
-    with pytest.raises(StoreError, match="another architecture"):
-        TaskStore(run).model(1)
-    (run / name).write_bytes(edit_meta(data, "layers", lambda ls: {**ls, "fc": {**ls["fc"], "shape": [3, 16]}}))
-    reseal(run, name)
-    with pytest.raises(StoreError, match="layer shapes do not match"):
-        TaskStore(run).model(1)
-
-
 def _damage_codes(run: Path, index: int) -> None:
     """Flip a bit in the middle of task ``index``'s codes and record the file as written so (the task file's
     own reader must find it, not the manifest's checksum)."""
@@ -450,7 +376,7 @@ def test_a_chain_decodes_to_the_same_models_as_the_reference_coding(tmp_path):
         a, b = by_source.model(i).state_dict(), chained.model(i).state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), i
         assert all(torch.equal(by_source.codes(i)[k], chained.codes(i)[k]) for k in by_source.codes(i))
-    metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t")[1]["reference"]
+    metas = [unpack_file((chained.root / task_file(i)).read_bytes(), "nws-task", "t", TASK_VERSION)[1]["reference"]
              for i in range(5)]
     assert metas == ["source", 0, "source", 2, "source"]
 
@@ -471,7 +397,7 @@ def test_batchnorm_stored_in_half_precision(tmp_path, dtype):
         assert all(torch.equal(half.codes(i)[k], exact.codes(i)[k]) for k in exact.codes(i))
         sizes, exact_sizes = half.tasks()[i]["bytes"], exact.tasks()[i]["bytes"]
         assert 2 * sizes["batchnorm"] == exact_sizes["batchnorm"] and sizes["indices"] == exact_sizes["indices"]
-        tensors = unpack_file((half.root / task_file(i)).read_bytes(), "nws-task", "t")[0]
+        tensors = unpack_file((half.root / task_file(i)).read_bytes(), "nws-task", "t", TASK_VERSION)[0]
         assert name in tensors and "bn.float32" not in tensors
 
 

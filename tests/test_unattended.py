@@ -108,13 +108,13 @@ def test_threads_follow_the_cpus_the_process_may_use(monkeypatch):
     import torch
 
     from nws.config import TrainerConfig
-    from nws.engine import available_cpus, use_threads
+    from nws.devices import available_cpus, use_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert available_cpus() == len(os.sched_getaffinity(0))
     one_cpu = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
-                              "from nws.engine import available_cpus; print(available_cpus())"],
+                              "from nws.devices import available_cpus; print(available_cpus())"],
                              capture_output=True, text=True, timeout=TIMEOUT)
     assert one_cpu.stdout.split() == ["1"], one_cpu.stderr
     monkeypatch.setenv("SLURM_JOB_ID", "7")

@@ -1,41 +1,31 @@
 """What a method is under the common protocol, and what the runner hands it.
 
 The runner (:mod:`nws.runner`) owns the protocol: the source stage, the task order, per-task seeds, resume,
-evaluation from storage, results. A :class:`Method` supplies only what differs: how the source network is
-made and stored, how a task is trained, which files are written for it, and (through its reader, a
-:class:`~nws.store.RunStore` subclass) how a task is rebuilt from them.
+evaluation from storage, results. A :class:`Method` supplies only what differs, through the hooks below
+(``docs/architecture.md`` has the table): how the source network is made and stored, how a task is trained
+(extra loss terms, parameter groups with optimizers of their own, Lightning callbacks), which files are
+written for it and what its manifest records, and (through its reader, a :class:`~nws.store.RunStore`
+subclass) how a task is rebuilt from them and what the run's memory is besides its files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from nws.config import RunConfig, TrainConfig
 from nws.data import Benchmark, Task
-from nws.engine import evaluate, fit, last_checkpoint
+from nws.engine import LossTerm, evaluate, fit, seed_everything
+from nws.logs import last_checkpoint
 from nws.errors import StoreError
 from nws.store import RunStore
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (every draw of a stage depends on its seed alone)."""
-    L.seed_everything(seed, verbose=False)
-
-
-def task_seed(seed: int, index: int) -> int:
-    """The seed of task ``index``'s training: a function of the run seed and the index alone, so a resumed
-    run learns every task exactly as an uninterrupted run does."""
-    return int.from_bytes(hashlib.sha256(f"nws-task:{seed}:{index}".encode()).digest()[:4], "little")
 
 
 @torch.no_grad()
@@ -64,12 +54,6 @@ def classifier_name(model: nn.Module) -> str:
     if name is None:
         raise StoreError(f"model {type(model).__name__} has no classifier_name attribute")
     return name
-
-
-def float32_bytes(model: nn.Module) -> int:
-    """Size of the same network stored plainly in float32: all parameters and buffers, pools excluded."""
-    return sum(4 * t.numel() for k, t in model.state_dict().items()
-               if ".pool." not in f".{k}" and t.is_floating_point())
 
 
 @dataclass
@@ -136,25 +120,60 @@ class Saved:
 
 
 class Method:
-    """A task-incremental method under the protocol. Subclasses set ``name`` and ``store_class`` and implement
-    :meth:`pretrain`, :meth:`load_source`, :meth:`learn` and :meth:`save`."""
+    """A task-incremental method under the protocol. Subclasses set ``name``, ``store_class`` and
+    ``source_files`` and implement :meth:`pretrain`, :meth:`load_source`, :meth:`learn` and :meth:`save`;
+    every other hook has a default that does nothing.
+
+    ``shared_source``: a source network another method made under :meth:`source_key`'s key (``nws demo
+    --compare`` trains it once for all the methods that share it); :meth:`pretrain` then stores it instead of
+    making its own.
+    """
 
     name: ClassVar[str]
     store_class: ClassVar[type[RunStore]]
     distributed: ClassVar[bool] = False  # may train with several processes (DDP)
     source_files: ClassVar[tuple[str, ...]]  # written by the source stage
+    colour: ClassVar[str | None] = None  # in the report's plots (None: the next of matplotlib's cycle)
+    marker: ClassVar[str] = "o"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, shared_source: nn.Module | None = None):
         self.ctx = ctx
         self.config = ctx.config
+        self.shared_source = shared_source
 
     @classmethod
     def check(cls, config: RunConfig) -> None:
         """Refuse settings this method cannot run (:class:`~nws.config.ConfigError`), before anything is written."""
 
+    @classmethod
+    def source_key(cls, config: RunConfig) -> str | None:
+        """Methods that return the same key make the same source network from the same settings, so one may
+        be made once and handed to the others as ``shared_source``; None: this method's is its own."""
+        return None
+
+    @classmethod
+    def pool_usage(cls, path: str) -> dict[str, Any] | None:
+        """For a method whose layers share pools of entries: how much of each pool each task of the run at
+        ``path`` uses (the report plots it): a dict of ``layers``, ``tasks``, ``pool_sizes`` and ``kernels``
+        (the most entries a task can use) per layer, ``utilisation`` (entries used / pool size, layers x tasks),
+        ``task_fraction`` (of all entries, per task), ``all_tasks_fraction`` and ``layer_union``; None (the
+        default) when the method has no pools."""
+        return None
+
     def manifest_fields(self) -> dict[str, Any]:
-        """What a new run's manifest records besides the method and config."""
+        """What a new run's manifest records besides the method and config (checked by the reader's
+        :meth:`~nws.store.RunStore.manifest_problem`)."""
         return {}
+
+    def loss_terms(self, model: nn.Module, cfg: TrainConfig) -> list[LossTerm]:
+        """Terms added to the cross-entropy of every stage this method trains ``model`` in (see :meth:`fit`)."""
+        return []
+
+    def fit(self, model: nn.Module, task: Task, cfg: TrainConfig, stage: str, seed: int, what: str = "learning",
+            **extras: Any) -> nn.Module:
+        """Train one stage with this method's :meth:`loss_terms` and ``extras`` (``params``, ``param_groups``,
+        ``callbacks``: see :func:`nws.engine.fit`)."""
+        return self.ctx.fit(model, task, cfg, stage, seed, what, loss_terms=self.loss_terms(model, cfg), **extras)
 
     def pretrain(self, store: RunStore | None) -> nn.Module:
         """Make the source network the first task starts from and write the source files (``store`` is None on

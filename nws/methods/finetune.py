@@ -30,6 +30,7 @@ class Finetune(PlainMethod):
 
     name = "finetune"
     store_class = FinetuneStore
+    colour, marker = "#1f77b4", "v"
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.model = source

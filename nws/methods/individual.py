@@ -26,6 +26,7 @@ class IndividualStore(PlainStore):
 class Individual(PlainMethod):
     name = "individual"
     store_class = IndividualStore
+    colour, marker = "#7f7f7f", "D"
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.source = source

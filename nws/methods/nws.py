@@ -16,18 +16,47 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
-from nws.config import ConfigError, RunConfig
-from nws.convert import convert, freeze_pools
+from nws.config import ConfigError, RunConfig, TrainConfig
+from nws.convert import commitment_loss, convert, freeze_pools, nws_layers, update_pools
+from nws.engine import LossTerm, task_seed
 from nws.errors import StoreError
-from nws.methods.base import Context, Method, Saved, task_seed
+from nws.methods.base import Context, Method, Saved
 from nws.models import create_model
+from nws.pool import all_reduce_step_statistics
 from nws.pool_sources import pools_from_model
-from nws.sparsity import has_zero_entry, kernel_sparsity
-from nws.store import POOLS, REFERENCE, SOURCE, TaskStore, task_file
-from nws.taskfile import SOURCE_REFERENCE, ModelSpec, reference_task_bytes
+from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
+from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
+from nws.store import SOURCE, task_file
+from nws.spec import ModelSpec
+from nws.taskfile import SOURCE_REFERENCE, reference_task_bytes
+
+
+class PoolEMA(L.Callback):
+    """Pool pretraining: after every optimizer step every trainable pool follows its kernels by EMA. Under DDP
+    the pools' per-step statistics are first averaged over the ranks
+    (:func:`nws.pool.all_reduce_step_statistics`), so all ranks hold identical pools, equal to a single
+    process's on the same global batch. The pools, their statistics and the update stay fp32 under mixed
+    precision."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            all_reduce_step_statistics(layer.pool for _, layer in nws_layers(pl_module.model) if layer.pool.trainable)
+            update_pools(pl_module.model)
+
+
+def nws_loss_terms(model: nn.Module, cfg: TrainConfig) -> list[LossTerm]:
+    """NWS's terms for a model with NWS layers: ``beta`` times the commitment term, and with ``sparsity`` the
+    group-lasso pull towards the pools' zero entries; none for a plain model (k-means pools' first stage)."""
+    if not any(True for _ in nws_layers(model)):
+        return []
+    terms = [LossTerm("commit", cfg.beta, commitment_loss)]
+    if cfg.sparsity:
+        terms.append(LossTerm("sparsity", cfg.sparsity, sparsity_loss))
+    return terms
 
 
 def pretrained_spec(path: str, name: str, kwargs: dict[str, Any], pool_size: int, group_size: int,
@@ -51,9 +80,10 @@ class NWS(Method):
     store_class = TaskStore
     distributed = True
     source_files = (POOLS, SOURCE)
+    colour, marker = "#d62728", "o"
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, shared_source: nn.Module | None = None):
+        super().__init__(ctx, shared_source)
         m, bench = self.config.model, ctx.benchmark
         kwargs = {"in_channels": bench.in_channels, **m.kwargs}
         if self.config.pretrained:
@@ -70,6 +100,13 @@ class NWS(Method):
         if config.pretrained and config.model.init == "kmeans":
             raise ConfigError("model.init kmeans builds pools here; unset pretrained (it brings its own pools)")
 
+    @classmethod
+    def pool_usage(cls, path: str) -> dict[str, Any]:
+        return TaskStore(path).pool_usage()
+
+    def loss_terms(self, model: nn.Module, cfg: TrainConfig) -> list[LossTerm]:
+        return nws_loss_terms(model, cfg)
+
     # -- the source stage
     def pretrain(self, store: TaskStore | None) -> nn.Module:
         """Pretrain the pools (EMA) and the network on the source task, or build k-means pools, or take both
@@ -79,16 +116,16 @@ class NWS(Method):
         m, source = self.config.model, self.ctx.benchmark.source
         model = create_model(m.name, num_classes=self.spec.num_classes, **self.spec.kwargs)
         if m.init == "kmeans":
-            model = self.ctx.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
-                                 what="training the plain network (then k-means pools) on")
+            model = self.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
+                             what="training the plain network (then k-means pools) on")
             plain_accuracy = self.ctx.evaluate(model, source.test)
             model, report = pools_from_model(model, m.pool_size, m.group_size, seed=self.config.seed,
                                              exclude=list(m.exclude), zero_entry=m.zero_entry)
         else:
             model = convert(model, pool_size=m.pool_size, group_size=m.group_size, exclude=list(m.exclude),
                             decay=m.decay, eps=m.eps, seed=self.config.seed, init=m.init, zero_entry=m.zero_entry)
-            model = self.ctx.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
-                                 what="pretraining pools on", pretrain=True)
+            model = self.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
+                             what="pretraining pools on", callbacks=[PoolEMA()])
             freeze_pools(model)
         if store is not None:
             store.save_pools(model, self.spec)
@@ -132,7 +169,7 @@ class NWS(Method):
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
-        return self.ctx.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
+        return self.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
 
     def start(self, store: TaskStore, source: nn.Module) -> None:
         """Store the run's reference (the source network's indices, read back from its file) once."""
@@ -156,3 +193,6 @@ class NWS(Method):
 
     def describe(self, rebuilt: nn.Module) -> dict[str, Any]:
         return {"sparsity": kernel_sparsity(rebuilt)} if has_zero_entry(rebuilt) else {}
+
+
+__all__ = ["NWS", "POOLS", "REFERENCE", "PoolEMA", "TaskStore", "nws_loss_terms", "pretrained_spec", "save_pools_run"]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from nws.engine import StepAction
 from nws.errors import StoreError
 from nws.methods.base import Saved
 from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
@@ -64,6 +65,7 @@ class PackNetStore(PlainStore):
 class PackNet(PlainMethod):
     name = "packnet"
     store_class = PackNetStore
+    colour, marker = "#2ca02c", "^"
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.model = source
@@ -93,7 +95,7 @@ class PackNet(PlainMethod):
 
     @staticmethod
     def _hold(layers: dict[str, nn.Module], trainable: dict[str, Tensor]) -> Callable[[], None]:
-        """An after-step hook that puts every weight outside ``trainable`` back to its current value, exactly."""
+        """A per-step action that puts every weight outside ``trainable`` back to its current value, exactly."""
         held = {name: layer.weight.detach().clone() for name, layer in layers.items()}
 
         def restore() -> None:
@@ -106,13 +108,13 @@ class PackNet(PlainMethod):
         layers = dict(masked_layers(model))
         params = self._params(model, index)
         free = {name: self.owner[name] == -1 for name in layers}
-        model = self.train_task(model, index, params=params, after_step=self._hold(layers, free))
+        model = self.train_task(model, index, params=params, callbacks=[StepAction(self._hold(layers, free))])
         self._prune(layers, free, index)
         mine = {name: self.owner[name] == index for name in layers}
         retrain = dataclasses.replace(self.config.task, epochs=self.config.baseline.retrain_epochs,
                                       lr=self.config.task.lr * 0.1)
         model = self.train_task(model, index, "_retrain", cfg=retrain, params=params,
-                                after_step=self._hold(layers, mine))
+                                callbacks=[StepAction(self._hold(layers, mine))])
         self.model = model
         return model
 

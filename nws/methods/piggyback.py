@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from nws.engine import ParamGroup
 from nws.errors import StoreError
 from nws.methods.base import Saved
 from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
@@ -76,6 +77,7 @@ class PiggybackStore(PlainStore):
 class Piggyback(PlainMethod):
     name = "piggyback"
     store_class = PiggybackStore
+    colour, marker = "#9467bd", "s"
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.source = source
@@ -99,8 +101,9 @@ class Piggyback(PlainMethod):
         for name, layer in layers.items():
             masks[name] = PiggybackMask(layer.weight.shape, b.mask_init, b.mask_threshold)
             parametrize.register_parametrization(layer, "weight", masks[name])
-        model = self.train_task(model, index, params=params, mask_params=[m.scores for m in masks.values()],
-                                mask_lr=b.mask_lr)
+        scores = ParamGroup("the mask scores", [m.scores for m in masks.values()],
+                            lambda ps: torch.optim.Adam(ps, lr=b.mask_lr))
+        model = self.train_task(model, index, params=params, param_groups=[scores])
         self.masks = {name: m.mask() for name, m in masks.items()}
         for layer in layers.values():
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)

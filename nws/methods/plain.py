@@ -20,10 +20,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nws.config import ConfigError, RunConfig
 from nws.errors import StoreError
-from nws.methods.base import Context, Method, Saved, classifier_name, task_seed
+from nws.engine import task_seed
+from nws.methods.base import Context, Method, Saved, classifier_name
 from nws.models import create_model
 from nws.store import SOURCE, RunStore, task_file
-from nws.taskfile import check_state, is_int, meta_entry, nbytes, pack_file
+from nws.spec import is_int
+from nws.container import check_state, is_number, meta_entry, nbytes, pack_file
 
 # ----------------------------------------------------------------------------------- model parts
 
@@ -113,6 +115,17 @@ class PlainStore(RunStore):
     shared: ClassVar[tuple[str, ...]] = ()  # written once
     rewrites_network: ClassVar[bool] = False
 
+    @classmethod
+    def manifest_problem(cls, manifest: dict[str, Any]) -> str | None:
+        """The run's ``model`` (builder name and arguments) and each task's ``mask_density``."""
+        model = manifest.get("model", {"name": "", "kwargs": {}})
+        if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+                and isinstance(model.get("kwargs"), dict)):
+            return "bad model entry"
+        if not all(is_number(t.get("mask_density", 0)) for t in manifest["tasks"]):
+            return "bad mask density"
+        return None
+
     def shared_files(self) -> list[str]:
         tasks = self.manifest["tasks"]
         current = [network_file(max(t["index"] for t in tasks))] if self.rewrites_network and tasks else []
@@ -173,16 +186,11 @@ class PlainStore(RunStore):
 
 class PlainMethod(Method):
     """A baseline: the plain backbone trained on the source task with the ``pretrain`` schedule is the common
-    start. ``plain_source`` (e.g. from ``nws demo --compare``, which trains it once for every baseline) must be
-    that network: same data, schedule and seed."""
+    start, the same for every baseline (:meth:`source_key`): ``nws demo --compare`` trains it once and hands it
+    to the others as ``shared_source``."""
 
     store_class: ClassVar[type[PlainStore]]
     source_files = (SOURCE,)
-
-    def __init__(self, ctx: Context, plain_source: nn.Module | None = None):
-        super().__init__(ctx)
-        self.plain_source = plain_source
-        self.source_network: nn.Module | None = None
 
     @classmethod
     def check(cls, config: RunConfig) -> None:
@@ -192,6 +200,20 @@ class PlainMethod(Method):
         if str(config.trainer.devices) not in ("1", "auto") or config.trainer.num_nodes != 1:
             raise ConfigError(f"trainer.devices: method {cls.name} trains in one process; set trainer.devices 1 "
                               "and trainer.num_nodes 1")
+        for stage in ("pretrain", "task"):
+            if getattr(config, stage).sparsity:
+                raise ConfigError(f"{stage}.sparsity: method {cls.name} has no pools to pull kernels towards; set "
+                                  f"{stage}.sparsity 0")
+
+    def __init__(self, ctx: Context, shared_source: nn.Module | None = None):
+        super().__init__(ctx, shared_source)
+        if ctx.benchmark.source is None:
+            raise ConfigError(f"data.source is none: method {self.name} trains its plain backbone on a source task; "
+                              "choose a data.source")
+
+    @classmethod
+    def source_key(cls, config: RunConfig) -> str:
+        return "plain backbone"
 
     def manifest_fields(self) -> dict[str, Any]:
         return {"model": {"name": self.config.model.name,
@@ -199,27 +221,24 @@ class PlainMethod(Method):
 
     def pretrain(self, store: PlainStore) -> nn.Module:
         source = self.ctx.benchmark.source
-        if self.plain_source is None:
+        if self.shared_source is None:
             model = store.plain(len(source.classes))
-            model = self.ctx.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
-                                 what="training the plain network on")
+            model = self.fit(model, source, self.config.pretrain, "pretrain", self.config.seed,
+                             what="training the plain network on")
         else:
-            model = copy.deepcopy(self.plain_source)
+            model = copy.deepcopy(self.shared_source)
         store.write(SOURCE, pack_file("nws-source-plain", model.state_dict(), {"model": store.manifest["model"]}))
         self.record_source(store, model)
-        self.source_network = copy.deepcopy(model)
         return model
 
     def load_source(self, store: PlainStore) -> nn.Module:
-        self.source_network = store.source(len(self.ctx.benchmark.source.classes))
-        return copy.deepcopy(self.source_network)
+        return store.source(len(self.ctx.benchmark.source.classes))
 
     def train_task(self, model: nn.Module, index: int, stage: str = "", **kwargs: Any) -> nn.Module:
         """Train ``model`` on task ``index`` (seeded by the run seed and the index alone)."""
         task = self.ctx.benchmark.tasks[index]
         cfg = kwargs.pop("cfg", self.config.task)
-        return self.ctx.fit(model, task, cfg, f"task_{index:03d}{stage}",
-                            task_seed(self.config.seed, index), **kwargs)
+        return self.fit(model, task, cfg, f"task_{index:03d}{stage}", task_seed(self.config.seed, index), **kwargs)
 
     def saved(self, store: PlainStore, index: int, tensors: dict[str, Tensor], network: dict[str, Tensor] | None = None,
               network_meta: dict[str, Any] | None = None, masks: dict[str, Tensor] | None = None) -> Saved:
