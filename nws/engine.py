@@ -41,8 +41,8 @@ from nws import interrupts
 from nws.config import PRECISIONS, TrainConfig, TrainerConfig
 from nws.devices import uses_cuda
 from nws.errors import NWSError
-from nws.logs import (LAST_CHECKPOINT, AtomicCheckpointIO, checkpoint_epochs, make_logger, progress_callbacks,
-                      quiet_lightning)
+from nws.logs import (LAST_CHECKPOINT, AtomicCheckpointIO, EpochEnd, checkpoint_epochs, make_logger,
+                      progress_callbacks, quiet_lightning)
 
 
 class NonFiniteError(NWSError):
@@ -276,7 +276,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, trainer_cfg: TrainerC
     quiet_lightning()
     if cfg.epochs < 1:
         return Fitted(model.cpu(), 0)
-    callbacks = [*progress_callbacks(trainer_cfg, name), *callbacks]
+    callbacks = [EpochEnd(), *progress_callbacks(trainer_cfg, name), *callbacks]
     if checkpoint_dir is not None and trainer_cfg.checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir, filename=Path(LAST_CHECKPOINT).stem, every_n_epochs=1, save_top_k=1,

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _stages: list[str] = []
+_held: list[int] = []  # signals received while held, raised on release
+_holding = False
 
 
 class Interrupted(BaseException):
@@ -43,7 +45,27 @@ def stage(name: str) -> Iterator[None]:
         _stages.pop()
 
 
+def hold() -> None:
+    """Hold signals until :func:`release`: for steps whose parts must all be written or none (an epoch's
+    checkpoint and its log row)."""
+    global _holding
+    _holding = True
+
+
+def release(raise_held: bool = True) -> None:
+    """End :func:`hold`; a signal received meanwhile is raised now (unless ``raise_held`` is false)."""
+    global _holding
+    _holding = False
+    held = _held[:1]
+    _held.clear()
+    if held and raise_held:
+        raise Interrupted(held[0], current_stage())
+
+
 def _raise(signum: int, frame) -> None:  # noqa: ARG001
+    if _holding:
+        _held.append(signum)
+        return
     raise Interrupted(signum, current_stage())
 
 

@@ -19,7 +19,9 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
+from nws import interrupts
 from nws.config import LOGGERS, TrainerConfig
 from nws.errors import NWSError
 from nws.store import atomic_write
@@ -131,12 +133,36 @@ class StageCSVLogger(L.pytorch.loggers.CSVLogger):
         super().__init__(*args, **kwargs)
         self.keep_epochs = keep_epochs
 
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Each row on disk as it is logged, so that an interrupt loses none that a checkpoint counts."""
+        super().log_metrics(metrics, step)
+        self.save()
+
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumedWriter(self.log_dir, self.keep_epochs)
         return self._experiment
+
+
+class EpochEnd(L.Callback):
+    """The end of an epoch is one step for an interrupt: signals are held from the epoch's last batch until its
+    checkpoint and its log row are both written (the next epoch starts or training ends), so that a resumed
+    stage's log holds every epoch its checkpoint counts."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        interrupts.hold()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        interrupts.release()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        interrupts.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        interrupts.release(raise_held=False)
 
 
 def make_logger(trainer_cfg: TrainerConfig, log_dir: Path, name: str, keep_epochs: int = 0):

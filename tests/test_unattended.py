@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nws import interrupts
 from nws.store import MANIFEST
 
 TINY = ["--pretrain.epochs", "1", "--model.pool_size", "16", "--model.kwargs", '{"widths": [8, 16]}',
@@ -76,6 +77,25 @@ def test_a_signal_mid_task_stops_with_the_resume_command_and_resume_finishes_the
     assert run_files(out) == run_files(uninterrupted)
     assert epochs_logged(log) == list(range(12))  # appended to, not replaced
     assert epochs_logged(log) == epochs_logged(uninterrupted / "logs" / "task_001" / "metrics.csv")
+
+
+def test_a_signal_while_held_is_raised_on_release_naming_the_stage():
+    """An epoch's checkpoint and its log row are written under :func:`interrupts.hold`: a signal in between waits
+    for both."""
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.handle_signals((signal.SIGINT,))
+    try:
+        with interrupts.stage("task_004"):
+            interrupts.hold()
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(interrupts.Interrupted) as stopped:
+                interrupts.release()
+            assert (stopped.value.signum, stopped.value.stage, stopped.value.exit_code) == (signal.SIGINT, "task_004", 130)
+            interrupts.release()  # nothing held any more
+            with pytest.raises(interrupts.Interrupted):
+                os.kill(os.getpid(), signal.SIGINT)  # not held: raised at once
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_same_command_on_a_finished_run_shows_its_results(tmp_path, uninterrupted):
