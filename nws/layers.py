@@ -3,7 +3,8 @@
 The layer keeps the *temporary* weight (``weight``, trained by SGD) and a :class:`KernelPool`. Forward
 rearranges the weight into grouped kernels ``o (g i) h w -> (o i) (g h w)``, replaces each by its nearest
 pool entry and runs the ordinary op with those *searched* weights; the gradient reaches the temporary
-weight unchanged (straight-through estimator).
+weight unchanged (straight-through estimator). With a rate set (``layer.rate``, see :mod:`nws.rate`) each kernel
+takes instead the entry minimising its squared distance plus the price of the bits the task file spends on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nws.pool import KernelPool
-from nws.search import BoundedSearch
+from nws.search import BoundedSearch, RatePenalty
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -46,6 +47,19 @@ class NWSLayer(nn.Module):
         self.pool = KernelPool(pool_size, self.group_size * kernel, decay=decay, eps=eps, seed=seed)
         self._search = BoundedSearch()  # keeps the searched kernels in step with the temporary weight
         self._forward: tuple | None = None  # (weight key, searched weight) of the last forward
+        self._rate: RatePenalty | None = None
+
+    @property
+    def rate(self) -> RatePenalty | None:
+        """The rate penalty of the search (None: the nearest entry), set by :func:`nws.rate.set_rate`."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: RatePenalty | None) -> None:
+        if rate is not None:
+            rate.check(self.num_kernels, self.pool.num_entries)
+        self._rate = rate
+        self._forward = None
 
     @property
     def num_kernels(self) -> int:
@@ -79,7 +93,10 @@ class NWSLayer(nn.Module):
 
     def _searched(self) -> tuple[Tensor, Tensor]:
         """Current indices and searched weight; only kernels that may have changed entry are searched again."""
-        indices = self._search(self.kernels().detach(), self.pool.codebook)
+        rate = self._rate
+        if rate is not None and rate.reference.device != self.weight.device:
+            rate = self._rate = rate.to(self.weight.device)
+        indices = self._search(self.kernels().detach(), self.pool.codebook, rate)
         return indices, self.weight_from_kernels(self._search.searched).to(self.weight.dtype)
 
     def forward_searched_weight(self) -> Tensor:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "nws"
 LAYERS = [
     ("base", ["nws.errors"]),
     ("core", ["nws", "nws.search", "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.packing",
-              "nws.sparsity", "nws.spec", "nws.pool_sources", "nws.models", "nws.models.*"]),
+              "nws.rate", "nws.sparsity", "nws.spec", "nws.pool_sources", "nws.models", "nws.models.*"]),
     ("storage and data", ["nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
     ("training and protocol", ["nws.config", "nws.engine", "nws.metrics", "nws.methods", "nws.methods.*",
                                "nws.runner", "nws.launch"]),
