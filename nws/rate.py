@@ -158,7 +158,9 @@ def estimate_model(codes: Tensor | np.ndarray, reference: Tensor | np.ndarray, c
     c = len(changed)
     p = (c + 0.5) / (m + 1)
     change = math.log2((1 - p) / p)
-    gaps = overhead = 0.0
+    gaps = 0.0
+    # The layer's header: how it uses the reference, the number of changes, the kind of their values' model.
+    overhead = 8.0 * (_varint_bytes(1 if len(r) == len(x) else len(r) + 1) + _varint_bytes(c) + (c > 0))
     if 0 < c < m:
         _, overhead, gaps = bucket_cost(np.diff(changed, prepend=-1))
     if _ranked(k):
@@ -176,6 +178,10 @@ def estimate_model(codes: Tensor | np.ndarray, reference: Tensor | np.ndarray, c
         per = min(math.log2(k), entropy_bits(new, k) / c) if c else math.log2(k)
         cost = np.full(k, per)
     return BitModel(change, cost, (gaps - c * change) / m, overhead)
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
 
 
 def coded_bits(codes: Tensor | np.ndarray, reference: Tensor | np.ndarray, codebook: Tensor | np.ndarray) -> int:

@@ -620,7 +620,8 @@ class BoundedSearch:
         indices = nearest(x, codebook, self.chunk_elements, rate).int()
         same = (self.indices is not None and self.indices.shape == indices.shape and self.searched is not None
                 and self.codebook is not None and self.codebook.shape == codebook.shape
-                and self.codebook.device == codebook.device and torch.equal(self.codebook, codebook))
+                and self.codebook.device == codebook.device and self.codebook.dtype == codebook.dtype
+                and torch.equal(self.codebook, codebook))
         if same:
             rows = (indices != self.indices).nonzero().squeeze(1)
             self.searched[rows] = codebook[indices[rows]]
