@@ -197,6 +197,37 @@ def _nearest_1d(x: Tensor, codebook: Tensor) -> Tensor | None:
     return out
 
 
+def _cells(codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Vectors of length 1: per entry, bounds ``(lo, hi)`` (in the pool's dtype) such that every ``x`` with
+    ``lo < x < hi`` has that entry as its :func:`brute_force_nearest`. The cell of a distinct value is the
+    interval between the midpoints to its neighbouring values, shrunk by ``2**-20`` of each gap (far above
+    the rounding of the float64 distances compared), and at the two ends reaching ``2**30`` gaps out (beyond,
+    float64 rounding can tie the two outermost values); duplicated values have empty cells but for their
+    lowest index. The pool must be finite."""
+    values = codebook[:, 0]
+    k = len(values)
+    ordered, order = torch.sort(values, stable=True)
+    distinct, counts = torch.unique_consecutive(ordered, return_counts=True)
+    first = order[torch.cumsum(counts, 0) - counts]
+    v = distinct.double()
+    inf = torch.tensor([float("inf")], dtype=torch.float64, device=v.device)
+    if len(v) > 1:
+        gap = v[1:] - v[:-1]
+        mid = (v[1:] + v[:-1]) / 2
+        lo = torch.cat([v[:1] - gap[:1] * 2.0**30, mid + gap * 2.0**-20])
+        hi = torch.cat([mid - gap * 2.0**-20, v[-1:] + gap[-1:] * 2.0**30])
+    else:
+        lo, hi = -inf, inf
+    # Rounded inwards to the pool's dtype, so that comparisons in it stay strict.
+    lo_c, hi_c = lo.to(values.dtype), hi.to(values.dtype)
+    lo_c = torch.where(lo_c.double() < lo, torch.nextafter(lo_c, inf.to(values.dtype)), lo_c)
+    hi_c = torch.where(hi_c.double() > hi, torch.nextafter(hi_c, -inf.to(values.dtype)), hi_c)
+    cell_lo = torch.full((k,), float("inf"), dtype=values.dtype, device=values.device)
+    cell_hi = torch.full((k,), -float("inf"), dtype=values.dtype, device=values.device)
+    cell_lo[first], cell_hi[first] = lo_c, hi_c
+    return cell_lo, cell_hi
+
+
 def _nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor | None:
     """Vectors of length 1 with a rate penalty; ``None`` if the pool is not finite. A kernel keeps its
     reference ``r`` unless an entry ``k`` has ``J(k) <= J(r) = (x - p_r)^2``, which needs
@@ -423,6 +454,7 @@ class BoundedSearch:
         self.last_searched = 0  # kernels searched again (among candidates or in full) in the last call
         self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
+        self._cells: tuple[Tensor, Tensor] | None = None  # vectors of length 1: each entry's cell (_cells)
 
     def _store(self, rows: Tensor | None, x: Tensor, found: Tensor, lower: Tensor, rest: Tensor,
                cand: Tensor | None = None) -> None:
@@ -614,6 +646,37 @@ class BoundedSearch:
             self._store(rows[done], x[done], found[done], lower[done], outside[done])
         return ok.logical_not_().nonzero().squeeze(1)
 
+    def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
+        """Vectors of length 1: a kernel strictly inside the cell of its entry (:func:`_cells`) keeps it (with
+        a rate: if the entry is also its reference, or it has none; every other entry is then farther and
+        pays at least as much); only the others are searched, by binary search (or windows, with a rate)."""
+        if not bool(torch.isfinite(codebook).all()):
+            return self._every_time(x, codebook, rate)
+        if (self.indices is None or self.indices.shape != (len(x),) or self.codebook is None
+                or self.codebook.shape != codebook.shape or self.codebook.dtype != codebook.dtype
+                or self.codebook.device != codebook.device):
+            self._cells = None
+            return self._every_time(x, codebook, rate)
+        if self._cells is None or not torch.equal(self.codebook, codebook):
+            self.codebook.copy_(codebook)
+            self._cells = _cells(codebook)
+            torch.index_select(codebook, 0, self.indices, out=self.searched)
+        lo, hi = self._cells
+        v = x[:, 0]
+        ok = (v > lo.index_select(0, self.indices)) & (v < hi.index_select(0, self.indices))
+        if rate is not None:
+            ok &= (self.indices == rate.reference) | (rate.reference == rate.num_entries)
+        rows = ok.logical_not_().nonzero().squeeze(1)
+        if len(rows):
+            if rate is None:
+                found = _nearest_1d(x[rows], codebook)
+            else:
+                found = _nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long())
+            self.indices[rows] = found.int()
+            self.searched[rows] = codebook[found]
+        self.last_searched = self.last_full = len(rows)
+        return self.indices
+
     def _every_time(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None = None) -> Tensor:
         """A full search every call (vectors of length 1: by binary search; a pool that is not finite: no
         bounds hold)."""
@@ -646,7 +709,7 @@ class BoundedSearch:
                 if book.shape == codebook.shape and torch.equal(book.to(codebook), codebook):
                     self._prime(indices, codebook)
             if x.shape[1] == 1:
-                return self._every_time(x, codebook, rate)
+                return self._one_dim(x, codebook, rate)
             moved = None
             if (self.anchor is not None and self.anchor.shape == x.shape and self.lower.dtype == x.dtype
                     and self.codebook.shape == codebook.shape and self.codebook.device == codebook.device):

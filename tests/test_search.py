@@ -666,3 +666,41 @@ def test_efficiency_rate_kernels_searched_per_step(one_thread: None) -> None:
         task, task_full, left = _efficiency_run_rate(0.1, decoded)
         assert task < 0.01 and task_full < 0.002
         assert left <= _efficiency_run_rate(0.0, decoded)[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, one_thread: None) -> None:
+    """Length-1 kernels (1x1 convs, the classifier) are proved by their entry's cell and searched only when
+    they leave it: equal to brute force (and with a rate to the oracle) over moving steps with duplicated
+    values, exact midpoints, kernels far beyond the outermost values (where float64 rounding ties them), a
+    moving pool and a decoded start."""
+    g = _gen(16)
+    n, k = 2000, 48
+    codebook = _dyadic((k, 1), g, span=12, denom=4).to(dtype)
+    codebook[40:] = codebook[:8]
+    idx = torch.randint(k, (n,), generator=g)
+    w = codebook[idx].clone()
+    ref = _references(n, k, g)
+    rate = RatePenalty(ref, _bits_table(k, g, dyadic=True), 1 / 64, k)
+    plain, rated = BoundedSearch(), BoundedSearch()
+    plain.prime(idx, codebook)
+    rated.prime(idx, codebook)
+    searched = []
+    for step in range(60):
+        rows = torch.randint(n, (8,), generator=g)
+        i, j = torch.randint(k, (2, 4), generator=g)
+        w[rows[:4]] = (codebook[i] + codebook[j]) / 2
+        w[rows[4:6]] = torch.tensor([[1e20], [-3e19]], dtype=dtype)
+        w[rows[6:]] = codebook[i[:2]]
+        got = plain(w, codebook)
+        assert torch.equal(got.long(), brute_force_nearest(w, codebook)), f"step {step}"
+        assert torch.equal(plain.searched, codebook[got.long()])
+        got = rated(w, codebook, rate)
+        assert torch.equal(got.long(), _rate_oracle(w, codebook, rate)), f"step {step}"
+        assert torch.equal(rated.searched, codebook[got.long()])
+        searched.append(plain.last_searched)
+        w += 0.01 * torch.randn(n, 1, generator=g, dtype=dtype)
+        if step >= 30:
+            codebook = codebook + 0.001 * torch.randn(k, 1, generator=g, dtype=dtype)
+    # Kernels that crossed into another cell, or sit at a duplicated value above its lowest index.
+    assert searched[1] < n // 10 and sum(searched) < 0.3 * n * len(searched)
