@@ -116,6 +116,12 @@ class RatePenalty:
         """``mu * bits`` of ``entry`` in ``dtype`` (float64: exactly the definition; float32: rounded)."""
         return self.bits_at(ref, entry).to(dtype) * self.mu
 
+    def free(self) -> Tensor:
+        """The kernels without a reference (usually none: the tail of a classifier that grew)."""
+        if getattr(self, "_free", None) is None or self._free.device != self.reference.device:
+            self._free = (self.reference == self.num_entries).nonzero().squeeze(1)
+        return self._free
+
     def floors(self, ref: Tensor, dtype: torch.dtype) -> Tensor:
         """Per kernel, a lower bound on the penalty of every entry but its reference: ``mu`` times the fewest
         bits of any change (0 for kernels without a reference)."""
@@ -576,21 +582,29 @@ class BoundedSearch:
         ``L^2`` is a lower bound, else ``|x - p_r|`` is measured. Returns the rows not proved."""
         ref = rate.reference
         k = rate.num_entries
-        reach = (self._penalty(self.lower) - self._moved * (1 + SLACK)).clamp_min_(0).mul_(1 - SLACK)
-        reach2 = reach.square_().mul_(1 - SLACK)
+        # reach = (l - P - m) rounded down, clamped at 0; ``floor``: the least penalty of any change.
+        reach = torch.mul(self.lower, 1 - SLACK).sub_(self.drift * (1 + SLACK)).sub_(self._moved, alpha=1 + SLACK)
+        reach.clamp_min_(0).square_().mul_((1 - SLACK) ** 3)
+        floor = rate.mu * rate.floor * (1 - SLACK) ** 2
         cost = near.mul_(1 + SLACK)
-        off = ((self.indices != ref) & (ref < k)).nonzero().squeeze(1)
-        ref_off = ref[off].long()
+        off = (self.indices != ref).nonzero().squeeze(1)
         if len(off):
+            ref_off = ref[off].long()
+            has = ref_off < k  # kernels without a reference pay nothing
+            off, ref_off = off[has], ref_off[has]
             pen = rate.penalty(ref_off, self.indices[off].long(), x.dtype)
             cost[off] = (cost[off] + pen * (1 + SLACK)) * (1 + SLACK)
         # Written so that a NaN anywhere counts as a failed proof.
-        ok = cost < (reach2 + rate.floors(ref, x.dtype) * (1 - SLACK)) * (1 - SLACK)
-        check = ok[off] & ~(cost[off] < reach2[off])
-        rows, ref_rows = off[check], ref_off[check]
-        if len(rows):
-            diff = x[rows] - self.codebook[ref_rows]
-            ok[rows] = cost[rows] < diff.square_().sum(1) / scale * (1 - SLACK)
+        ok = cost < reach + floor
+        free = rate.free()
+        if len(free):  # every entry is free to them: the plain bound alone
+            ok[free] = cost[free] < reach[free]
+        if len(off):
+            check = ok[off] & ~(cost[off] < reach[off])
+            rows, ref_rows = off[check], ref_off[check]
+            if len(rows):
+                diff = x[rows] - self.codebook[ref_rows]
+                ok[rows] = cost[rows] < diff.square_().sum(1) / scale * (1 - SLACK)
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
@@ -665,7 +679,10 @@ class BoundedSearch:
         v = x[:, 0]
         ok = (v > lo.index_select(0, self.indices)) & (v < hi.index_select(0, self.indices))
         if rate is not None:
-            ok &= (self.indices == rate.reference) | (rate.reference == rate.num_entries)
+            # On its reference, a kernel also keeps it while closer to it than every change's least price.
+            on = self.indices == rate.reference
+            near = (v - self.searched[:, 0]).square_() * (1 + SLACK) < rate.mu * rate.floor * (1 - SLACK)
+            ok = (ok & (on | (rate.reference == rate.num_entries))) | (on & near)
         rows = ok.logical_not_().nonzero().squeeze(1)
         if len(rows):
             if rate is None:
