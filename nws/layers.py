@@ -32,6 +32,21 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _Commitment(torch.autograd.Function):
+    """``mean((w - sg(q))^2)`` whose value is given (the search's own squared distances, so no pass over the
+    weights) and whose gradient is ``F.mse_loss``'s, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, searched: Tensor, value: Tensor) -> Tensor:  # noqa: ARG004
+        ctx.save_for_backward(weight, searched)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        weight, searched = ctx.saved_tensors
+        return torch.ops.aten.mse_loss_backward(grad, weight, searched, 1), None, None  # 1: mean
+
+
 class NWSLayer(nn.Module):
     """What NWS conv and linear layers share: grouping, search with a cache, straight-through weight."""
 
@@ -106,6 +121,18 @@ class NWSLayer(nn.Module):
             return self._forward[1]
         with torch.no_grad():
             return self._searched()[1]
+
+    def commitment(self) -> Tensor:
+        """``mean((w - sg(q))^2)``, ``q`` the searched weight of the most recent forward (searched again if
+        the weight changed since): the layer's term of :func:`nws.commitment_loss`. Its value is the search's
+        sum of squared distances (equal to ``F.mse_loss`` but for rounding), its gradient ``F.mse_loss``'s."""
+        searched = self.forward_searched_weight()
+        total = getattr(self._search, "sq_total", None)
+        if total is None or not torch.is_grad_enabled():
+            return F.mse_loss(self.weight, searched)
+        value = (total.to(torch.float64) / self.weight.numel()).to(torch.promote_types(self.weight.dtype,
+                                                                                        searched.dtype))
+        return _Commitment.apply(self.weight, searched, value)
 
     def nws_weight(self) -> Tensor:
         """Searched weight carrying the straight-through gradient; records EMA statistics when pretraining."""

@@ -461,6 +461,7 @@ class BoundedSearch:
         self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
         self._cells: tuple[Tensor, Tensor] | None = None  # vectors of length 1: each entry's cell (_cells)
+        self.sq_total: Tensor | None = None  # sum over kernels of |x - searched|^2 at the last call
 
     def _store(self, rows: Tensor | None, x: Tensor, found: Tensor, lower: Tensor, rest: Tensor,
                cand: Tensor | None = None) -> None:
@@ -496,6 +497,7 @@ class BoundedSearch:
         ref = None if rate is None else rate.reference.long()
         indices, lower, cand, rest = _scan(x, codebook, self.chunk_elements, self.candidates, rate, ref)
         self._store(None, x, indices, lower, rest, cand)
+        self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(x)
         return self.indices
 
@@ -565,6 +567,7 @@ class BoundedSearch:
                 torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
             sqdist(part, self.searched, dist)
             sqdist(part, self.anchor, moved)
+        self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
         # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
         scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
         self._moved = moved.mul_(scale).sqrt_()
@@ -691,6 +694,7 @@ class BoundedSearch:
                 found = _nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long())
             self.indices[rows] = found.int()
             self.searched[rows] = codebook[found]
+        self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(rows)
         return self.indices
 
@@ -708,6 +712,7 @@ class BoundedSearch:
         else:
             self.codebook, self.searched = codebook.clone(), codebook[indices]
         self.indices = indices
+        self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(x)
         return indices
 
@@ -741,6 +746,7 @@ class BoundedSearch:
             for start in range(0, len(rows), ROW_BLOCK):
                 part = rows[start : start + ROW_BLOCK]
                 xr = x[part]
+                before = self.indices[part].long()
                 if rate is None:
                     ref = None
                     left = self._by_candidates(part, xr, self._moved[part])
@@ -752,6 +758,12 @@ class BoundedSearch:
                                                      None if ref is None else ref[left])
                     self._store(part[left], xr[left], found, lower, rest, cand)
                     full += len(left)
+                # The squared distances of the kernels that changed entry, in the commitment's total.
+                changed = (self.indices[part] != before).nonzero().squeeze(1)
+                if len(changed):
+                    xc = xr[changed]
+                    self.sq_total = (self.sq_total + (xc - self.searched[part[changed]]).square_().sum()
+                                     - (xc - codebook[before[changed]]).square_().sum())
             self._moved = None
             self.last_searched, self.last_full = len(rows), full
             return self.indices
