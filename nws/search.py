@@ -468,7 +468,7 @@ class BoundedSearch:
         """Anchor ``rows`` (all if None) at ``x``, now nearest to entries ``found``, every other entry at least
         ``lower`` away and every entry outside ``cand`` (None: unchanged) at least ``rest`` away; the
         half-precision rounding of the anchor comes off the bounds."""
-        entries = self.codebook[found]
+        entries = self.codebook.index_select(0, found)
         anchor = x.to(self.anchor_dtype)
         rounding = _distance(anchor, x)
         lower = (lower - rounding) * (1 - SLACK) + self.drift
@@ -606,7 +606,7 @@ class BoundedSearch:
             check = ok[off] & ~(cost[off] < reach[off])
             rows, ref_rows = off[check], ref_off[check]
             if len(rows):
-                diff = x[rows] - self.codebook[ref_rows]
+                diff = x[rows] - self.codebook.index_select(0, ref_rows)
                 ok[rows] = cost[rows] < diff.square_().sum(1) / scale * (1 - SLACK)
         return ok.logical_not_().nonzero().squeeze(1)
 
@@ -619,7 +619,8 @@ class BoundedSearch:
         block = max(1, self.chunk_elements // (c * x.shape[1]))
         for start in range(0, n, block):
             part = slice(start, start + block)
-            torch.linalg.vector_norm(x[part, None, :] - self.codebook[cand[part]], dim=2, out=dist[part])
+            near = self.codebook.index_select(0, cand[part].reshape(-1)).view(-1, c, x.shape[1])
+            torch.linalg.vector_norm(x[part, None, :] - near, dim=2, out=dist[part])
         best, pos = dist.min(dim=1)
         dist.scatter_(1, pos[:, None], float("inf"))
         # Computed distances, rounded up for the winner and down for the others.
@@ -644,7 +645,8 @@ class BoundedSearch:
         block = max(1, self.chunk_elements // (c * x.shape[1]))
         for start in range(0, n, block):
             part = slice(start, start + block)
-            torch.linalg.vector_norm(x[part, None, :] - self.codebook[cols[part]], dim=2, out=dist[part])
+            near = self.codebook.index_select(0, cols[part].reshape(-1)).view(-1, c, x.shape[1])
+            torch.linalg.vector_norm(x[part, None, :] - near, dim=2, out=dist[part])
         pen = rate.penalty(ref[:, None].expand_as(cols), cols, x.dtype)
         pos = (dist * dist + pen).argmin(dim=1, keepdim=True)
         found = cols.gather(1, pos)
@@ -693,7 +695,7 @@ class BoundedSearch:
             else:
                 found = _nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long())
             self.indices[rows] = found.int()
-            self.searched[rows] = codebook[found]
+            self.searched[rows] = codebook.index_select(0, found)
         self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(rows)
         return self.indices
