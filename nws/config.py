@@ -154,6 +154,10 @@ class ModelConfig:
     next key task)"""
     key_every: PositiveInt = 10
     """with code_reference previous: a task coded against the source every this many tasks"""
+    rate: NonNegativeNumber = 0.0
+    """lambda of the rate-aware search: each kernel takes the entry minimising its squared distance plus lambda
+    times the bits its choice costs in the task file (in units of the pool's typical squared gap between
+    neighbouring entries; docs/rate.md); 0: the nearest entry, as in the paper"""
     bn_dtype: BNDtype = "float32"
     """how a task file stores BatchNorm: float32 (lossless) or, lossy and half the bytes, float16 / bfloat16
     (tasks are evaluated from what is stored)"""

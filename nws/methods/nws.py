@@ -28,6 +28,7 @@ from nws.methods.base import Context, Method, Saved
 from nws.models import create_model
 from nws.pool import all_reduce_step_statistics
 from nws.pool_sources import pools_from_model
+from nws.rate import set_rate
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
 from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
 from nws.store import SOURCE, task_file
@@ -169,7 +170,15 @@ class NWS(Method):
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
+        if self.config.model.rate:
+            set_rate(model, self.reference_for(index), self.config.model.rate)
         return self.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
+
+    def reference_for(self, index: int) -> dict[str, torch.Tensor]:
+        """The indices task ``index`` is coded against (:meth:`against`), read from the run's files."""
+        store = TaskStore(self.ctx.out)
+        against = self.against(index)
+        return store.reference_codes() if against == SOURCE_REFERENCE else store.codes(int(against))
 
     def start(self, store: TaskStore, source: nn.Module) -> None:
         """Store the run's reference (the source network's indices, read back from its file) once."""
