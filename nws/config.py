@@ -246,8 +246,8 @@ class TrainerConfig:
     """under a gradient scaler (16-mixed), this many steps skipped in a row for overflowing gradients stop
     the run"""
     threads: Optional[PositiveInt] = None
-    """compute threads; null follows the CPUs this process may use (its affinity mask, SLURM's CPUs per task),
-    so runs sharing a machine or an allocation do not oversubscribe it"""
+    """compute threads; null: OMP_NUM_THREADS if set, else the CPUs this process may use (its affinity mask,
+    SLURM's CPUs per task), so runs sharing a machine or an allocation do not oversubscribe it"""
 
 
 @dataclass

@@ -26,7 +26,10 @@ def available_cpus() -> int:
 
 
 def use_threads(trainer_cfg: TrainerConfig) -> int:
-    """Set torch's compute threads to ``trainer.threads``, or by default to :func:`available_cpus`; returns it."""
+    """Set torch's compute threads to ``trainer.threads``; by default, where the environment does not set them
+    (``OMP_NUM_THREADS``), to :func:`available_cpus`. Returns the number used."""
+    if trainer_cfg.threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
     threads = trainer_cfg.threads or available_cpus()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

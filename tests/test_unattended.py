@@ -112,6 +112,7 @@ def test_threads_follow_the_cpus_the_process_may_use(monkeypatch):
 
     before = torch.get_num_threads()
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert available_cpus() == len(os.sched_getaffinity(0))
     one_cpu = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
                               "from nws.devices import available_cpus; print(available_cpus())"],
@@ -123,5 +124,8 @@ def test_threads_follow_the_cpus_the_process_may_use(monkeypatch):
         assert available_cpus() == 1
         assert use_threads(TrainerConfig()) == 1 and torch.get_num_threads() == 1
         assert use_threads(TrainerConfig(threads=3)) == 3 and torch.get_num_threads() == 3  # a setting wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # so does the environment's
+        torch.set_num_threads(2)
+        assert use_threads(TrainerConfig()) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
