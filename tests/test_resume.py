@@ -126,10 +126,11 @@ def test_killed_run_resumes_to_the_uninterrupted_files(tmp_path):
 
 
 def test_killed_chain_run_resumes_to_the_uninterrupted_files(tmp_path):
-    """``model.code_reference: previous`` codes each task against the one before it (a key task every 2 here):
+    """``model.code_reference: previous`` codes each task against the one before it (a key task every 2 here;
+    the rate-aware search prices each choice against it):
     killed while training task 3, the resumed run rebuilds its predecessor from the chain and writes the
     same files as an uninterrupted run."""
-    chain = ("--model.code_reference", "previous", "--model.key_every", "2")
+    chain = ("--model.code_reference", "previous", "--model.key_every", "2", "--model.rate", "1")
     reference = demo(tmp_path / "reference", *chain, stdout=subprocess.DEVNULL)
     out = tmp_path / "run"
     killed_in_task_3(out, *chain)
