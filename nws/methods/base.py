@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from nws.batchnorm import fold_batchnorm
 from nws.config import RunConfig, TrainConfig
 from nws.data import Benchmark, Task
 from nws.engine import LossTerm, evaluate, fit, seed_everything
@@ -199,6 +200,13 @@ class Method:
     def learn(self, index: int) -> nn.Module:
         """Train task ``index``; returns the trained network."""
         raise NotImplementedError
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The network of a task as it is evaluated and stored, once trained (in place): with
+        ``model.bn_dtype: int8`` its BatchNorm folded onto its grid (:mod:`nws.batchnorm`), for every method."""
+        if self.config.model.bn_dtype == "int8":
+            fold_batchnorm(model)
+        return model
 
     def save(self, store: RunStore, index: int, model: nn.Module) -> Saved:
         """The files of task ``index`` (and any shared file it changes), and its manifest record."""

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from nws.batchnorm import unfold_batchnorm
 from nws.config import ConfigError, RunConfig, TrainConfig
 from nws.convert import commitment_loss, convert, freeze_pools, nws_layers, update_pools
 from nws.engine import LossTerm, task_seed
@@ -163,10 +164,12 @@ class NWS(Method):
     def learn(self, index: int) -> nn.Module:
         """Task ``index`` from its predecessor rebuilt from storage (task 0: the source network)."""
         task = self.ctx.benchmark.tasks[index]
+        source = TaskStore(self.config.pretrained or self.ctx.out).load_source()
         if index == 0:
-            start = TaskStore(self.config.pretrained or self.ctx.out).load_source()
+            start = source
         else:
             start = TaskStore(self.ctx.out).model(index - 1)
+            unfold_batchnorm(start, source)  # if folded (model.bn_dtype int8): the source's statistics stand in
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -195,8 +198,8 @@ class NWS(Method):
 
     def save(self, store: TaskStore, index: int, model: nn.Module) -> Saved:
         task = self.ctx.benchmark.tasks[index]
-        bn_dtype = getattr(torch, self.config.model.bn_dtype)
-        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index), bn_dtype)
+        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index),
+                                       self.config.model.bn_dtype)
         return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes,
                                                 "reference_bytes": reference_task_bytes(model)})
 
