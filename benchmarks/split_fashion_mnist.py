@@ -86,7 +86,7 @@ def with_values(config: RunConfig, values: dict[str, float], **top: Any) -> RunC
 
 
 def label(values: dict[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in values.items())
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def validation_benchmark(bench: Benchmark, image_size: int | None, seed: int,

@@ -9,16 +9,16 @@ what is evaluated after training, and :func:`encode_folded` stores it losslessly
 one exponent per tensor (:func:`decode_folded` gives back the same floats, bit for bit), so accuracy from
 storage equals accuracy after training. What the rounding costs shows in that accuracy.
 
-A folded network that starts another task is first :func:`unfold_batchnorm`-ed with a reference network's
-running statistics (the source network's): the same function in evaluation, and in training a scale and
-shift close to what the layer had before folding, since the reference's statistics stand in for the lost
-ones.
+A folded network that starts another task is first :func:`unfold_batchnorm`-ed on a few batches of that
+task's data: each layer gets the statistics of its input there, and the scale and shift that keep its map,
+so it computes the same function in evaluation and, normalising with batch statistics close to these, starts
+training where the folded network is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -132,19 +132,48 @@ def decode_folded(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor])
     return {key: state[key] for key in expected}
 
 
+def _is_folded(layer: _BatchNorm) -> bool:
+    return layer.track_running_stats and not layer.running_mean.any() and bool((layer.running_var == 1).all())
+
+
 @torch.no_grad()
-def unfold_batchnorm(model: nn.Module, reference: nn.Module) -> None:
-    """Give every folded BatchNorm layer of ``model`` (running statistics 0 and 1) the running statistics of the
-    same layer of ``reference``, with its scale and shift adjusted so that evaluation computes the same map
-    (up to rounding): the start of another task (see the module docstring). Layers not folded are left."""
-    theirs = dict(batchnorm_layers(reference))
-    for name, layer in batchnorm_layers(model):
-        other = theirs.get(name)
-        if other is None or layer.running_mean.any() or not bool((layer.running_var == 1).all()):
+def unfold_batchnorm(model: nn.Module, inputs: Iterable[Tensor]) -> None:
+    """Give every folded BatchNorm layer of ``model`` (running statistics 0 and 1) the statistics of its input
+    on ``inputs`` (batches of the next task's training data), and the scale and shift that make it compute the
+    same map in evaluation (up to rounding): the start of another task. In training, a layer normalises with
+    its batch's statistics, close to these, so it starts where the folded network is (see the module
+    docstring). Layers not folded are left as they are."""
+    layers = [(name, m) for name, m in batchnorm_layers(model) if _is_folded(m)]
+    if not layers:
+        return
+    sums: dict[str, list[Tensor]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+            total = sums.setdefault(name, [torch.zeros(len(x), dtype=torch.float64, device=x.device)] * 2 + [0])
+            sums[name] = [total[0] + x.sum(1), total[1] + x.pow(2).sum(1), total[2] + x.shape[1]]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for name, layer in layers:
+        if name not in sums:
             continue
-        std = torch.sqrt(other.running_var.double() + other.eps)
+        first, second, count = sums[name]
+        mean = first / count
+        var = (second / count - mean.pow(2)).clamp_min(0)
+        std = torch.sqrt(var + layer.eps)
         a, b = layer.weight.double(), layer.bias.double()
-        layer.running_mean.copy_(other.running_mean)
-        layer.running_var.copy_(other.running_var)
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
         layer.weight.copy_(a * std)
-        layer.bias.copy_(b + a * other.running_mean.double())
+        layer.bias.copy_(b + a * mean)

@@ -276,23 +276,3 @@ def test_resuming_a_baseline_run_as_another_method_is_refused(tmp_path, capsys):
     assert "holds a run of method individual, not finetune" in capsys.readouterr().err
     assert snapshot(out, list(before)) == before
 
-
-def test_sigterm_mid_task_exits_143_and_the_run_resumes(tmp_path):
-    """SIGTERM (scancel, a scheduler's time limit) is not a success: one line, exit 143; --resume finishes."""
-    import time
-
-    out = tmp_path / "run"
-    env = {**{k: v for k, v in os.environ.items() if k != CRASH_ENV}, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nws.cli", "demo", "--out", str(out), *TINY, "--task.epochs", "40"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    checkpoint = out / "checkpoints" / "task_001" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # task 1 is training: its first epoch is checkpointed
-    assert proc.wait(timeout=300) == 143
-    err = proc.stderr.read()
-    assert err.count("\n") == 1 and "terminated (SIGTERM)" in err and "--resume" in err
-    assert listed(out) == [0] and not (out / "results.json").exists()
-    assert demo(out, "--resume", "--task.epochs", "40", stdout=subprocess.DEVNULL).wait(timeout=300) == 0
-    assert listed(out) == [0, 1, 2, 3, 4]

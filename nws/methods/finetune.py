@@ -8,11 +8,9 @@ changed: this shows forgetting.
 
 from __future__ import annotations
 
-import copy
 
 from torch import nn
 
-from nws.batchnorm import unfold_batchnorm
 from nws.methods.base import Saved
 from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, prefixed, state_parts,
                                unprefixed)
@@ -39,14 +37,12 @@ class Finetune(PlainMethod):
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.model = source
-        self.reference = copy.deepcopy(source)  # its BatchNorm statistics unfold a folded network (model.bn_dtype)
 
     def restore(self, store: PlainStore, index: int) -> None:
         self.model = store.build(index)
 
     def learn(self, index: int) -> nn.Module:
-        unfold_batchnorm(self.model, self.reference)
-        model = self.head_for(self.model.train(), index)
+        model = self.head_for(self.unfolded(self.model, index).train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
         self.model = self.train_task(model, index)

@@ -20,7 +20,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from nws.batchnorm import unfold_batchnorm
 from nws.config import ConfigError, RunConfig, TrainConfig
 from nws.convert import commitment_loss, convert, freeze_pools, nws_layers, update_pools
 from nws.engine import LossTerm, task_seed
@@ -164,12 +163,10 @@ class NWS(Method):
     def learn(self, index: int) -> nn.Module:
         """Task ``index`` from its predecessor rebuilt from storage (task 0: the source network)."""
         task = self.ctx.benchmark.tasks[index]
-        source = TaskStore(self.config.pretrained or self.ctx.out).load_source()
         if index == 0:
-            start = source
+            start = TaskStore(self.config.pretrained or self.ctx.out).load_source()
         else:
-            start = TaskStore(self.ctx.out).model(index - 1)
-            unfold_batchnorm(start, source)  # if folded (model.bn_dtype int8): the source's statistics stand in
+            start = self.unfolded(TaskStore(self.ctx.out).model(index - 1), index)
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)

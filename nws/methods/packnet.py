@@ -14,7 +14,6 @@ BatchNorm and classifier.
 
 from __future__ import annotations
 
-import copy
 
 import dataclasses
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 
 from nws.engine import StepAction
 from nws.errors import StoreError
-from nws.batchnorm import unfold_batchnorm
 from nws.methods.base import Saved
 from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, masked_layers, pack_masks,
                                prefixed, state_parts, unpack_masks, unprefixed, weight_key)
@@ -73,7 +71,6 @@ class PackNet(PlainMethod):
 
     def start(self, store: PlainStore, source: nn.Module) -> None:
         self.model = source
-        self.reference = copy.deepcopy(source)  # its BatchNorm statistics unfold a folded network (model.bn_dtype)
         # Which task owns each weight of each pruned layer; -1: free.
         self.owner = {name: torch.full(layer.weight.shape, -1, dtype=torch.int16)
                       for name, layer in masked_layers(source)}
@@ -109,8 +106,7 @@ class PackNet(PlainMethod):
         return restore
 
     def learn(self, index: int) -> nn.Module:
-        unfold_batchnorm(self.model, self.reference)
-        model = self.head_for(self.model.train(), index)
+        model = self.head_for(self.unfolded(self.model, index).train(), index)
         layers = dict(masked_layers(model))
         params = self._params(model, index)
         free = {name: self.owner[name] == -1 for name in layers}
