@@ -2,12 +2,16 @@
 
 ResNet-18 (CIFAR stem, one input channel), K 512, g 1, batch 32, SGD (lr 0.01, momentum 0.9, nesterov, weight
 decay 4e-5), beta 0.5, learning Fashion-MNIST T-shirt vs trouser (padded to 32x32), a fresh batch every step.
-Every ratio is the median, over step pairs, of NWS step time / plain step time: the two networks take the same
-batch one after the other in one process, so machine noise hits both alike. One life cycle, in order:
-  (1) pool pretraining: the pools move (EMA update after every step), from pools sampled from the kernels;
+Every ratio is the median, over steps, of NWS step time / plain step time: the networks take the same batch
+one after the other in one process (the order rotating), so machine noise hits all alike. By default the
+threads are torch's default (what a user gets) and steps are timed by the wall clock. One life cycle, in order:
+  (1) pool pretraining: the pools move (EMA update after every step), from pools sampled from the kernels,
+      shown from its first step (steps 0-5, 5-25) and after a warm-up;
   (2) task 0: pools frozen, starting from the pretrained weights, which are not on their entries;
   (3) task 1: starting from task 0's weights rebuilt from its indices (every kernel on its entry), a long run
       shown in windows, to see that the cost stays where it settles.
+(2) and (3) run the nearest-entry search (lam 0) and the rate-aware one (``--lam``, against the source
+network's indices, :mod:`nws.rate`) side by side with plain training.
 Then the search variants side by side on a decoded start: plain, NWS with an exact chunked search of every
 kernel every step (``nearest``), NWS as shipped, NWS with the reference implementation's search (full
 distance matrix, argmin and one-hot product per layer per forward); the memory of each; and how the cost
@@ -159,64 +163,91 @@ def search_counts(model: nn.Module) -> tuple[int, int, int]:
             sum(layer.num_kernels for layer in layers))
 
 
-Row = tuple[float, float, int, int]  # plain time, NWS time, kernels searched again, of them in full
+Row = tuple[float, list[float], list[int], list[int]]  # plain time; per NWS model: time, searched again, in full
 
 
-def pairs(plain: nn.Module, model: nn.Module, batches: Batches, steps: int) -> list[Row]:
-    """``steps`` training steps of both networks on the same fresh batches, which one goes first alternating."""
-    a, b = Stepper(plain, False), Stepper(model, True)
+def steps(plain: nn.Module, models: list[nn.Module], batches: Batches, count: int) -> list[Row]:
+    """``count`` training steps of the plain network and every NWS network on the same fresh batches, one
+    after the other, the order rotating every step (so machine noise hits all alike)."""
+    steppers = [Stepper(plain, False)] + [Stepper(m, True) for m in models]
     out = []
-    for i in range(steps):
+    for i in range(count):
         x, y = batches()
-        if i % 2:
-            tb, ta = b(x, y), a(x, y)
-        else:
-            ta, tb = a(x, y), b(x, y)
-        out.append((ta, tb, *search_counts(model)[:2]))
+        times = [0.0] * len(steppers)
+        for j in range(len(steppers)):
+            k = (i + j) % len(steppers)
+            times[k] = steppers[k](x, y)
+        counts = [search_counts(m)[:2] for m in models]
+        out.append((times[0], times[1:], [c[0] for c in counts], [c[1] for c in counts]))
     return out
 
 
-def ratio(rows: list[Row]) -> float:
-    return statistics.median(r[1] / r[0] for r in rows)
+def ratio(rows: list[Row], j: int = 0) -> float:
+    """Median over steps of NWS model ``j``'s step time / the plain step time."""
+    return statistics.median(r[1][j] / r[0] for r in rows)
 
 
-def shares(rows: list[Row], total: int) -> str:
-    return " | ".join(f"{100 * statistics.mean(r[i] for r in rows) / total:.2f}%" for i in (2, 3))
+def shares(rows: list[Row], total: int, j: int = 0) -> str:
+    return " | ".join(f"{100 * statistics.mean(r[i][j] for r in rows) / total:.2f}%" for i in (2, 3))
 
 
-HEADER = ("| steps measured | NWS / plain (median of step ratios) | plain (median) | NWS (median) | kernels "
-          "searched again per step | of them in full |\n|---|---|---|---|---|---|")
+HEADER = ("| steps | NWS / plain (median of step ratios) | plain (median) | NWS (median) | kernels searched again "
+          "per step | of them in full |\n|---|---|---|---|---|---|")
 
 
-def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: int) -> None:
+def table(rows: list[Row], windows: list[tuple[int, int]], total: int, names: list[str]) -> None:
+    print(HEADER.replace("| steps |", "| NWS | steps |").replace("|---|", "|---|---|", 1))
+    for j, name in enumerate(names):
+        for lo, hi in windows:
+            part = rows[lo:hi]
+            print(f"| {name} | {lo}-{hi} | **{ratio(part, j):.3f}x** | {1000 * statistics.median(r[0] for r in part):.0f} ms | "
+                  f"{1000 * statistics.median(r[1][j] for r in part):.0f} ms | {shares(part, total, j)} |")
+
+
+def rate_aware(model: nn.Module, lam: float) -> nn.Module:
+    """A copy of ``model`` searching rate-aware at ``lam`` against the source network's indices (what a task
+    file is coded against by default), with the prior bit model."""
+    model = copy.deepcopy(model)
+    nws.set_rate(model, REFERENCE, lam)
+    return model
+
+
+REFERENCE: dict[str, Tensor] = {}
+
+
+def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: int, lam: float) -> None:
     plain = plain_model()
     model = nws_model(plain)
     total = search_counts(model)[2]
     print(f"\nKernels counted: the {total:,} kernels of length 9 (3x3 convs); the length-1 kernels of the 1x1 "
-          "convs and the classifier are searched in full every step, by binary search.")
+          "convs and the classifier are proved by their entry's cell, searched when they leave it.")
     batches = Batches(data)
-    stages = [("(1) pool pretraining, pools moving", warmup, measured),
-              ("(2) task 0, off-entry start (the pretrained weights), pools frozen", warmup, measured),
-              ("(3) task 1, decoded start (task 0's weights rebuilt from its indices)", warmup, long)]
-    for i, (title, warm, steps) in enumerate(stages):
-        if i == 1:
-            nws.freeze_pools(model)
-        elif i == 2:
+
+    copy_weights(plain, model)
+    start = time.perf_counter()
+    first = max(25, measured)
+    rows = steps(plain, [model], batches, first + warmup + measured)
+    print(f"\n(1) pool pretraining, pools moving, from its first step ({time.perf_counter() - start:.0f} s)")
+    table(rows, [(0, 5), (5, 25), (first + warmup, first + warmup + measured)], total, ["shipped"])
+
+    nws.freeze_pools(model)
+    REFERENCE.update(nws.encode(model))  # the source network's indices
+    names = ["lam 0", f"lam {lam:g}"]
+    for title, warm, count in (("(2) task 0, off-entry start (the pretrained weights), pools frozen", warmup, measured),
+                               ("(3) task 1, decoded start (task 0's weights rebuilt from its indices)", warmup, long)):
+        if title.startswith("(3)"):
             decoded(model)
         copy_weights(plain, model)
+        models = [model, rate_aware(model, lam)]
         start = time.perf_counter()
-        rows = pairs(plain, model, batches, warm + steps)
-        done = rows[warm:]
-        print(f"\n{title}: {warm} warm-up steps, then {steps} step pairs ({time.perf_counter() - start:.0f} s)")
-        print(HEADER)
-        print(f"| {steps} | **{ratio(done):.3f}x** | {1000 * statistics.median(r[0] for r in done):.0f} ms | "
-              f"{1000 * statistics.median(r[1] for r in done):.0f} ms | {shares(done, total)} |")
-        if i == 2:
-            print("\nThe same run in windows:\n| steps | NWS / plain | kernels searched again | of them in full |"
-                  "\n|---|---|---|---|")
-            edges = [warm] + [e for e in (100, 200, 300, 500, 1000) if warm < e < warm + steps] + [warm + steps]
-            for lo, hi in zip(edges, edges[1:]):
-                print(f"| {lo}-{hi} | {ratio(rows[lo:hi]):.3f}x | {shares(rows[lo:hi], total)} |")
+        rows = steps(plain, models, batches, warm + count)
+        left = [sum(int((c[n][: len(REFERENCE[n])] != REFERENCE[n]).sum()) for n in c) / sum(map(len, c.values()))
+                for c in (nws.encode(m) for m in models)]
+        print(f"\n{title}: {warm} warm-up steps, then {count} steps ({time.perf_counter() - start:.0f} s); kernels "
+              f"off the source's entries at the end: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in zip(names, left)))
+        edges = [warm] + [e for e in (100, 200, 300, 500, 1000) if warm < e < warm + count] + [warm + count]
+        table(rows, [(warm, warm + count)] + (list(zip(edges, edges[1:])) if len(edges) > 2 else []), total, names)
+        model = models[0]
 
 
 def variant_models(pool_size: int = 512) -> dict[str, nn.Module]:
@@ -327,7 +358,7 @@ def scaling(data: tuple[Tensor, Tensor], rounds: int, warmup: int) -> None:
         plain = plain_model()
         model = decoded(nws_model(plain, k))
         copy_weights(plain, model)
-        rows = pairs(plain, model, Batches(data, seed=2), warmup + rounds)[warmup:]
+        rows = steps(plain, [model], Batches(data, seed=2), warmup + rounds)[warmup:]
         kernels = [layer.kernels().detach() for _, layer in nws.nws_layers(model)]
         books = [layer.pool.codebook for _, layer in nws.nws_layers(model)]
         start = time.perf_counter()
@@ -335,7 +366,7 @@ def scaling(data: tuple[Tensor, Tensor], rounds: int, warmup: int) -> None:
             nearest(x, book)
         full = time.perf_counter() - start
         print(f"| {k} | {1000 * statistics.median(r[0] for r in rows):.0f} ms | "
-              f"{1000 * statistics.median(r[1] for r in rows):.0f} ms | {ratio(rows):.3f}x | {1000 * full:.0f} ms |")
+              f"{1000 * statistics.median(r[1][0] for r in rows):.0f} ms | {ratio(rows):.3f}x | {1000 * full:.0f} ms |")
 
     print("\nCost as the layer grows (one 3x3 conv, K 512, 20 SGD steps of a random regression, search time "
           "per step after 5):")
@@ -366,7 +397,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each part")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the Fashion-MNIST IDX .gz files")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's default, what a user gets: one per core)")
+    parser.add_argument("--lam", type=float, default=0.5, help="the rate-aware search's lambda for the task starts")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time steps by the wall clock or by this process's CPU time (one thread on a busy machine)")
     parser.add_argument("--only", choices=("cycle", "variants", "memory", "scaling"), action="append",
@@ -374,7 +407,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "train-images-idx3-ubyte.gz").exists():
         sys.exit(f"no Fashion-MNIST in {args.data}: apt-get install dataset-fashion-mnist, or pass --data")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     parts = args.only or ["cycle", "variants", "memory", "scaling"]
@@ -383,7 +417,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; ResNet-18 (CIFAR stem), batch 32, "
           f"K 512, g 1; Fashion-MNIST {len(data[1]):,} images (T-shirt vs trouser), a fresh batch every step")
     if "cycle" in parts:
-        life_cycle(data, warmup, measured, long)
+        life_cycle(data, warmup, measured, long, args.lam)
     if "variants" in parts:
         variants(data, rounds, 3)
     if "memory" in parts:

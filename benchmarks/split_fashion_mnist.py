@@ -13,11 +13,11 @@
 3. **Report**: ``nws report`` of every finished final run (means and standard deviations over seeds), and
    ``tuning.md``: the validation accuracy and loss of every grid point and the chosen values.
 
-``--grid wide`` adds two points per method beyond the top of the main grid (:data:`EDGE`: on the short
-schedule every method's best point was the main grid's largest learning rate). Grid points already trained
-are reused; its choices go to ``tune/<method>_wide.json``, its final runs to ``seed<S>/wide/<method>`` (a
-method whose choice did not change keeps its main run) and its report to ``report_wide/`` and
-``tuning_wide.md``.
+The grids (:data:`GRIDS`) give each method eight points: the task learning rate (up to 0.5: on the short
+schedule the best points are high); NWS's four learning rates times two lambdas of its rate-aware search
+(``model.rate``), the knob that trades its bytes per task; Piggyback's task learning rates times the Adam
+learning rates of its mask scores. Runs use one thread (``--threads``) unless asked otherwise, so CPU times
+compare and results do not depend on the machine's core count.
 
 Every stage skips what is finished and resumes what was interrupted, so the command can simply be run
 again; ``--methods`` splits the work between processes (the shared source networks are made under a lock).
@@ -25,8 +25,7 @@ Arguments the driver does not know are settings for the config (``--data.root DI
 
     python benchmarks/split_fashion_mnist.py --config configs/split_fashion_mnist_convnet.yaml \\
         --data.root /usr/share/datasets/fashion-mnist --trainer.progress_bar false \\
-        --out /tmp/results_runs/convnet --seeds 1993 1994 1995 [--methods nws packnet] [--stage tune|final|report|all] \
-        [--grid main|wide]
+        --out /tmp/results_runs/convnet --seeds 1993 1994 1995 [--methods nws packnet] [--stage tune|final|report|all]
 """
 
 from __future__ import annotations
@@ -58,28 +57,22 @@ from nws.runner import Runner
 from nws.methods.nws import POOLS
 from nws.store import MANIFEST
 
-LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
-# Six points per method: the task learning rate, and for Piggyback (whose task lr trains only its classifier
-# and BatchNorm) two task learning rates times three Adam learning rates of its mask scores.
+LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+RATES = (1.0, 3.0)
+# Eight points per method: the task learning rate; for NWS four learning rates times two lambdas of its
+# rate-aware search (model.rate); for Piggyback (whose task lr trains only its classifier and BatchNorm) task
+# learning rates times Adam learning rates of its mask scores.
 GRIDS: dict[str, list[dict[str, float]]] = {
-    **{m: [{"task.lr": lr} for lr in LRS] for m in ("nws", "finetune", "individual", "packnet")},
-    "piggyback": [{"task.lr": lr, "baseline.mask_lr": mlr} for lr in (0.01, 0.05) for mlr in (0.001, 0.01, 0.1)],
-}
-# Two more points per method past the main grid's top: the learning rate continued (x2, x2.5); for Piggyback
-# one step up on each axis from its best main point (task lr 0.05 -> 0.2; mask lr 0.1 -> 0.3).
-EDGE: dict[str, list[dict[str, float]]] = {
-    **{m: [{"task.lr": 0.2}, {"task.lr": 0.5}] for m in ("nws", "finetune", "individual", "packnet")},
-    "piggyback": [{"task.lr": 0.2, "baseline.mask_lr": 0.1}, {"task.lr": 0.05, "baseline.mask_lr": 0.3}],
+    "nws": [{"task.lr": lr, "model.rate": rate} for lr in (0.05, 0.1, 0.2, 0.5) for rate in RATES],
+    **{m: [{"task.lr": lr} for lr in LRS] for m in ("finetune", "individual", "packnet")},
+    "piggyback": [{"task.lr": lr, "baseline.mask_lr": mlr} for lr in (0.01, 0.05) for mlr in (0.001, 0.01, 0.1)]
+    + [{"task.lr": 0.2, "baseline.mask_lr": 0.1}, {"task.lr": 0.05, "baseline.mask_lr": 0.3}],
 }
 VALIDATION_FRACTION = 0.2
 
 
-def grid_points(method: str, grid: str) -> list[dict[str, float]]:
-    return GRIDS[method] + (EDGE[method] if grid == "wide" else [])
-
-
-def tune_file(out: Path, method: str, grid: str) -> Path:
-    return out / "tune" / (f"{method}.json" if grid == "main" else f"{method}_{grid}.json")
+def tune_file(out: Path, method: str) -> Path:
+    return out / "tune" / f"{method}.json"
 
 
 def with_values(config: RunConfig, values: dict[str, float], **top: Any) -> RunConfig:
@@ -93,7 +86,7 @@ def with_values(config: RunConfig, values: dict[str, float], **top: Any) -> RunC
 
 
 def label(values: dict[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in values.items())
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def validation_benchmark(bench: Benchmark, image_size: int | None, seed: int,
@@ -163,9 +156,9 @@ def plain_source(path: Path, bench: Benchmark) -> torch.nn.Module:
     return FinetuneStore(path).source(len(bench.source.classes))
 
 
-def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[str, Any]:
+def tune(config: RunConfig, method: str, out: Path) -> dict[str, Any]:
     """Every grid point of ``method`` on the validation split; writes and returns its :func:`tune_file`."""
-    file = tune_file(out, method, grid)
+    file = tune_file(out, method)
     if file.is_file():
         return json.loads(file.read_text())
     bench = benchmark_from_config(config.data, config.seed)
@@ -176,7 +169,7 @@ def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[
     else:
         top, options = {}, {"shared_source": plain_source(source_run(config, bench, seed_dir, "plain"), bench)}
     points = []
-    for values in grid_points(method, grid):
+    for values in GRIDS[method]:
         cfg = with_values(config, values, method=method, out=str(out / "tune" / method / label(values)), **top)
         results, wall, cpu = run_once(cfg, val, **options)
         model = method_class(method).store_class(cfg.out).model(0)
@@ -196,20 +189,11 @@ def tune(config: RunConfig, method: str, out: Path, grid: str = "main") -> dict[
     return record
 
 
-def final_dir(out: Path, method: str, seed: int, grid: str) -> Path:
-    """The run of ``method`` with the values ``grid`` chose: ``seed<S>/<method>``, or for another grid whose
-    choice differs from the main grid's, ``seed<S>/<grid>/<method>``."""
-    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
-    main = tune_file(out, method, "main")
-    same = grid == "main" or (main.is_file() and json.loads(main.read_text())["chosen"] == chosen)
-    return out / f"seed{seed}" / (method if same else f"{grid}/{method}")
-
-
-def final(config: RunConfig, method: str, seed: int, out: Path, grid: str = "main") -> Path:
+def final(config: RunConfig, method: str, seed: int, out: Path) -> Path:
     """``method`` with its chosen values on the whole benchmark for ``seed``."""
-    chosen = json.loads(tune_file(out, method, grid).read_text())["chosen"]
+    chosen = json.loads(tune_file(out, method).read_text())["chosen"]
     seed_dir = out / f"seed{seed}"
-    run_dir = final_dir(out, method, seed, grid)
+    run_dir = seed_dir / method
     cfg = with_values(config, chosen, method=method, seed=seed, out=str(run_dir))
     bench = benchmark_from_config(cfg.data, seed)
     options = {} if method == "nws" else {"shared_source": plain_source(source_run(cfg, bench, seed_dir, "plain"), bench)}
@@ -224,11 +208,11 @@ def final(config: RunConfig, method: str, seed: int, out: Path, grid: str = "mai
     return run_dir
 
 
-def tuning_markdown(out: Path, grid: str = "main") -> str:
+def tuning_markdown(out: Path) -> str:
     """The grid of every tuned method: validation accuracy and loss per point, the chosen point in bold."""
     lines = []
     for method in METHODS:
-        file = tune_file(out, method, grid)
+        file = tune_file(out, method)
         if not file.is_file():
             continue
         record = json.loads(file.read_text())
@@ -242,20 +226,16 @@ def tuning_markdown(out: Path, grid: str = "main") -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path, grid: str = "main") -> None:
-    """The report of every finished final run of ``grid``'s choices, and its tuning table."""
+def report(out: Path) -> None:
+    """The report of every finished final run, and the tuning table."""
     seeds = sorted(int(d.name[4:]) for d in out.glob("seed*") if d.name[4:].isdigit())
-    runs = []
-    for seed in seeds:
-        for method in METHODS:
-            if tune_file(out, method, grid).is_file() and (final_dir(out, method, seed, grid) / RESULTS).is_file():
-                runs.append(final_dir(out, method, seed, grid))
-    suffix = "" if grid == "main" else f"_{grid}"
+    runs = [out / f"seed{seed}" / method for seed in seeds for method in METHODS
+            if (out / f"seed{seed}" / method / RESULTS).is_file()]
     if runs:
-        write_report(runs, out / f"report{suffix}")
-        print((out / f"report{suffix}" / "report.md").read_text().split("\n\n![")[0])
-    text = tuning_markdown(out, grid)
-    (out / f"tuning{suffix}.md").write_text(text)
+        write_report(runs, out / "report")
+        print((out / "report" / "report.md").read_text().split("\n\n![")[0])
+    text = tuning_markdown(out)
+    (out / "tuning.md").write_text(text)
     print(text)
 
 
@@ -267,22 +247,20 @@ def main() -> None:
     parser.add_argument("--tune-seed", type=int, default=None, help="the seed of the tuning (default: the first)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--stage", choices=("tune", "final", "report", "all"), default="all")
-    parser.add_argument("--grid", choices=("main", "wide"), default="main",
-                        help="wide: the main grid and two points per method past its top (EDGE)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time comparable across runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time comparable across runs, "
+                        "and results that do not depend on the machine's core count)")
     args, settings = parser.parse_known_args()
-    torch.set_num_threads(args.threads)
-    config = parse_run_config(["--config", args.config, *settings])
+    config = parse_run_config(["--config", args.config, "--trainer.threads", str(args.threads), *settings])
     tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
     if args.stage in ("tune", "all"):
         for method in args.methods:
-            tune(with_values(config, {}, seed=tune_seed), method, args.out, args.grid)
+            tune(with_values(config, {}, seed=tune_seed), method, args.out)
     if args.stage in ("final", "all"):
         for seed in args.seeds:
             for method in args.methods:
-                final(config, method, seed, args.out, args.grid)
+                final(config, method, seed, args.out)
     if args.stage in ("report", "all"):
-        report(args.out, args.grid)
+        report(args.out)
 
 
 if __name__ == "__main__":

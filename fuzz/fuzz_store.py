@@ -43,9 +43,10 @@ EARLIER = {"nws-format1": Path(__file__).parent.parent / "tests" / "fixtures" / 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("["), ord("0"), ord("9"), ord(" ")]
 
 
-def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False) -> Path:
+def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False, grid: bool = False) -> Path:
     """A real run of ``method`` with tiny settings: its source files, shared files and ``tasks`` tasks (with
-    ``chain``, NWS tasks coded against the previous task, a key task every 3, and BatchNorm stored as float16)."""
+    ``chain``, NWS tasks coded against the previous task, a key task every 3, and BatchNorm stored as float16;
+    with ``grid``, BatchNorm folded onto its int8 grid and NWS's search rate-aware)."""
     from nws.config import BaselineConfig, DataConfig, RunConfig, TrainConfig, TrainerConfig
     from nws.runner import run
 
@@ -56,6 +57,8 @@ def tiny_run(out: Path, method: str = "nws", tasks: int = 5, chain: bool = False
     config.model.kwargs = {"widths": [8, 16]} if method != "nws" else {}
     if chain:
         config.model.code_reference, config.model.key_every, config.model.bn_dtype = "previous", 3, "float16"
+    if grid:
+        config.model.bn_dtype, config.model.rate = "int8", 1.0
     run(config, progress=False)
     return out
 
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                                               for m in methods}
     if not args.run and "nws" in methods:  # and NWS tasks coded in a chain (model.code_reference: previous)
         runs["nws-chain"] = tiny_run(Path(tmp.name) / "nws-chain", "nws", tasks=5, chain=True)
+    for method in ("nws", "piggyback"):  # BatchNorm on its grid (and NWS rate-aware)
+        if not args.run and method in methods:
+            runs[f"{method}-grid"] = tiny_run(Path(tmp.name) / f"{method}-grid", method, tasks=3, grid=True)
     files, readers = {}, {}
     for label, run in runs.items():
         store = open_run(str(run))

@@ -5,6 +5,10 @@ A task's network is stored as indices into pretrained pools (plus its BatchNorm 
     model = nws.convert(my_model, pool_size=512)   # every Conv2d/Linear searches a pool
     ...train with loss = ce + beta * nws.commitment_loss(model)...
     codes = nws.encode(model)                      # {layer: LongTensor of pool indices}
+
+Rate-aware search (each kernel minimises distortion + lam * the bits its task file spends, :mod:`nws.rate`)::
+
+    nws.set_rate(model, reference_codes, lam=0.5)  # before training a task; nws.clear_rate(model) after
 """
 
 from nws.codes import code_layout, decode, encode
@@ -15,14 +19,16 @@ from nws.packing import conditional_entropy_bits, entropy_bits, pack_codes
 from nws.unpacking import unpack_codes
 from nws.pool import KernelPool
 from nws.pool_sources import import_reference, kmeans, pools_from_model
-from nws.search import brute_force_nearest, nearest
+from nws.rate import BitModel, clear_rate, estimate_model, prior_model, refresh_rate, set_rate
+from nws.search import RatePenalty, brute_force_nearest, nearest
 from nws.sparsity import kernel_sparsity, sparsity_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KernelPool", "NWSConv2d", "NWSError", "NWSLayer", "NWSLinear", "brute_force_nearest", "code_layout",
-    "commitment_loss", "conditional_entropy_bits", "convert", "decode", "encode", "entropy_bits", "freeze_pools", "import_reference",
-    "kernel_sparsity", "kmeans", "materialize", "nearest", "nws_layers", "pack_codes", "pools_from_model",
+    "BitModel", "KernelPool", "NWSConv2d", "NWSError", "NWSLayer", "NWSLinear", "RatePenalty", "brute_force_nearest",
+    "clear_rate", "code_layout", "commitment_loss", "conditional_entropy_bits", "convert", "decode", "encode",
+    "entropy_bits", "estimate_model", "freeze_pools", "import_reference", "kernel_sparsity", "kmeans", "materialize",
+    "nearest", "nws_layers", "pack_codes", "pools_from_model", "prior_model", "refresh_rate", "set_rate",
     "sparsity_loss", "unpack_codes", "update_pools",
 ]

@@ -90,7 +90,7 @@ BenchmarkName = registered_name("benchmark", "nws.data:list_benchmarks")
 Optimizer = Literal["sgd", "adam"]
 PoolInit = Literal["kernels", "normal", "kmeans"]
 CodeReference = Literal["source", "previous"]
-BNDtype = Literal["float32", "float16", "bfloat16"]
+BNDtype = Literal["float32", "float16", "bfloat16", "int8"]
 # Precisions that keep parameters and buffers (pools) in fp32; "16-mixed"/"bf16-mixed" autocast the convs.
 Precision = Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true", "64"]
 Logger = Literal["csv", "tensorboard", "wandb", "none"]
@@ -154,9 +154,15 @@ class ModelConfig:
     next key task)"""
     key_every: PositiveInt = 10
     """with code_reference previous: a task coded against the source every this many tasks"""
+    rate: NonNegativeNumber = 0.0
+    """lambda of the rate-aware search: each kernel takes the entry minimising its squared distance plus lambda
+    times the bits its choice costs in the task file (in units of the pool's typical squared gap between
+    neighbouring entries; docs/rate.md); 0: the nearest entry, as in the paper"""
     bn_dtype: BNDtype = "float32"
-    """how a task file stores BatchNorm: float32 (lossless) or, lossy and half the bytes, float16 / bfloat16
-    (tasks are evaluated from what is stored)"""
+    """how a task file stores BatchNorm: float32 (lossless); float16 / bfloat16 (lossy, half the bytes; tasks
+    are evaluated from what is stored); or int8: each layer folded into one scale and shift per channel on a
+    255-level grid at the end of a task's training, so the task is exactly what is stored (an eighth of the
+    bytes; every method; docs/reliability.md)"""
 
 
 @dataclass

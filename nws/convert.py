@@ -8,7 +8,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nws.layers import NWSConv2d, NWSLayer, NWSLinear
@@ -95,7 +94,7 @@ def nws_layers(model: nn.Module) -> Iterator[tuple[str, NWSLayer]]:
 def commitment_loss(model: nn.Module) -> Tensor:
     """``sum_l mean((sg(q_l) - w_l)^2)``: pulls temporary weights towards their searched pool entries
     (those of the layer's most recent forward, so the search is not repeated)."""
-    terms = [F.mse_loss(layer.weight, layer.forward_searched_weight()) for _, layer in nws_layers(model)]
+    terms = [layer.commitment() for _, layer in nws_layers(model)]
     if not terms:
         raise ValueError("the model has no NWS layers; call nws.convert first")
     return torch.stack(terms).sum()

@@ -3,7 +3,8 @@
 The layer keeps the *temporary* weight (``weight``, trained by SGD) and a :class:`KernelPool`. Forward
 rearranges the weight into grouped kernels ``o (g i) h w -> (o i) (g h w)``, replaces each by its nearest
 pool entry and runs the ordinary op with those *searched* weights; the gradient reaches the temporary
-weight unchanged (straight-through estimator).
+weight unchanged (straight-through estimator). With a rate set (``layer.rate``, see :mod:`nws.rate`) each kernel
+takes instead the entry minimising its squared distance plus the price of the bits the task file spends on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nws.pool import KernelPool
-from nws.search import BoundedSearch
+from nws.search import BoundedSearch, RatePenalty
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -29,6 +30,21 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
+
+
+class _Commitment(torch.autograd.Function):
+    """``mean((w - sg(q))^2)`` whose value is given (the search's own squared distances, so no pass over the
+    weights) and whose gradient is ``F.mse_loss``'s, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, searched: Tensor, value: Tensor) -> Tensor:  # noqa: ARG004
+        ctx.save_for_backward(weight, searched)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        weight, searched = ctx.saved_tensors
+        return torch.ops.aten.mse_loss_backward(grad, weight, searched, 1), None, None  # 1: mean
 
 
 class NWSLayer(nn.Module):
@@ -46,6 +62,19 @@ class NWSLayer(nn.Module):
         self.pool = KernelPool(pool_size, self.group_size * kernel, decay=decay, eps=eps, seed=seed)
         self._search = BoundedSearch()  # keeps the searched kernels in step with the temporary weight
         self._forward: tuple | None = None  # (weight key, searched weight) of the last forward
+        self._rate: RatePenalty | None = None
+
+    @property
+    def rate(self) -> RatePenalty | None:
+        """The rate penalty of the search (None: the nearest entry), set by :func:`nws.rate.set_rate`."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: RatePenalty | None) -> None:
+        if rate is not None:
+            rate.check(self.num_kernels, self.pool.num_entries)
+        self._rate = rate
+        self._forward = None
 
     @property
     def num_kernels(self) -> int:
@@ -79,7 +108,10 @@ class NWSLayer(nn.Module):
 
     def _searched(self) -> tuple[Tensor, Tensor]:
         """Current indices and searched weight; only kernels that may have changed entry are searched again."""
-        indices = self._search(self.kernels().detach(), self.pool.codebook)
+        rate = self._rate
+        if rate is not None and rate.reference.device != self.weight.device:
+            rate = self._rate = rate.to(self.weight.device)
+        indices = self._search(self.kernels().detach(), self.pool.codebook, rate)
         return indices, self.weight_from_kernels(self._search.searched).to(self.weight.dtype)
 
     def forward_searched_weight(self) -> Tensor:
@@ -89,6 +121,18 @@ class NWSLayer(nn.Module):
             return self._forward[1]
         with torch.no_grad():
             return self._searched()[1]
+
+    def commitment(self) -> Tensor:
+        """``mean((w - sg(q))^2)``, ``q`` the searched weight of the most recent forward (searched again if
+        the weight changed since): the layer's term of :func:`nws.commitment_loss`. Its value is the search's
+        sum of squared distances (equal to ``F.mse_loss`` but for rounding), its gradient ``F.mse_loss``'s."""
+        searched = self.forward_searched_weight()
+        total = getattr(self._search, "sq_total", None)
+        if total is None or not torch.is_grad_enabled():
+            return F.mse_loss(self.weight, searched)
+        value = (total.to(torch.float64) / self.weight.numel()).to(torch.promote_types(self.weight.dtype,
+                                                                                        searched.dtype))
+        return _Commitment.apply(self.weight, searched, value)
 
     def nws_weight(self) -> Tensor:
         """Searched weight carrying the straight-through gradient; records EMA statistics when pretraining."""

@@ -145,6 +145,38 @@ def _neighbour_order(shape: tuple[int, int], data: bytes, block: int = 64) -> np
     return order
 
 
+def neighbour_rank(codebook: Tensor | np.ndarray) -> np.ndarray:
+    """``(K, K)`` int16, the inverse of :func:`neighbour_order`: ``[o, k]`` is the rank of entry ``k`` among
+    entry ``o``'s neighbours, the rank the coder codes when an index changes from ``o`` to ``k``. Read-only,
+    cached like the order."""
+    order = neighbour_order(codebook)
+    return _neighbour_rank(order.shape, order.tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _neighbour_rank(shape: tuple[int, int], data: bytes) -> np.ndarray:
+    order = np.frombuffer(data, np.int16).reshape(shape).astype(np.int64)
+    rank = np.empty(shape, np.int16)
+    np.put_along_axis(rank, order, np.arange(shape[1], dtype=np.int16)[None, :], axis=1)
+    rank.flags.writeable = False
+    return rank
+
+
+def buckets(values: np.ndarray, mantissa: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coder's bucket of each value ``>= 1`` (gaps between changes, neighbour ranks + 1) with
+    ``mantissa`` bits, and the number of low bits stored as they are."""
+    return bucketize(np.asarray(values, np.int64), mantissa)
+
+
+def bucket_cost(values: np.ndarray) -> tuple[int, float, float]:
+    """What the coder spends on values ``>= 1`` coded as buckets: the mantissa bits it picks, the bits of its
+    stored bucket table (and header) and the bits of the values themselves (ideal rANS bits of the buckets
+    plus their low bits)."""
+    header, bits, _, cost = _bucket_plan(np.asarray(values, np.int64))
+    table = len(bits[0]) + 8 * len(header)
+    return header[-1] >> 5, float(table), float(cost - len(bits[0]))
+
+
 def _index_bytes(idx: np.ndarray, k: int) -> np.ndarray:
     """Indices in a canonical little-endian form (for CRCs)."""
     return idx.astype("<u2" if k <= 1 << 16 else "<u4")

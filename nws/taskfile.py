@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nws.codes import code_layout, decode, encode
-from nws.container import check_state, first_line, meta_entry, nbytes, pack_file, unpack_file
+from nws.container import (check_state, first_line, flatten_state, meta_entry, nbytes, pack_file, unflatten_state,
+                           unpack_file)
 from nws.convert import nws_layers
 from nws.errors import StoreError
 from nws.bitcodes import CodesError
@@ -122,76 +123,19 @@ def stored_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]
     return {k: v for k, v in bn.items() if k not in unused}, other
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)  # how a task file may store float32 state
-
-
-def flatten_state(kind: str, state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """``state`` as one flat tensor per dtype, named ``KIND.DTYPE``, its entries in ``state``'s order: one
-    header entry per kind instead of one per tensor (the reader knows the entries from the model). Float32
-    entries are stored as ``dtype`` (float16 and bfloat16 are lossy; a value float16 cannot hold is refused)."""
-    groups: dict[str, list[Tensor]] = {}
-    for key, value in state.items():
-        value = value.detach().reshape(-1).cpu()
-        if value.dtype == torch.float32 and dtype != torch.float32:
-            value = value.to(dtype)
-            if not torch.isfinite(value).all():
-                raise StoreError(f"{key} holds a value beyond {_dtype_name(dtype)}'s range: store it as bfloat16 "
-                                 "or float32 (model.bn_dtype)")
-        groups.setdefault(f"{kind}.{_dtype_name(value.dtype)}", []).append(value)
-    return {name: torch.cat(parts) for name, parts in groups.items()}
-
-
-def _float_name(tensors: dict[str, Tensor], kind: str, what: str) -> str:
-    """The name of the flat tensor holding ``kind``'s float32 entries, which a file may store in any one of
-    :data:`FLOAT_STORAGE` (every other dtype is stored as itself)."""
-    names = [name for name in (f"{kind}.{_dtype_name(d)}" for d in FLOAT_STORAGE) if name in tensors]
-    if len(names) > 1:
-        raise StoreError(f"{what} stores its {kind} floats in more than one precision ({', '.join(names)})")
-    return names[0] if names else f"{kind}.float32"
-
-
-def unflatten_state(tensors: dict[str, Tensor], kind: str, expected: dict[str, Tensor], what: str) -> dict[str, Tensor]:
-    """Inverse of :func:`flatten_state` for a model whose state of ``kind`` is ``expected``: the file's
-    ``KIND.*`` tensors must hold exactly those entries' values (dtypes and total lengths), all finite; values
-    stored in a lower float precision come back as float32."""
-    state: dict[str, Tensor] = {}
-    used: dict[str, int] = {}
-    floats = _float_name(tensors, kind, what)
-    for key, ref in expected.items():
-        name = floats if ref.dtype == torch.float32 else f"{kind}.{_dtype_name(ref.dtype)}"
-        flat = tensors.get(name)
-        if flat is None or flat.dim() != 1 or f"{kind}.{_dtype_name(flat.dtype)}" != name:
-            raise StoreError(f"{what}: no {name} tensor (1-D {name.split('.', 1)[1]}) for the model's {key}")
-        start = used.get(name, 0)
-        if start + ref.numel() > flat.numel():
-            raise StoreError(f"{what}: {name} holds {flat.numel()} values, fewer than the model needs")
-        state[key] = flat[start : start + ref.numel()].reshape(ref.shape).to(ref.dtype)
-        used[name] = start + ref.numel()
-    for name, flat in tensors.items():
-        if name.startswith(f"{kind}.") and used.get(name) != flat.numel():
-            raise StoreError(f"{what}: {name} holds {flat.numel()} values, the model needs {used.get(name, 0)}")
-    check_state(state, expected, what)
-    return state
-
-
 def packed_tensor(packed: bytes) -> Tensor:
     return torch.frombuffer(bytearray(packed), dtype=torch.uint8) if packed else torch.zeros(0, dtype=torch.uint8)
 
 
 def task_bytes(model: nn.Module, task: dict[str, Any], pools_sha: str, reference: Mapping[str, Tensor],
-               against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
-               ) -> tuple[bytes, dict[str, int]]:
+               against: str | int = SOURCE_REFERENCE, bn_dtype: str = "float32") -> tuple[bytes, dict[str, int]]:
     """A task file's bytes (format 2), and its size split into indices / batchnorm / other (summing to the
     file size).
 
     The indices are coded against ``reference``, which every reader must hold: the run's reference (the source
     network's indices, ``against`` ``"source"``) or task ``against``'s indices; with the pools, so a changed
-    kernel's new entry is coded by its rank among its old entry's neighbours (:mod:`nws.packing`). BatchNorm's
-    float32 values are stored as ``bn_dtype``.
+    kernel's new entry is coded by its rank among its old entry's neighbours (:mod:`nws.packing`). BatchNorm is
+    stored as ``bn_dtype`` (:func:`nws.container.flatten_state`).
     """
     books = model_codebooks(model)
     packed = pack_codes(encode(model), {name: book.shape[0] for name, book in books.items()},

@@ -24,7 +24,7 @@ SPEC = ModelSpec("convnet", 10, {"in_channels": 1, "widths": [8, 16]}, pool_size
 
 
 def make_store(root: Path, num_tasks: int = 5, seed: int = 0, spec: ModelSpec = SPEC,
-               key_every: int | None = None, bn_dtype: torch.dtype = torch.float32) -> TaskStore:
+               key_every: int | None = None, bn_dtype: str = "float32") -> TaskStore:
     """A complete store at ``root``: pools, source network, reference and ``num_tasks`` tasks (indices 0 ..),
     each coded against the reference, or with ``key_every`` against the previous task except every
     ``key_every``-th (``model.code_reference: previous``); BatchNorm stored as ``bn_dtype``."""

@@ -499,3 +499,93 @@ def test_cache_follows_pool_changes() -> None:
     before = layer.searched_weight().clone()
     layer.pool.load_state_dict(other.pool.state_dict())
     _check_refreshed(layer, before)
+
+
+# ------------------------------------------------------------------------------------------- rate-aware search
+
+def _rate_oracle(layer: NWSLayer) -> torch.Tensor:
+    """The rate-aware search from scratch: exact float64 distances plus ``mu * bits[r, k]`` per kernel."""
+    rate = layer.rate
+    ref = rate.reference.long()
+    bits = rate.bits.double()[ref]
+    dist = nws.search.exact_sqdist(layer.kernels().detach(), layer.pool.codebook)
+    return (dist + bits * rate.mu).argmin(dim=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rate_encode_is_the_rate_oracle(name: str) -> None:
+    """With a rate set (references of the source network, a shorter one for the classifier), every layer's
+    searched weight and ``nws.encode`` (what a task file stores) equal the oracle, through training steps, a
+    refreshed bit model and a price change; lam 0 and clear_rate give the nearest-entry search back."""
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = nws.freeze_pools(nws.convert(build(), pool_size=16, init="kernels", seed=1))
+    x, y = torch.randn(*shape), torch.randint(3, (shape[0],))
+    reference = {n: c[: len(c) - 2] if n.endswith("fc") else c for n, c in nws.encode(model).items()}
+    _sgd_steps(model, x, y, steps=2)
+    plain = nws.encode(model)
+    models = nws.set_rate(model, reference, lam=0.5)
+    assert set(models) == set(reference)
+    for step in range(4):
+        if step == 2:
+            nws.refresh_rate(model)
+        if step == 3:
+            nws.set_rate(model, reference, lam=5.0)
+        codes = nws.encode(model)
+        for n, layer in nws.nws_layers(model):
+            assert torch.equal(codes[n], _rate_oracle(layer)), (step, n)
+            assert torch.equal(layer.searched_weight(), layer.weight_from_kernels(layer.pool.codebook[codes[n]]))
+        _sgd_steps(model, x, y, steps=1)
+    left = sum(int((codes[n][: len(r)] != r).sum()) for n, r in reference.items())
+    assert left <= sum(int((plain[n][: len(r)] != r).sum()) for n, r in reference.items())
+    nws.set_rate(model, reference, lam=0.0)
+    assert all(layer.rate is None for _, layer in nws.nws_layers(model))
+    nws.set_rate(model, reference, lam=1.0)
+    nws.clear_rate(model)
+    assert all(layer.rate is None for _, layer in nws.nws_layers(model))
+    for n, layer in nws.nws_layers(model):
+        assert torch.equal(nws.encode(model)[n], brute_force_nearest(layer.kernels().detach(), layer.pool.codebook))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rate_search_stays_float32_under_autocast(dtype: torch.dtype) -> None:
+    """Mixed precision: forward and backward under autocast, the search (plain and rate-aware) still the
+    float32 oracle's."""
+    torch.manual_seed(0)
+    model = nws.freeze_pools(nws.convert(create_model("convnet", num_classes=3), pool_size=16, init="kernels"))
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(3, (4,))
+    reference = nws.encode(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for lam in (0.0, 0.3):
+        nws.set_rate(model, reference, lam)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(model(x), y) + 0.5 * nws.commitment_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for _, layer in nws.nws_layers(model):
+                want = brute_force_nearest(layer.kernels().detach(), layer.pool.codebook, layer.rate)
+                assert torch.equal(layer.search(), want)
+                if lam:
+                    assert torch.equal(want, _rate_oracle(layer))
+
+
+def test_rate_follows_the_layer_to_another_dtype_and_copy() -> None:
+    """The rate is state of the search, not of the model's parameters: a deep copy keeps it, a float64 model
+    searches with it in float64, and a rate for another layer's shape is refused."""
+    torch.manual_seed(0)
+    model = nws.freeze_pools(nws.convert(create_model("convnet", num_classes=3), pool_size=16, init="kernels"))
+    reference = nws.encode(model)
+    nws.set_rate(model, reference, 0.5)
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for _, layer in nws.nws_layers(twin):
+            layer.weight.add_(0.05 * torch.randn_like(layer.weight))
+    for _, layer in nws.nws_layers(twin):
+        assert layer.rate is not None
+        want = brute_force_nearest(layer.kernels().detach(), layer.pool.codebook, layer.rate)
+        assert torch.equal(layer.search(), want)
+    layers = [layer for _, layer in nws.nws_layers(model)]
+    with pytest.raises(ValueError, match="rate is for"):
+        layers[0].rate = layers[1].rate

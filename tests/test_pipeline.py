@@ -92,8 +92,10 @@ def test_each_task_starts_from_its_predecessor_rebuilt_from_storage(tmp_path, mo
 
 
 def test_existing_run_is_not_overwritten(demo_run, capsys):
+    """Another run into a finished run's directory is refused (the same one shows its results:
+    tests/test_unattended.py)."""
     before = (demo_run / task_file(0)).read_bytes()
-    assert main(["demo", "--out", str(demo_run), *SMALL]) == 2
+    assert main(["demo", "--out", str(demo_run), *SMALL, "--seed", "7"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (demo_run / task_file(0)).read_bytes() == before
 

@@ -386,7 +386,7 @@ def test_batchnorm_stored_in_half_precision(tmp_path, dtype):
     """``model.bn_dtype``: BatchNorm comes back as its float32 values rounded to ``dtype``, in half the bytes;
     the indices and every other entry are unchanged."""
     exact = TaskStore(make_store(tmp_path / "exact").root)
-    half = TaskStore(make_store(tmp_path / "half", bn_dtype=dtype).root)
+    half = TaskStore(make_store(tmp_path / "half", bn_dtype=str(dtype).removeprefix("torch.")).root)
     name = f"bn.{str(dtype).removeprefix('torch.')}"
     for i in range(5):
         bn, other = split_state(exact.model(i))
@@ -408,7 +408,7 @@ def test_batchnorm_beyond_float16_is_refused_before_writing(run):
         .running_var.fill_(1e6)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(StoreError, match="beyond float16's range: store it as bfloat16"):
-        store.save_task(5, model, "digits 0/1", ["0", "1"], bn_dtype=torch.float16)
+        store.save_task(5, model, "digits 0/1", ["0", "1"], bn_dtype="float16")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

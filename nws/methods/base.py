@@ -10,6 +10,7 @@ subclass) how a task is rebuilt from them and what the run's memory is besides i
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from nws.batchnorm import fold_batchnorm, unfold_batchnorm
 from nws.config import RunConfig, TrainConfig
 from nws.data import Benchmark, Task
 from nws.engine import LossTerm, evaluate, fit, seed_everything
@@ -199,6 +201,21 @@ class Method:
     def learn(self, index: int) -> nn.Module:
         """Train task ``index``; returns the trained network."""
         raise NotImplementedError
+
+    def unfolded(self, model: nn.Module, index: int, batches: int = 4, batch_size: int = 256) -> nn.Module:
+        """``model`` (a folded network: ``model.bn_dtype: int8``) ready to start task ``index``: its BatchNorm
+        unfolded on the first ``batches`` batches of the task's training data (:func:`nws.batchnorm.unfold_batchnorm`);
+        unchanged if not folded."""
+        data = DataLoader(self.ctx.benchmark.tasks[index].train, batch_size=batch_size, shuffle=False)
+        unfold_batchnorm(model, itertools.islice((x for x, _ in data), batches))
+        return model
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The network of a task as it is evaluated and stored, once trained (in place): with
+        ``model.bn_dtype: int8`` its BatchNorm folded onto its grid (:mod:`nws.batchnorm`), for every method."""
+        if self.config.model.bn_dtype == "int8":
+            fold_batchnorm(model)
+        return model
 
     def save(self, store: RunStore, index: int, model: nn.Module) -> Saved:
         """The files of task ``index`` (and any shared file it changes), and its manifest record."""

@@ -8,10 +8,12 @@ changed: this shows forgetting.
 
 from __future__ import annotations
 
+
 from torch import nn
 
 from nws.methods.base import Saved
-from nws.methods.plain import PlainMethod, PlainStore, prefixed, state_parts, unprefixed
+from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, prefixed, state_parts,
+                               unprefixed)
 
 
 class FinetuneStore(PlainStore):
@@ -21,8 +23,9 @@ class FinetuneStore(PlainStore):
         entry = self.task_entry(index)
         network, _ = self.network()
         head = self.task_tensors(index)
-        state = {**unprefixed("body", network), **unprefixed("batchnorm", network), **unprefixed("head", head)}
-        return self.load_state(self.plain(len(entry["classes"])), state, str(self.root / entry["file"]))
+        model, what = self.plain(len(entry["classes"])), str(self.root / entry["file"])
+        state = {**unprefixed("body", network), **batchnorm_state(network, model, what), **unprefixed("head", head)}
+        return self.load_state(model, state, what)
 
 
 class Finetune(PlainMethod):
@@ -39,7 +42,7 @@ class Finetune(PlainMethod):
         self.model = store.build(index)
 
     def learn(self, index: int) -> nn.Module:
-        model = self.head_for(self.model.train(), index)
+        model = self.head_for(self.unfolded(self.model, index).train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
         self.model = self.train_task(model, index)
@@ -48,4 +51,5 @@ class Finetune(PlainMethod):
     def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
         parts = state_parts(model)
         return self.saved(store, index, prefixed("head", parts["head"]),
-                          network={**prefixed("body", parts["body"]), **prefixed("batchnorm", parts["batchnorm"])})
+                          network={**prefixed("body", parts["body"]),
+                                   **batchnorm_tensors(parts["batchnorm"], self.config.model.bn_dtype)})

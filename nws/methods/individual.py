@@ -12,15 +12,17 @@ import copy
 from torch import nn
 
 from nws.methods.base import Saved
-from nws.methods.plain import PlainMethod, PlainStore, prefixed, state_parts, unprefixed
+from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, prefixed, state_parts,
+                               unprefixed)
 
 
 class IndividualStore(PlainStore):
     def build(self, index: int) -> nn.Module:
         entry = self.task_entry(index)
         tensors = self.task_tensors(index)
-        state = {k: v for part in ("body", "batchnorm", "head") for k, v in unprefixed(part, tensors).items()}
-        return self.load_state(self.plain(len(entry["classes"])), state, str(self.root / entry["file"]))
+        model, what = self.plain(len(entry["classes"])), str(self.root / entry["file"])
+        state = {**unprefixed("body", tensors), **batchnorm_state(tensors, model, what), **unprefixed("head", tensors)}
+        return self.load_state(model, state, what)
 
 
 class Individual(PlainMethod):
@@ -38,5 +40,7 @@ class Individual(PlainMethod):
         return self.train_task(model, index)
 
     def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
-        tensors = {k: v for part, state in state_parts(model).items() for k, v in prefixed(part, state).items()}
+        parts = state_parts(model)
+        tensors = {**prefixed("body", parts["body"]), **batchnorm_tensors(parts["batchnorm"], self.config.model.bn_dtype),
+                   **prefixed("head", parts["head"])}
         return self.saved(store, index, tensors)

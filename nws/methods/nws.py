@@ -28,6 +28,7 @@ from nws.methods.base import Context, Method, Saved
 from nws.models import create_model
 from nws.pool import all_reduce_step_statistics
 from nws.pool_sources import pools_from_model
+from nws.rate import set_rate
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
 from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
 from nws.store import SOURCE, task_file
@@ -165,11 +166,19 @@ class NWS(Method):
         if index == 0:
             start = TaskStore(self.config.pretrained or self.ctx.out).load_source()
         else:
-            start = TaskStore(self.ctx.out).model(index - 1)
+            start = self.unfolded(TaskStore(self.ctx.out).model(index - 1), index)
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
+        if self.config.model.rate:
+            set_rate(model, self.reference_for(index), self.config.model.rate)
         return self.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
+
+    def reference_for(self, index: int) -> dict[str, torch.Tensor]:
+        """The indices task ``index`` is coded against (:meth:`against`), read from the run's files."""
+        store = TaskStore(self.ctx.out)
+        against = self.against(index)
+        return store.reference_codes() if against == SOURCE_REFERENCE else store.codes(int(against))
 
     def start(self, store: TaskStore, source: nn.Module) -> None:
         """Store the run's reference (the source network's indices, read back from its file) once."""
@@ -186,8 +195,8 @@ class NWS(Method):
 
     def save(self, store: TaskStore, index: int, model: nn.Module) -> Saved:
         task = self.ctx.benchmark.tasks[index]
-        bn_dtype = getattr(torch, self.config.model.bn_dtype)
-        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index), bn_dtype)
+        data, sizes = store.task_bytes(index, model, task.name, list(task.classes), self.against(index),
+                                       self.config.model.bn_dtype)
         return Saved({task_file(index): data}, {"file": task_file(index), "bytes": sizes,
                                                 "reference_bytes": reference_task_bytes(model)})
 

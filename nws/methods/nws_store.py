@@ -9,7 +9,6 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from nws.codes import code_layout
@@ -118,7 +117,7 @@ class TaskStore(RunStore):
         return self._reference
 
     def save_task(self, index: int, model: nn.Module, name: str, classes: list[str],
-                  against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
+                  against: str | int = SOURCE_REFERENCE, bn_dtype: str = "float32",
                   **record: Any) -> dict[str, int]:
         """Store task ``index`` (codes against ``against``: ``"source"`` or an earlier task's index, BatchNorm
         as ``bn_dtype``, other state) and list it with ``record``, its size as the reference would store it and
@@ -131,7 +130,7 @@ class TaskStore(RunStore):
         return sizes
 
     def task_bytes(self, index: int, model: nn.Module, name: str, classes: list[str],
-                   against: str | int = SOURCE_REFERENCE, bn_dtype: torch.dtype = torch.float32,
+                   against: str | int = SOURCE_REFERENCE, bn_dtype: str = "float32",
                    ) -> tuple[bytes, dict[str, int]]:
         """Task ``index``'s file (:func:`nws.taskfile.task_bytes`), coded against the run's reference or the
         stored codes of task ``against``."""

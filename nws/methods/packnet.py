@@ -14,6 +14,7 @@ BatchNorm and classifier.
 
 from __future__ import annotations
 
+
 import dataclasses
 from collections.abc import Callable
 
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 from nws.engine import StepAction
 from nws.errors import StoreError
 from nws.methods.base import Saved
-from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
-                               unpack_masks, unprefixed, weight_key)
+from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, masked_layers, pack_masks,
+                               prefixed, state_parts, unpack_masks, unprefixed, weight_key)
 
 
 class PackNetStore(PlainStore):
@@ -58,8 +59,9 @@ class PackNetStore(PlainStore):
         for name, mask in union.items():
             body[weight_key(name)] = torch.where(mask, body[weight_key(name)], torch.zeros(()))
         tensors = self.task_tensors(index)
-        state = {**body, **unprefixed("batchnorm", tensors), **unprefixed("head", tensors)}
-        return self.load_state(self.plain(len(entry["classes"])), state, str(self.root / entry["file"]))
+        model, what = self.plain(len(entry["classes"])), str(self.root / entry["file"])
+        state = {**body, **batchnorm_state(tensors, model, what), **unprefixed("head", tensors)}
+        return self.load_state(model, state, what)
 
 
 class PackNet(PlainMethod):
@@ -104,7 +106,7 @@ class PackNet(PlainMethod):
         return restore
 
     def learn(self, index: int) -> nn.Module:
-        model = self.head_for(self.model.train(), index)
+        model = self.head_for(self.unfolded(self.model, index).train(), index)
         layers = dict(masked_layers(model))
         params = self._params(model, index)
         free = {name: self.owner[name] == -1 for name in layers}
@@ -122,7 +124,7 @@ class PackNet(PlainMethod):
         layers = dict(masked_layers(model))
         mine = {name: self.owner[name] == index for name in layers}
         parts = state_parts(model)
-        tensors = {"masks": pack_masks(mine), **prefixed("batchnorm", parts["batchnorm"]),
+        tensors = {"masks": pack_masks(mine), **batchnorm_tensors(parts["batchnorm"], self.config.model.bn_dtype),
                    **prefixed("head", parts["head"])}
         shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
         return self.saved(store, index, tensors, network=prefixed("body", parts["body"]),

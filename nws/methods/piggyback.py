@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 from nws.engine import ParamGroup
 from nws.errors import StoreError
 from nws.methods.base import Saved
-from nws.methods.plain import (PlainMethod, PlainStore, masked_layers, pack_masks, prefixed, state_parts,
-                               unpack_masks, unprefixed, weight_key)
+from nws.methods.plain import (PlainMethod, PlainStore, batchnorm_state, batchnorm_tensors, masked_layers, pack_masks,
+                               prefixed, state_parts, unpack_masks, unprefixed, weight_key)
 
 BACKBONE = "backbone.safetensors"
 
@@ -70,8 +70,9 @@ class PiggybackStore(PlainStore):
             if weight_key(name) not in body or body[weight_key(name)].shape != mask.shape:
                 raise StoreError(f"{self.root / BACKBONE}: {weight_key(name)} is missing or not of its recorded shape")
             body[weight_key(name)] = body[weight_key(name)] * mask.to(body[weight_key(name)].dtype)
-        state = {**body, **unprefixed("batchnorm", tensors), **unprefixed("head", tensors)}
-        return self.load_state(self.plain(len(entry["classes"])), state, what)
+        model = self.plain(len(entry["classes"]))
+        state = {**body, **batchnorm_state(tensors, model, what), **unprefixed("head", tensors)}
+        return self.load_state(model, state, what)
 
 
 class Piggyback(PlainMethod):
@@ -111,6 +112,6 @@ class Piggyback(PlainMethod):
 
     def save(self, store: PlainStore, index: int, model: nn.Module) -> Saved:
         parts = state_parts(model)
-        tensors = {"masks": pack_masks(self.masks), **prefixed("batchnorm", parts["batchnorm"]),
+        tensors = {"masks": pack_masks(self.masks), **batchnorm_tensors(parts["batchnorm"], self.config.model.bn_dtype),
                    **prefixed("head", parts["head"])}
         return self.saved(store, index, tensors, masks=self.masks)

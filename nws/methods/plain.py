@@ -25,7 +25,8 @@ from nws.methods.base import Context, Method, Saved, classifier_name
 from nws.models import create_model
 from nws.store import SOURCE, RunStore, task_file
 from nws.spec import is_int
-from nws.container import check_state, is_number, meta_entry, nbytes, pack_file
+from nws.container import (STATE_STORAGE, check_state, flatten_state, is_number, meta_entry, nbytes, pack_file,
+                           unflatten_state)
 
 # ----------------------------------------------------------------------------------- model parts
 
@@ -81,6 +82,21 @@ def mask_density(masks: dict[str, Tensor]) -> float:
 
 def prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def batchnorm_tensors(state: dict[str, Tensor], storage: str) -> dict[str, Tensor]:
+    """A network's BatchNorm ``state`` as its file stores it (``model.bn_dtype``): float32, one tensor per entry
+    (``batchnorm.<key>``); otherwise flattened (:func:`nws.container.flatten_state`: float16, bfloat16, or int8
+    for BatchNorm folded onto its grid)."""
+    return prefixed("batchnorm", state) if storage == "float32" else flatten_state("batchnorm", state, storage)
+
+
+def batchnorm_state(tensors: dict[str, Tensor], model: nn.Module, what: str) -> dict[str, Tensor]:
+    """Inverse of :func:`batchnorm_tensors` for ``model``'s BatchNorm."""
+    mine = {k: v for k, v in tensors.items() if k.startswith("batchnorm.")}
+    if not any(k.removeprefix("batchnorm.") in STATE_STORAGE + ("exp",) for k in mine):
+        return unprefixed("batchnorm", mine)
+    return unflatten_state(mine, "batchnorm", state_parts(model)["batchnorm"], what)
 
 
 def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,61 @@
+"""Rate-aware search in whole runs (``model.rate``): at 0 the demo writes the very files nws wrote before the
+rate existed; above 0 a task keeps more of its reference's indices, its file is smaller, and accuracy from
+storage still equals accuracy after training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from nws.methods.nws import TaskStore
+
+FIXTURE = Path(__file__).parent / "fixtures" / "demo_before_rate.json"
+SHORT = ["--pretrain.epochs", "5", "--task.epochs", "5", "--trainer.logger", "none"]
+TIMEOUT = 600
+
+
+def demo(out: Path, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nws.cli", "demo", "--out", str(out), "--trainer.progress_bar",
+                           "false", *args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_rate_zero_writes_the_files_written_before_the_rate_existed(tmp_path):
+    """The demo as shipped then (``tests/fixtures/demo_before_rate.json``: its files' sha256, written by the
+    code before the rate-aware search), with ``--model.rate 0``."""
+    expected = json.loads(FIXTURE.read_text())["sha256"]
+    demo(tmp_path / "demo", "--trainer.logger", "none", "--model.rate", "0")
+    assert {name: hashlib.sha256((tmp_path / "demo" / name).read_bytes()).hexdigest() for name in expected} == expected
+
+
+def changed_fraction(store: TaskStore, index: int) -> float:
+    codes, reference = store.codes(index), store.reference_codes()
+    changed = sum(int((codes[n][: len(reference[n])] != reference[n][: len(codes[n])]).sum()) for n in codes)
+    return changed / sum(len(c) for c in codes.values())
+
+
+def test_a_rate_keeps_more_indices_and_smaller_files_losslessly(tmp_path):
+    demo(tmp_path / "plain", *SHORT, "--seed", "3")
+    demo(tmp_path / "rate", *SHORT, "--seed", "3", "--model.rate", "3")
+    stores = {kind: TaskStore(tmp_path / kind) for kind in ("plain", "rate")}
+    assert stores["plain"].read("pools.safetensors") == stores["rate"].read("pools.safetensors")  # same source stage
+    results = {kind: json.loads((tmp_path / kind / "results.json").read_text()) for kind in stores}
+    for kind, r in results.items():
+        assert all(t["acc_from_storage"] == t["acc_after_training"] for t in r["tasks"]), kind
+    indices = {kind: [t["bytes"]["indices"] for t in r["tasks"]] for kind, r in results.items()}
+    assert sum(indices["rate"]) < sum(indices["plain"]) / 2, indices
+    changed = {kind: [changed_fraction(store, i) for i in range(5)] for kind, store in stores.items()}
+    assert all(r < p for r, p in zip(changed["rate"], changed["plain"])), changed
+    # The rebuilt network searches exactly the stored indices: its forward is the trained one's.
+    model = stores["rate"].model(4)
+    stored = stores["rate"].codes(4)
+    from nws.codes import encode
+
+    assert all(torch.equal(encode(model)[n], stored[n]) for n in stored)
