@@ -225,10 +225,9 @@ def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: in
 
     copy_weights(plain, model)
     start = time.perf_counter()
-    first = max(25, measured)
-    rows = steps(plain, [model], batches, first + warmup + measured)
+    rows = steps(plain, [model], batches, max(25, warmup + measured))
     print(f"\n(1) pool pretraining, pools moving, from its first step ({time.perf_counter() - start:.0f} s)")
-    table(rows, [(0, 5), (5, 25), (first + warmup, first + warmup + measured)], total, ["shipped"])
+    table(rows, [(0, 5), (5, 25), (warmup, warmup + measured)], total, ["shipped"])
 
     nws.freeze_pools(model)
     REFERENCE.update(nws.encode(model))  # the source network's indices
