@@ -478,13 +478,13 @@ class BoundedSearch:
             self.indices, self.searched, self.anchor, self.lower, self.rest = found, entries, anchor, lower, rest
             self.cand = cand.to(self.cand_dtype)
             return
-        self.indices[rows] = found
-        self.searched[rows] = entries
-        self.anchor[rows] = anchor
-        self.lower[rows] = lower
-        self.rest[rows] = rest
+        self.indices.index_copy_(0, rows, found)
+        self.searched.index_copy_(0, rows, entries)
+        self.anchor.index_copy_(0, rows, anchor)
+        self.lower.index_copy_(0, rows, lower)
+        self.rest.index_copy_(0, rows, rest)
         if cand is not None:
-            self.cand[rows] = cand.to(self.cand_dtype)
+            self.cand.index_copy_(0, rows, cand.to(self.cand_dtype))
 
     def _setup(self, x: Tensor, codebook: Tensor) -> None:
         self.reset()
@@ -613,7 +613,7 @@ class BoundedSearch:
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
         """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
         positions (in ``rows``) of the rest."""
-        cand = self.cand[rows].long()
+        cand = self.cand.index_select(0, rows).long()
         n, c = cand.shape
         dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
         block = max(1, self.chunk_elements // (c * x.shape[1]))
@@ -625,12 +625,13 @@ class BoundedSearch:
         dist.scatter_(1, pos[:, None], float("inf"))
         # Computed distances, rounded up for the winner and down for the others.
         best, second = best * (1 + SLACK), dist.min(dim=1).values * (1 - SLACK)
-        outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
+        outside = self._penalty(self.rest.index_select(0, rows)) - moved * (1 + SLACK)  # every entry outside cand is farther
         ok = (best < outside) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
-            found = cand[done, pos[done]]
-            self._store(rows[done], x[done], found, torch.minimum(second[done], outside[done]), outside[done])
+            found = cand.index_select(0, done).gather(1, pos.index_select(0, done)[:, None]).squeeze(1)
+            self._store(rows[done], x.index_select(0, done), found, torch.minimum(second, outside).index_select(0, done),
+                        outside.index_select(0, done))
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _by_candidates_rate(self, rows: Tensor, x: Tensor, moved: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor:
@@ -638,8 +639,9 @@ class BoundedSearch:
         entry and the reference; every other entry is at least ``l_out - m - P`` away, so its objective is at
         least that squared plus the fewest bits' penalty."""
         has = ref < rate.num_entries
-        current = self.indices[rows].long()
-        cols = torch.cat([self.cand[rows].long(), current[:, None], torch.where(has, ref, current)[:, None]], dim=1)
+        current = self.indices.index_select(0, rows).long()
+        cols = torch.cat([self.cand.index_select(0, rows).long(), current[:, None], torch.where(has, ref, current)[:, None]],
+                         dim=1)
         n, c = cols.shape
         dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
         block = max(1, self.chunk_elements // (c * x.shape[1]))
@@ -656,13 +658,13 @@ class BoundedSearch:
         far = dist * (1 - SLACK)
         best = ((dist * (1 + SLACK)).square_() + pen * (1 + SLACK)).gather(1, pos).squeeze(1) * (1 + SLACK)
         second = (far.square() + pen * (1 - SLACK)).masked_fill_(~other, float("inf")).min(dim=1).values * (1 - SLACK)
-        outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
+        outside = self._penalty(self.rest.index_select(0, rows)) - moved * (1 + SLACK)  # every entry outside cand is farther
         beyond = (outside.clamp_min(0).square() + rate.floors(ref, x.dtype) * (1 - SLACK)) * (1 - SLACK)
         ok = (best < beyond) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
             lower = torch.minimum(far.masked_fill(~other, float("inf")).min(dim=1).values, outside)
-            self._store(rows[done], x[done], found[done], lower[done], outside[done])
+            self._store(rows[done], x.index_select(0, done), found[done], lower[done], outside[done])
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
@@ -747,18 +749,19 @@ class BoundedSearch:
             full = 0
             for start in range(0, len(rows), ROW_BLOCK):
                 part = rows[start : start + ROW_BLOCK]
-                xr = x[part]
-                before = self.indices[part].long()
+                xr = x.index_select(0, part)
+                before = self.indices.index_select(0, part).long()
                 if rate is None:
                     ref = None
-                    left = self._by_candidates(part, xr, self._moved[part])
+                    left = self._by_candidates(part, xr, self._moved.index_select(0, part))
                 else:
-                    ref = rate.reference[part].long()
-                    left = self._by_candidates_rate(part, xr, self._moved[part], rate, ref)
+                    ref = rate.reference.index_select(0, part).long()
+                    left = self._by_candidates_rate(part, xr, self._moved.index_select(0, part), rate, ref)
                 if len(left):
-                    found, lower, cand, rest = _scan(xr[left], codebook, self.chunk_elements, self.candidates, rate,
+                    xl = xr.index_select(0, left)
+                    found, lower, cand, rest = _scan(xl, codebook, self.chunk_elements, self.candidates, rate,
                                                      None if ref is None else ref[left])
-                    self._store(part[left], xr[left], found, lower, rest, cand)
+                    self._store(part[left], xl, found, lower, rest, cand)
                     full += len(left)
                 # The squared distances of the kernels that changed entry, in the commitment's total.
                 changed = (self.indices[part] != before).nonzero().squeeze(1)
