@@ -86,7 +86,7 @@ class ExactSearch:
 
     last_searched = last_full = 0
 
-    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, codebook: Tensor, rate: object = None) -> Tensor:
         indices = nearest(x, codebook)
         self.searched = codebook[indices]
         self.last_searched = self.last_full = len(x)
@@ -100,7 +100,7 @@ class ReferenceSearch(ExactSearch):
     """The reference implementation's search: ``|x|^2 - 2 x E + |E|^2`` for all kernels and entries, argmin,
     and the searched kernels as a one-hot matrix times the pool, on every forward."""
 
-    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, codebook: Tensor, rate: object = None) -> Tensor:
         dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)[None]
         indices = dist.argmin(1)
         self.searched = F.one_hot(indices, codebook.shape[0]).to(x.dtype) @ codebook
