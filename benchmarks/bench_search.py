@@ -86,7 +86,7 @@ class ExactSearch:
 
     last_searched = last_full = 0
 
-    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, codebook: Tensor, rate: object = None) -> Tensor:
         indices = nearest(x, codebook)
         self.searched = codebook[indices]
         self.last_searched = self.last_full = len(x)
@@ -100,7 +100,7 @@ class ReferenceSearch(ExactSearch):
     """The reference implementation's search: ``|x|^2 - 2 x E + |E|^2`` for all kernels and entries, argmin,
     and the searched kernels as a one-hot matrix times the pool, on every forward."""
 
-    def __call__(self, x: Tensor, codebook: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, codebook: Tensor, rate: object = None) -> Tensor:
         dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)[None]
         indices = dist.argmin(1)
         self.searched = F.one_hot(indices, codebook.shape[0]).to(x.dtype) @ codebook
@@ -225,10 +225,9 @@ def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: in
 
     copy_weights(plain, model)
     start = time.perf_counter()
-    first = max(25, measured)
-    rows = steps(plain, [model], batches, first + warmup + measured)
+    rows = steps(plain, [model], batches, max(25, warmup + measured))
     print(f"\n(1) pool pretraining, pools moving, from its first step ({time.perf_counter() - start:.0f} s)")
-    table(rows, [(0, 5), (5, 25), (first + warmup, first + warmup + measured)], total, ["shipped"])
+    table(rows, [(0, 5), (5, 25), (warmup, warmup + measured)], total, ["shipped"])
 
     nws.freeze_pools(model)
     REFERENCE.update(nws.encode(model))  # the source network's indices

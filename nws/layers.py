@@ -140,7 +140,7 @@ class NWSLayer(nn.Module):
         w = self.weight
         self._forward = ((w.data_ptr(), w._version, w.shape), searched)
         if self.training and self.pool.trainable and torch.is_grad_enabled():
-            self.pool.accumulate(self.kernels().detach(), indices)
+            self.pool.accumulate(self.kernels().detach(), indices.long())  # index_add_ is 4x slower with int32
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return searched
         return _StraightThrough.apply(self.weight, searched)

@@ -34,8 +34,8 @@ CANDIDATES = 4
 # Kernels that fail the bound check are resolved this many at a time, so the working memory stays bounded
 # however many fail (each kernel is resolved on its own, so the blocks change nothing but the peak).
 ROW_BLOCK = 1 << 15
-# Rate-aware 1-D search: rows whose window of possible winners holds more entries than this go to brute force.
-WINDOW = 8
+# Rate-aware 1-D search: rows whose window of possible winners holds more entries than this are scanned in full.
+WINDOW = 32
 
 
 @dataclass(eq=False)
@@ -108,7 +108,7 @@ class RatePenalty:
         """float16 bits of ``entry`` for kernels with references ``ref`` (long tensors of one shape)."""
         k = self.num_entries
         if self.bits is not None:
-            return self.bits.view(-1)[ref * k + entry]
+            return self.bits.view(-1).index_select(0, (ref * k + entry).reshape(-1)).view(entry.shape)
         flat = torch.tensor(self.flat, dtype=torch.float16, device=ref.device)
         return torch.where((ref < k) & (entry != ref), flat, torch.zeros_like(flat))
 
@@ -236,47 +236,58 @@ def _cells(codebook: Tensor) -> tuple[Tensor, Tensor]:
 
 def _nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor | None:
     """Vectors of length 1 with a rate penalty; ``None`` if the pool is not finite. A kernel keeps its
-    reference ``r`` unless an entry ``k`` has ``J(k) <= J(r) = (x - p_r)^2``, which needs
-    ``(x - p_k)^2 <= J(r) - mu * (fewest bits of a change)``: a window of the sorted values around ``x``. Its
-    entries (at most :data:`WINDOW`) and ``r`` are compared by the float64 objective computed exactly as
-    :func:`brute_force_nearest` does, ties to the lowest index; rows with larger windows, or that are not
-    finite, go to brute force. Kernels without a reference take :func:`_nearest_1d`."""
+    reference ``r`` if ``J(r) = (x - p_r)^2`` is below the squared distance to its nearest other entry plus
+    the least price of a change. Otherwise ``r`` loses only to an entry ``k`` with ``J(k) <= J(r)``, which
+    needs ``(x - p_k)^2 <= J(r) - mu * (fewest bits of a change)``: a window of the sorted values around
+    ``x``. Its entries (at most :data:`WINDOW`) and ``r`` are compared by the float64 objective computed
+    exactly as :func:`brute_force_nearest` does, ties to the lowest index; rows with larger windows, or that
+    are not finite, are scanned in full (:func:`_scan`). Kernels without a reference take :func:`_nearest_1d`."""
     values = codebook[:, 0]
     if not bool(torch.isfinite(values).all()):
         return None
     k = codebook.shape[0]
     ordered, order = torch.sort(values, stable=True)
-    o64, v64_all, book64 = ordered.double(), x[:, 0].double(), values.double()
+    o64, book64 = ordered.double(), values.double()
     low = rate.mu * rate.floor  # the penalty of any change is at least this (float64, as the definition)
     steps = torch.arange(WINDOW, device=x.device)
+    around = torch.arange(-2, 2, device=x.device)
     out = torch.empty(len(x), dtype=torch.long, device=x.device)
     for start in range(0, len(x), ROW_BLOCK):
-        part = slice(start, start + ROW_BLOCK)
-        v, r = v64_all[part], ref[part]
+        xb, r = x[start : start + ROW_BLOCK], ref[start : start + ROW_BLOCK]
+        v = xb[:, 0].double()
         has = r < k
         rr = torch.where(has, r, 0)
-        keep = (v - book64[rr]) ** 2  # J(r), as brute force computes it (+ a zero penalty)
-        # Margins far above float64 rounding: the window may hold extra entries, never miss one.
-        reach = ((keep * (1 + 1e-12) - low).clamp_min(0).sqrt() * (1 + 1e-12))
-        margin = (v.abs() + reach) * 2.0**-40 + 1e-300
-        lo = torch.searchsorted(o64, v - reach - margin, side="left")
-        hi = torch.searchsorted(o64, v + reach + margin, side="right")
-        pos = lo[:, None] + steps
-        inside = pos < hi[:, None]
-        entry = order[pos.clamp(max=k - 1)]
-        score = (v[:, None] - book64[entry]) ** 2 + rate.penalty(rr[:, None].expand_as(entry), entry, torch.float64)
-        score = torch.cat([score.masked_fill(~inside, float("inf")), keep[:, None]], dim=1)
-        entry = torch.cat([entry, rr[:, None]], dim=1)
-        best = score.min(dim=1, keepdim=True).values
-        found = torch.where(score == best, entry, k).min(dim=1).values
-        doubtful = has & ((hi - lo > WINDOW) | ~torch.isfinite(keep))
-        rows = doubtful.nonzero().squeeze(1)
-        if len(rows):
-            found[rows] = brute_force_nearest(x[part][rows], codebook, rate, r[rows])
+        found = rr.clone()
+        keep = (v - book64.index_select(0, rr)) ** 2  # J(r), as brute force computes it (+ a zero penalty)
+        # The nearest entry other than r is among the two sorted values on each side of x.
+        pos = (torch.searchsorted(o64, v)[:, None] + around).clamp_(0, k - 1)
+        other = (v[:, None] - o64.index_select(0, pos.view(-1)).view(pos.shape)) ** 2
+        other.masked_fill_(order.index_select(0, pos.view(-1)).view(pos.shape) == rr[:, None], float("inf"))
+        kept = (keep * (1 + 2.0**-40) < (other.amin(dim=1) + low) * (1 - 2.0**-40)) | (k == 1)
+        todo = (has & ~kept).nonzero().squeeze(1)
+        if len(todo):
+            v, rt, keep_t = v[todo], rr[todo], keep[todo]
+            # Margins far above float64 rounding: the window may hold extra entries, never miss one.
+            reach = (keep_t * (1 + 1e-12) - low).clamp_min(0).sqrt() * (1 + 1e-12)
+            margin = (v.abs() + reach) * 2.0**-40 + 1e-300
+            lo = torch.searchsorted(o64, v - reach - margin, side="left")
+            hi = torch.searchsorted(o64, v + reach + margin, side="right")
+            pos = lo[:, None] + steps
+            inside = pos < hi[:, None]
+            entry = order.index_select(0, pos.clamp_(max=k - 1).view(-1)).view(pos.shape)
+            near = book64.index_select(0, entry.view(-1)).view(entry.shape)
+            score = (v[:, None] - near) ** 2 + rate.penalty(rt[:, None].expand_as(entry), entry, torch.float64)
+            score = torch.cat([score.masked_fill_(~inside, float("inf")), keep_t[:, None]], dim=1)
+            entry = torch.cat([entry, rt[:, None]], dim=1)
+            best = score.min(dim=1, keepdim=True).values
+            found[todo] = torch.where(score == best, entry, k).min(dim=1).values
+            rows = ((hi - lo > WINDOW) | ~torch.isfinite(keep_t)).nonzero().squeeze(1)
+            if len(rows):
+                found[todo[rows]] = _scan(xb[todo[rows]], codebook, CHUNK_ELEMENTS, 0, rate, rt[rows])[0]
         free = (~has).nonzero().squeeze(1)
         if len(free):
-            found[free] = _nearest_1d(x[part][free], codebook)
-        out[part] = found
+            found[free] = _nearest_1d(xb[free], codebook)
+        out[start : start + ROW_BLOCK] = found
     return out
 
 
@@ -478,13 +489,13 @@ class BoundedSearch:
             self.indices, self.searched, self.anchor, self.lower, self.rest = found, entries, anchor, lower, rest
             self.cand = cand.to(self.cand_dtype)
             return
-        self.indices[rows] = found
-        self.searched[rows] = entries
-        self.anchor[rows] = anchor
-        self.lower[rows] = lower
-        self.rest[rows] = rest
+        self.indices.index_copy_(0, rows, found)
+        self.searched.index_copy_(0, rows, entries)
+        self.anchor.index_copy_(0, rows, anchor)
+        self.lower.index_copy_(0, rows, lower)
+        self.rest.index_copy_(0, rows, rest)
         if cand is not None:
-            self.cand[rows] = cand.to(self.cand_dtype)
+            self.cand.index_copy_(0, rows, cand.to(self.cand_dtype))
 
     def _setup(self, x: Tensor, codebook: Tensor) -> None:
         self.reset()
@@ -613,7 +624,7 @@ class BoundedSearch:
     def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
         """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
         positions (in ``rows``) of the rest."""
-        cand = self.cand[rows].long()
+        cand = self.cand.index_select(0, rows).long()
         n, c = cand.shape
         dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
         block = max(1, self.chunk_elements // (c * x.shape[1]))
@@ -625,12 +636,13 @@ class BoundedSearch:
         dist.scatter_(1, pos[:, None], float("inf"))
         # Computed distances, rounded up for the winner and down for the others.
         best, second = best * (1 + SLACK), dist.min(dim=1).values * (1 - SLACK)
-        outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
+        outside = self._penalty(self.rest.index_select(0, rows)) - moved * (1 + SLACK)  # every entry outside cand is farther
         ok = (best < outside) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
-            found = cand[done, pos[done]]
-            self._store(rows[done], x[done], found, torch.minimum(second[done], outside[done]), outside[done])
+            found = cand.index_select(0, done).gather(1, pos.index_select(0, done)[:, None]).squeeze(1)
+            self._store(rows[done], x.index_select(0, done), found, torch.minimum(second, outside).index_select(0, done),
+                        outside.index_select(0, done))
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _by_candidates_rate(self, rows: Tensor, x: Tensor, moved: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor:
@@ -638,8 +650,9 @@ class BoundedSearch:
         entry and the reference; every other entry is at least ``l_out - m - P`` away, so its objective is at
         least that squared plus the fewest bits' penalty."""
         has = ref < rate.num_entries
-        current = self.indices[rows].long()
-        cols = torch.cat([self.cand[rows].long(), current[:, None], torch.where(has, ref, current)[:, None]], dim=1)
+        current = self.indices.index_select(0, rows).long()
+        cols = torch.cat([self.cand.index_select(0, rows).long(), current[:, None], torch.where(has, ref, current)[:, None]],
+                         dim=1)
         n, c = cols.shape
         dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
         block = max(1, self.chunk_elements // (c * x.shape[1]))
@@ -656,13 +669,13 @@ class BoundedSearch:
         far = dist * (1 - SLACK)
         best = ((dist * (1 + SLACK)).square_() + pen * (1 + SLACK)).gather(1, pos).squeeze(1) * (1 + SLACK)
         second = (far.square() + pen * (1 - SLACK)).masked_fill_(~other, float("inf")).min(dim=1).values * (1 - SLACK)
-        outside = self._penalty(self.rest[rows]) - moved * (1 + SLACK)  # every entry outside cand is farther
+        outside = self._penalty(self.rest.index_select(0, rows)) - moved * (1 + SLACK)  # every entry outside cand is farther
         beyond = (outside.clamp_min(0).square() + rate.floors(ref, x.dtype) * (1 - SLACK)) * (1 - SLACK)
         ok = (best < beyond) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
             lower = torch.minimum(far.masked_fill(~other, float("inf")).min(dim=1).values, outside)
-            self._store(rows[done], x[done], found[done], lower[done], outside[done])
+            self._store(rows[done], x.index_select(0, done), found[done], lower[done], outside[done])
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
@@ -747,18 +760,19 @@ class BoundedSearch:
             full = 0
             for start in range(0, len(rows), ROW_BLOCK):
                 part = rows[start : start + ROW_BLOCK]
-                xr = x[part]
-                before = self.indices[part].long()
+                xr = x.index_select(0, part)
+                before = self.indices.index_select(0, part).long()
                 if rate is None:
                     ref = None
-                    left = self._by_candidates(part, xr, self._moved[part])
+                    left = self._by_candidates(part, xr, self._moved.index_select(0, part))
                 else:
-                    ref = rate.reference[part].long()
-                    left = self._by_candidates_rate(part, xr, self._moved[part], rate, ref)
+                    ref = rate.reference.index_select(0, part).long()
+                    left = self._by_candidates_rate(part, xr, self._moved.index_select(0, part), rate, ref)
                 if len(left):
-                    found, lower, cand, rest = _scan(xr[left], codebook, self.chunk_elements, self.candidates, rate,
+                    xl = xr.index_select(0, left)
+                    found, lower, cand, rest = _scan(xl, codebook, self.chunk_elements, self.candidates, rate,
                                                      None if ref is None else ref[left])
-                    self._store(part[left], xr[left], found, lower, rest, cand)
+                    self._store(part[left], xl, found, lower, rest, cand)
                     full += len(left)
                 # The squared distances of the kernels that changed entry, in the commitment's total.
                 changed = (self.indices[part] != before).nonzero().squeeze(1)
