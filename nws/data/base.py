@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from nws.data.preparation import Preparation
 
 
 @dataclass
 class Task:
-    """One classification task; labels in ``train``/``test`` are ``0 .. len(classes)-1``."""
+    """One classification task; labels in ``train``/``test`` are ``0 .. len(classes)-1``. ``preparation``: how an
+    image file becomes the input the test set gives (None: the test set's ``preparation()`` says, if it has one;
+    :func:`nws.data.preparation.task_preparation`)."""
 
     name: str
     classes: list[str]
     train: Dataset
     test: Dataset
+    preparation: Preparation | None = None
 
 
 @dataclass
