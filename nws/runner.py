@@ -27,7 +27,6 @@ from torch import nn
 
 from nws.config import ConfigError, RunConfig, stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
-from nws.data.preparation import task_preparation
 from nws.devices import barrier, eval_device, is_global_zero, use_threads
 from nws.engine import seed_everything, task_seed
 from nws.errors import StoreError
@@ -186,7 +185,7 @@ class Runner:
         entry = {"index": index, "name": task.name, "classes": list(task.classes), **saved.record,
                  "acc_after_training": acc, "float32_model": float32_bytes(model),
                  "train_seconds": round(wall, 3), "train_cpu_seconds": round(cpu, 3)}
-        preparation = task_preparation(task)
+        preparation = task.input_preparation()
         if preparation is not None:
             entry["preparation"] = preparation.to_json()
         skipped = sum(n for stage, n in self.ctx.skipped_steps.items() if stage.startswith(f"task_{index:03d}"))

@@ -106,8 +106,8 @@ class TaskServer:
         entry = self._entries[self.index(task)]
         if "preparation" not in entry:
             raise ServeError(f"{self.store.root} does not record how task {entry['index']}'s inputs are prepared "
-                             "(made by an earlier nws, or a benchmark whose data do not describe it); prepare the "
-                             "images yourself and call predict with tensors")
+                             "(a run of an earlier nws, or of a benchmark whose data do not describe it); give "
+                             "predict() prepared tensors instead")
         return Preparation.from_json(entry["preparation"], f"{self.store.root}: task {entry['index']}'s preparation")
 
     # -- the networks

@@ -17,6 +17,7 @@ LAYERS = [
     ("storage and data", ["nws.container", "nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
     ("training and protocol", ["nws.config", "nws.devices", "nws.logs", "nws.engine", "nws.metrics", "nws.tables", "nws.results",
                                "nws.methods", "nws.methods.*", "nws.runner", "nws.upgrade", "nws.launch"]),
+    ("serving", ["nws.serve", "nws.export"]),
     ("reporting", ["nws.groups", "nws.plots", "nws.report", "nws.compare"]),
     ("command line", ["nws.cli"]),
 ]

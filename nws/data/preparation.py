@@ -26,7 +26,6 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
-from nws.data.base import Task
 from nws.data.transforms import Compose, Resize, step_from_json
 from nws.errors import NWSError
 
@@ -115,13 +114,3 @@ class Preparation:
             return cls(d["mode"], tuple(d["steps"]), None if size is None else (size[0], size[1]), d.get("note", ""))
         except (AttributeError, KeyError, TypeError, PreparationError) as err:
             raise PreparationError(f"{what} is not a preparation nws reads ({err})") from None
-
-
-def task_preparation(task: Task) -> Preparation | None:
-    """How ``task``'s test images are prepared: its own ``preparation``, else what its test set describes
-    (a ``preparation()`` method, as the image-folder and in-memory image data sets have); None when neither
-    says."""
-    if task.preparation is not None:
-        return task.preparation
-    describe = getattr(task.test, "preparation", None)
-    return describe() if callable(describe) else None

@@ -239,10 +239,35 @@ STEPS: dict[str, Callable[..., Callable]] = {
     "center_crop": CenterCrop, "pad_to": PadTo, "to_tensor": ToTensor, "normalize": Normalize}
 
 
+def _side(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  and math.isfinite(x) for x in v)
+
+
+def _well_formed(step: dict[str, Any]) -> bool:
+    args = {k: v for k, v in step.items() if k != "step"}
+    kind = step["step"]
+    if kind == "resize":
+        return (set(args) == {"size"} and isinstance(args["size"], list) and len(args["size"]) == 2
+                and all(map(_side, args["size"]))) or (set(args) == {"shorter_side"} and _side(args["shorter_side"]))
+    if kind in ("center_crop", "pad_to"):
+        return set(args) == {"size"} and _side(args["size"])
+    if kind == "to_tensor":
+        return set(args) <= {"mode"}
+    return (set(args) == {"mean", "std"} and _numbers(args["mean"]) and _numbers(args["std"])
+            and len(args["mean"]) == len(args["std"]) and all(x > 0 for x in args["std"]))
+
+
 def step_from_json(step: dict[str, Any]) -> Callable:
     """The transform a step describes (its ``to_json``); ``ValueError`` for an unknown or malformed step."""
     if not isinstance(step, dict) or step.get("step") not in STEPS:
         raise ValueError(f"unknown step {step!r} (known: {', '.join(STEPS)})")
+    if not _well_formed(step):
+        raise ValueError(f"malformed step {step!r}")
     try:
         return STEPS[step["step"]](**{k: v for k, v in step.items() if k != "step"})
     except (TypeError, ValueError) as err:
