@@ -163,7 +163,7 @@ def cmd_upgrade(args: Namespace) -> int:
 def _report_options(parser: Parser) -> None:
     parser.add_argument("runs", type=str, nargs="+", help="run directories, or directories holding runs")
     parser.add_argument("--out", type=Optional[str], default=None,
-                        help="report directory (default: report/ next to the first run, or inside it if it is a "
+                        help="report directory (default: report/ inside the first directory given: the run, or the "
                         "directory of runs)")
 
 
@@ -178,8 +178,7 @@ def _flat(items: Any) -> list:
 def _report(runs: list[str], out_dir: str | None) -> int:
     from nws.report import write_report
 
-    first = Path(runs[0]).resolve()
-    out = Path(out_dir) if out_dir else (first.parent if (first / "results.json").is_file() else first) / "report"
+    out = Path(out_dir) if out_dir else Path(runs[0]) / "report"
     write_report(runs, out)
     print((out / "report.md").read_text().split("\n\n![")[0])
     print(f"Report: {out / 'report.md'}")
@@ -193,6 +192,78 @@ def cmd_configs(args: Namespace) -> int:
         first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         print(f"{name:{width}s}  {first}")
     print(f"\nnws run --config NAME [--group.key value ...]; the files are in {path.parent}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ predict, export
+
+
+def _task(value: str) -> int | str:
+    """``--task``: an index, or a task's name."""
+    return int(value) if value.strip().isdigit() else value
+
+
+def _predict_options(parser: Parser) -> None:
+    parser.add_argument("--run", type=str, required=True, help="run directory")
+    parser.add_argument("--task", type=str, required=True, help="the task: its index, or its name (nws eval lists "
+                        "them)")
+    parser.add_argument("files", type=str, nargs="+", help="image files (any format Pillow reads)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated "
+                        "text")
+    parser.add_argument("--batch_size", type=PositiveInt, default=64, help="images per forward pass")
+
+
+def cmd_predict(args: Namespace) -> int:
+    import json
+
+    import torch
+
+    from nws.config import TrainerConfig
+    from nws.devices import use_threads
+    from nws.serve import TaskServer, open_image
+
+    files = [str(f) for f in _flat(args.files)]
+    server = TaskServer(args.run, cache_size=1)
+    index = server.index(_task(args.task))
+    preparation = server.preparation(index)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:  # before the first line is printed
+        raise UsageError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    use_threads(TrainerConfig())
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        batch = torch.stack([preparation(open_image(f)) for f in chunk])
+        out = server.predict(index, batch)
+        for f, name, label, p in zip(chunk, out.names, out.labels.tolist(), out.confidence.tolist()):
+            if args.json:
+                print(json.dumps({"file": f, "class": name, "probability": p, "label": label}))
+            else:
+                print(f"{f}\t{name}\t{p:.4f}")
+    return 0
+
+
+def _export_format() -> Any:
+    from nws.export import FORMATS
+
+    return Literal[FORMATS]
+
+
+def _export_options(parser: Parser) -> None:
+    parser.add_argument("--run", type=str, required=True, help="run directory")
+    parser.add_argument("--task", type=str, required=True, help="the task: its index, or its name")
+    parser.add_argument("--format", type=_export_format(), required=True,
+                        help="safetensors (a state dict: load it into the network's class), torchscript "
+                        "(torch.jit.load), onnx (onnxruntime; needs pip install 'neural-weight-search[onnx]')")
+    parser.add_argument("--out", type=str, required=True, help="the file to write; its description (task, classes, "
+                        "how inputs are prepared) goes beside it as the same name with .json")
+
+
+def cmd_export(args: Namespace) -> int:
+    from nws.export import export
+
+    written, described = export(args.run, _task(args.task), args.format, args.out)
+    print(f"{written}: task {_task(args.task)} of {args.run} as {args.format}; its classes and how its inputs are "
+          f"prepared: {described}")
     return 0
 
 
@@ -364,6 +435,13 @@ COMMANDS: dict[str, Command] = {
                     "nws eval --run runs/demo --task 0", _eval_options, cmd_eval),
     "report": Command("tables and plots comparing runs (methods, seeds)", "nws report runs/compare",
                       _report_options, cmd_report),
+    "predict": Command("classify image files with a task of a run, prepared as the run recorded (one line per "
+                       "file: the file, the class, its probability)",
+                       "nws predict --run runs/demo --task 0 digit.png", _predict_options, cmd_predict),
+    "export": Command("write a task's network as a file that runs without nws (safetensors, TorchScript, ONNX), "
+                      "with how its inputs are prepared beside it",
+                      "nws export --run runs/demo --task 0 --format onnx --out digits01.onnx", _export_options,
+                      cmd_export),
     "configs": Command("list the packaged configs (nws run --config NAME)", "nws configs", lambda p: None,
                        cmd_configs),
     "data": Command("get CIFAR-100, Fashion-MNIST or MNIST, or check a benchmark's files",
@@ -415,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command].handler(args[args.command])
     except ConfigError as err:
         types = {**setting_types(), "method": MethodName, "seeds": list[int], "task": Optional[NonNegativeInt],
-                 "iters": NonNegativeInt}
+                 "iters": NonNegativeInt, "batch_size": PositiveInt, "format": _export_format()}
         print(f"nws: error: {explain(str(err), given_on_command_line(argv), types)}", file=sys.stderr)
         return USAGE_ERROR
     except NWSError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -115,9 +115,13 @@ def freeze_pools(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module) -> nn.Module:
-    """A plain torch copy of ``model``: each NWS layer becomes an ordinary Conv2d/Linear with its searched weights."""
-    plain = copy.deepcopy(model)
+def materialize(model: nn.Module, inplace: bool = False, codes: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """A plain torch copy of ``model``: each NWS layer becomes an ordinary Conv2d/Linear with its searched weights
+    (the same outputs, without a search in every forward). ``inplace``: ``model`` itself is changed (no copy of
+    it, nor of its pools, is made) and returned. ``codes``: the layers' pool indices where they are known (a
+    network rebuilt from them, :func:`nws.decode`): those layers take the entries at them, without a search."""
+    plain = model if inplace else copy.deepcopy(model)
+    codes = codes or {}
     for name, layer in list(nws_layers(plain)):
         if isinstance(layer, NWSConv2d):
             new: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
@@ -125,7 +129,12 @@ def materialize(model: nn.Module) -> nn.Module:
                                        bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
         else:
             new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        new.weight = nn.Parameter(layer.searched_weight().clone(), requires_grad=layer.weight.requires_grad)
+        if name in codes:
+            book = layer.pool.codebook
+            weight = layer.weight_from_kernels(book[codes[name].to(book.device, torch.long)]).to(layer.weight.dtype)
+        else:
+            weight = layer.searched_weight().clone()
+        new.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         new.bias = layer.bias
         new.train(layer.training)
         if name:

@@ -32,13 +32,22 @@ class Run:
     def seed(self) -> Any:
         return self.results["seed"]
 
-    def settings(self) -> str:
-        """The run's configuration without seed and output directory: runs that share it are one experiment.
-        A setting the run's config lacks (added to nws after the run was made) counts at its default."""
+    def settings(self, besides: tuple[str, ...] = ()) -> str:
+        """The run's configuration without seed and output directory (nor the dotted keys ``besides``): runs
+        that share it are one experiment. A setting the run's config lacks (added to nws after the run was made)
+        counts at its default."""
         config = _filled(self.results["config"], dataclasses.asdict(RunConfig()))
-        config.pop("seed", None)
-        config.pop("out", None)
+        for key in ("seed", "out", *besides):
+            section, _, name = key.rpartition(".")
+            (config.get(section, {}) if section else config).pop(name, None)
         return json.dumps({"method": self.method, **config}, sort_keys=True)
+
+    def setting(self, key: str) -> Any:
+        """The value of the dotted setting ``key`` in the run's config (None if it has none)."""
+        value: Any = self.results["config"]
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
 
 
 def _filled(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +107,9 @@ class Group:
     float32_model: float = 0.0
     train_cpu_seconds: list[tuple[float, float]] = field(default_factory=list)  # empty unless every run has them
     train_seconds: list[tuple[float, float]] = field(default_factory=list)
+    task_bytes: tuple[float, float] = (0.0, 0.0)  # each run's mean bytes per task: mean and std over the runs
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)  # mean over the runs
+    chance: list[float] = field(default_factory=list)  # per task: 1 / its number of classes
 
     @property
     def seeds(self) -> list[Any]:
@@ -117,7 +129,8 @@ class Group:
                 f"memory_at_{EXTRAPOLATE_TO}_tasks": extrapolate(self.memory_after_task, self.shared),
                 "float32_model": self.float32_model,
                 "train_cpu_seconds": [ms(x) for x in self.train_cpu_seconds],
-                "train_seconds": [ms(x) for x in self.train_seconds]}
+                "train_seconds": [ms(x) for x in self.train_seconds],
+                "task_bytes": ms(self.task_bytes), "accuracy_matrix": self.accuracy_matrix}
 
 
 def _task_times(members: list[Run], key: str, n: int) -> list[tuple[float, float]]:
@@ -126,6 +139,32 @@ def _task_times(members: list[Run], key: str, n: int) -> list[tuple[float, float
     if not all(key in t for r in members for t in r.results["tasks"]):
         return []
     return [_mean_std([float(r.results["tasks"][i][key]) for r in members]) for i in range(n)]
+
+
+def _mean_matrix(members: list[Run], n: int) -> list[list[float | None]]:
+    """The runs' accuracy matrices averaged cell by cell (None where a run lacks the cell)."""
+    matrices = [r.results["accuracy_matrix"] for r in members]
+    return [[None if any(m[j][i] is None for m in matrices) else float(np.mean([m[j][i] for m in matrices]))
+             for i in range(n)] for j in range(n)]
+
+
+# Settings along which runs of one method are drawn as a curve (accuracy against bytes per task).
+CURVE_SETTINGS = ("model.rate", "task.lr")
+
+
+def curves(groups: list[Group]) -> list[tuple[str, list[Group]]]:
+    """For each setting of :data:`CURVE_SETTINGS`, the groups whose settings differ in it alone (two or more):
+    ``(the setting, the groups ordered by its value)``."""
+    out = []
+    for key in CURVE_SETTINGS:
+        by_rest: dict[str, list[Group]] = {}
+        for g in groups:
+            by_rest.setdefault(g.runs[0].settings(besides=(key,)), []).append(g)
+        for members in by_rest.values():
+            if len(members) > 1:
+                out.append((key, sorted(members, key=lambda g: (g.runs[0].setting(key) is None,
+                                                                g.runs[0].setting(key) or 0))))
+    return out
 
 
 def aggregate(runs: list[Run]) -> list[Group]:
@@ -160,7 +199,10 @@ def aggregate(runs: list[Run]) -> list[Group]:
             shared=float(np.mean([shared_bytes(r.results) for r in members])),
             float32_model=float(np.mean([r.results["memory"]["float32_model"] for r in members])),
             train_cpu_seconds=_task_times(members, "train_cpu_seconds", n),
-            train_seconds=_task_times(members, "train_seconds", n)))
+            train_seconds=_task_times(members, "train_seconds", n),
+            task_bytes=_mean_std([r.results["memory"]["tasks_total"] / n for r in members]),
+            accuracy_matrix=_mean_matrix(members, n),
+            chance=[1 / max(len(t["classes"]), 1) for t in members[0].results["tasks"]]))
     rank = {m: i for i, m in enumerate(METHODS)}  # the registry's order: NWS, then the baselines
     groups.sort(key=lambda g: (rank.get(g.method, len(rank)), g.label))
     return groups

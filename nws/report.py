@@ -2,8 +2,9 @@
 
 ``write_report(run_dirs, out)`` reads the ``results.json`` of several runs (of any method), groups the runs of
 the same method and settings that differ only in their seed (mean and standard deviation over seeds;
-:mod:`nws.groups`), and writes ``report.md``, ``summary.json`` and the plots (:mod:`nws.plots`), with the pool
-usage of every method that reports one (:meth:`nws.methods.Method.pool_usage`). Where every run records
+:mod:`nws.groups`), and writes ``report.md``, ``summary.json`` and the plots (:mod:`nws.plots`: accuracy per
+task, accuracy against bytes per task and against memory, memory against tasks, every group's accuracy matrix),
+with the pool usage of every method that reports one (:meth:`nws.methods.Method.pool_usage`). Where every run records
 each task's training time (process CPU and wall seconds), ``report.md`` also has a table of them per task and
 method. One run's own table is :mod:`nws.tables`.
 """
@@ -11,6 +12,8 @@ method. One run's own table is :mod:`nws.tables`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from nws.errors import NWSError
 from nws.groups import Group, aggregate, find_runs
 from nws.methods import METHODS
 from nws.metrics import EXTRAPOLATE_TO, extrapolate
-from nws.plots import _colour, plot_accuracy_per_task, plot_accuracy_vs_memory, plot_memory, plot_pool_usage
+from nws.plots import (_colour, plot_accuracy_matrix, plot_accuracy_per_task, plot_accuracy_vs_memory,
+                       plot_accuracy_vs_task_bytes, plot_memory, plot_pool_usage)
 from nws.tables import size
 
 
@@ -35,14 +39,15 @@ def _pm(x: tuple[float, float], n: int, scale: float = 100, digits: int = 2, sig
 
 
 def comparison_table(groups: list[Group]) -> str:
-    """Markdown: methods x tasks (final accuracy, %), average, backward transfer, memory now and at 100 tasks."""
+    """Markdown: methods x tasks (final accuracy, %), average, backward transfer, bytes per task, memory now and at
+    100 tasks."""
     names = groups[0].task_names if groups else []
-    head = ["method", "runs"] + names + ["average", "BWT", "memory", f"memory at {EXTRAPOLATE_TO} tasks"]
+    head = ["method", "runs"] + names + ["average", "BWT", "per task", "memory", f"memory at {EXTRAPOLATE_TO} tasks"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         n = len(g.runs)
         row = [g.label, str(n)] + [_pm(a, n) for a in g.acc_final]
-        row += [f"**{_pm(g.average_accuracy, n)}**", _pm(g.backward_transfer, n, sign=True),
+        row += [f"**{_pm(g.average_accuracy, n)}**", _pm(g.backward_transfer, n, sign=True), size(g.task_bytes[0]),
                 size(g.memory[0]) + (f" ± {size(g.memory[1])}" if n > 1 else ""),
                 size(extrapolate(g.memory_after_task, g.shared))]
         lines.append("| " + " | ".join(row) + " |")
@@ -65,6 +70,10 @@ def time_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+
+
 def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     """Read the runs at ``paths``, write ``report.md``, ``summary.json`` and the plots into ``out``; returns the
     summary (one entry per group of seeds)."""
@@ -78,7 +87,16 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ReportError(f"cannot create the report directory {out} ({err.strerror})") from None
-    plots = plot_accuracy_per_task(groups, out) + plot_memory(groups, out) + plot_accuracy_vs_memory(groups, out)
+    plots = (plot_accuracy_per_task(groups, out) + plot_accuracy_vs_task_bytes(groups, out)
+             + plot_accuracy_vs_memory(groups, out) + plot_memory(groups, out))
+    known = [a for g in groups for row in g.accuracy_matrix for a in row if a is not None]
+    low = min(90.0, math.floor(100 * min(known, default=1.0) / 10) * 10)
+    matrix_stems: set[str] = set()
+    for i, g in enumerate(groups):
+        stem = f"accuracy_matrix_{_slug(g.label)}"
+        stem = stem if stem not in matrix_stems else f"{stem}_{i}"
+        matrix_stems.add(stem)
+        plots += plot_accuracy_matrix(g, out, stem, low)
     usage, stems = {}, set()
     for i, g in enumerate(groups):
         cls = METHODS.get(g.method)
@@ -92,9 +110,10 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = ["# Comparison", "",
              "Accuracy (%) of each task's model after the whole sequence, its average, backward transfer (BWT, "
-             "points) and the memory needed to serve every task" + (", mean ± standard deviation over seeds" if
-                                                                     any(len(g.runs) > 1 for g in groups) else "")
-             + ".", "", comparison_table(groups)]
+             "points), the bytes stored per task (mean over the tasks) and the memory needed to serve every task"
+             + (", mean ± standard deviation over seeds" if any(len(g.runs) > 1 for g in groups) else "")
+             + ". The accuracy matrices (accuracy_matrix*.png) show each task's accuracy from storage after every "
+             "later task: a column that falls is forgetting.", "", comparison_table(groups)]
     times = time_table(groups)
     if times:
         lines += ["Training time per task: process CPU seconds (wall seconds in brackets), mean over seeds. CPU "

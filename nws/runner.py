@@ -2,9 +2,10 @@
 
 :func:`run` checks the whole configuration and loads the data before anything is written, then: the source
 stage (the method makes and stores the network the first task starts from), every task in order (seeded by
-the run seed and its index alone; trained by the method; its files written atomically and listed; rebuilt
-from storage and evaluated), and finally every task evaluated from storage again, into ``results.json`` and
-``results.md`` (:mod:`nws.results`), whoever calls it.
+the run seed and its index alone; trained by the method; its files written atomically and listed with how its
+inputs are prepared (:mod:`nws.data.preparation`); rebuilt from storage and evaluated, and every earlier task
+too, rebuilt from storage as it stands now: a row of the accuracy matrix), and finally every task evaluated
+from storage again, into ``results.json`` and ``results.md`` (:mod:`nws.results`), whoever calls it.
 
 An interrupted run continues with ``resume``: its files are verified, it must be this config's run,
 finished tasks are kept byte for byte, the method's state after the last one is read back from the files,
@@ -108,7 +109,8 @@ class Runner:
         for index in done:  # a run interrupted right after listing its last task
             if "memory_after" not in store.task_entry(index):
                 store.record_memory(index)
-            if "acc_from_storage" not in store.task_entry(index):
+            if "acc_from_storage" not in store.task_entry(index) or (
+                    index == done[-1] and "acc_so_far" not in store.task_entry(index)):
                 self._record_from_storage(store, index)
         if done:
             method.restore(store, done[-1])
@@ -183,6 +185,9 @@ class Runner:
         entry = {"index": index, "name": task.name, "classes": list(task.classes), **saved.record,
                  "acc_after_training": acc, "float32_model": float32_bytes(model),
                  "train_seconds": round(wall, 3), "train_cpu_seconds": round(cpu, 3)}
+        preparation = task.input_preparation()
+        if preparation is not None:
+            entry["preparation"] = preparation.to_json()
         skipped = sum(n for stage, n in self.ctx.skipped_steps.items() if stage.startswith(f"task_{index:03d}"))
         if skipped:
             entry["skipped_steps"] = skipped
@@ -193,9 +198,17 @@ class Runner:
         self.ctx.drop_checkpoints(f"task_{index:03d}")
 
     def _record_from_storage(self, store: RunStore, index: int) -> None:
-        rebuilt = self.method.store_class(self.out).model(index)
-        store.update_task(index, acc_from_storage=self.ctx.evaluate(rebuilt, self.ctx.benchmark.tasks[index].test),
-                          **self.method.describe(rebuilt))
+        """Task ``index`` (the last listed) rebuilt from storage and evaluated, and every earlier task as storage
+        serves it now (``acc_so_far``: row ``index`` of the accuracy matrix)."""
+        fresh = self.method.store_class(self.out)
+        rebuilt = fresh.model(index)
+        tests = [t.test for t in self.ctx.benchmark.tasks]
+        acc = self.ctx.evaluate(rebuilt, tests[index])
+        earlier = []
+        for i in range(index):
+            earlier.append(self.ctx.evaluate(fresh.plain_model(i), tests[i]))
+            fresh.drop(i)
+        store.update_task(index, acc_from_storage=acc, acc_so_far=[*earlier, acc], **self.method.describe(rebuilt))
 
     def _follow(self, resume: bool) -> dict[str, Any]:
         """A distributed rank other than 0: takes part in every training and writes nothing.

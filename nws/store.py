@@ -16,11 +16,13 @@ import os
 import re
 import secrets
 import signal
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from nws.convert import materialize
 from nws.errors import StoreError
 from nws.container import check_version, is_number, pack_file, unpack_file
 from nws.container import first_line as _first_line
@@ -157,6 +159,11 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         sizes = t.get("bytes", {})
         if not (isinstance(sizes, dict) and all(is_int(v) for v in sizes.values())):
             return f"bad sizes in task {t['index']}"
+        row = t.get("acc_so_far", [])
+        if not (isinstance(row, list) and len(row) <= t["index"] + 1 and all(is_number(a) for a in row)):
+            return f"bad accuracies so far in task {t['index']}"
+        if not isinstance(t.get("preparation", {}), dict):
+            return f"bad preparation in task {t['index']}"
     if not isinstance(m.get("method"), str):
         return "bad or missing method entry"
     source = m.get("source", {})
@@ -177,15 +184,22 @@ class RunStore:
     """A run directory of any method: verified files, and the manifest listing them and the tasks.
 
     ``RunStore(path)`` opens an existing run (``create=True`` makes a new one of ``method``, its manifest
-    holding ``fields`` from the first write, and refuses a directory that already holds a run). A method's reader subclasses it with :meth:`build` (a task's network
-    from the files alone) and :meth:`shared_files` (the files every task needs, counted once as shared memory),
-    and may check its own manifest entries (:meth:`manifest_problem`) and add to the results' memory
-    (:meth:`memory_extras`).
+    holding ``fields`` from the first write, and refuses a directory that already holds a run). A method's
+    reader subclasses it with :meth:`build` (a task's network from the files alone) and :meth:`shared_files`
+    (the files every task needs, counted once as shared memory), and may check its own manifest entries
+    (:meth:`manifest_problem`) and add to the results' memory (:meth:`memory_extras`).
+
+    Networks rebuilt by :meth:`model` (the method's own layers, e.g. to train on) and :meth:`plain_model` (plain
+    torch layers, for inference) are kept in one cache of the ``cache_size`` most recently used; :meth:`drop`
+    empties it. :meth:`hold` keeps every file's verified bytes in memory, so that rebuilding reads no disk.
     """
+
+    cache_size: int = 4
 
     def __init__(self, root: str | os.PathLike, create: bool = False, method: str | None = None, **fields: Any):
         self.root = Path(root)
-        self._cache: dict[int, nn.Module] = {}
+        self._cache: OrderedDict[tuple[str, int], nn.Module] = OrderedDict()
+        self._held: dict[str, bytes] = {}
         if create:
             if not isinstance(method, str):
                 raise ValueError("a new run directory needs the name of its method")
@@ -248,10 +262,12 @@ class RunStore:
         return len(data)
 
     def read(self, name: str) -> bytes:
-        """A file's bytes, verified against the manifest's size and sha256."""
+        """A file's bytes, verified against the manifest's size and sha256 (held ones: when they were read)."""
         entry = self.manifest["files"].get(check_file_name(name))
         if entry is None:
             raise StoreError(f"{self.root / name} is not recorded in the run's manifest")
+        if name in self._held:
+            return self._held[name]
         try:
             data = (self.root / name).read_bytes()
         except OSError as err:
@@ -264,9 +280,18 @@ class RunStore:
         """Tensors and metadata of a verified safetensors file of ``kind``."""
         return unpack_file(self.read(name), kind, str(self.root / name))
 
+    def hold(self) -> int:
+        """Read the files that serve the listed tasks (:meth:`shared_files` and each task's file) once, verified,
+        and keep their bytes in memory: later reads, and so every network rebuilt, touch no disk. Returns the
+        bytes held: the run's memory as ``results.json`` counts it."""
+        names = [*self.shared_files(), *(t["file"] for t in self.manifest["tasks"])]
+        self._held = {name: self.read(name) for name in dict.fromkeys(names)}
+        return sum(map(len, self._held.values()))
+
     def remove(self, name: str) -> None:
         """Unlist a file (atomically), then delete it: a crash in between leaves an unlisted file, never a
         listed one that is missing."""
+        self._held.pop(name, None)
         if self.manifest["files"].pop(check_file_name(name), None) is not None:
             self.write_manifest()
         (self.root / name).unlink(missing_ok=True)
@@ -311,10 +336,11 @@ class RunStore:
             atomic_write(self.root / check_file_name(name), data)
         for name, data in files.items():
             self.manifest["files"][name] = {"size": len(data), "sha256": sha256(data)}
+            self._held.pop(name, None)
         tasks = [t for t in self.manifest["tasks"] if t["index"] != entry["index"]] + [dict(entry)]
         self.manifest["tasks"] = sorted(tasks, key=lambda t: t["index"])
         self.write_manifest()
-        self._cache.pop(entry["index"], None)
+        self.drop(entry["index"])
         return dict(entry)
 
     def update_task(self, index: int, **record: Any) -> None:
@@ -335,13 +361,46 @@ class RunStore:
         """Task ``index``'s network from the files alone."""
         raise NotImplementedError
 
+    def build_plain(self, index: int) -> nn.Module:
+        """Task ``index``'s network from the files alone, with plain torch layers (:meth:`build`'s, materialised
+        by :func:`nws.materialize`); a reader that knows a faster way overrides it."""
+        return materialize(self.build(index), inplace=True)
+
     def memory_extras(self) -> dict[str, Any]:
         """What the results' ``memory`` records besides the files' sizes (e.g. what another implementation
         would store for the same run)."""
         return {}
 
     def model(self, index: int) -> nn.Module:
-        """Task ``index``'s network rebuilt from storage alone (cached, eval mode)."""
-        if index not in self._cache:
-            self._cache[index] = self.build(index).eval()
-        return self._cache[index]
+        """Task ``index``'s network rebuilt from storage alone, with the method's own layers (e.g. NWS layers,
+        which search their pools in every forward): what a task starts from. Cached, eval mode."""
+        return self._cached("model", index, lambda: self.build(index).eval())
+
+    def plain_model(self, index: int) -> nn.Module:
+        """Task ``index``'s network for inference: rebuilt from storage alone with plain torch layers (NWS layers
+        materialised: :func:`nws.materialize`), the same outputs as :meth:`model`'s, no gradients. Cached, eval
+        mode."""
+        return self._cached("plain", index, lambda: self.build_plain(index).eval().requires_grad_(False))
+
+    def _cached(self, kind: str, index: int, make) -> nn.Module:
+        key = (kind, index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.task_entry(index)  # an unknown task: StoreError naming the tasks there are
+        network = make()
+        if self.cache_size > 0:
+            self._cache[key] = network
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return network
+
+    def cached(self) -> dict[tuple[str, int], nn.Module]:
+        """The networks in the cache by ``(kind, index)`` (kind: ``model`` or ``plain``), least recently used
+        first."""
+        return dict(self._cache)
+
+    def drop(self, index: int | None = None) -> None:
+        """Drop task ``index``'s networks from the cache (None: every network)."""
+        for key in [k for k in self._cache if index is None or k[1] == index]:
+            del self._cache[key]

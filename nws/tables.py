@@ -75,6 +75,25 @@ def sparsity_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MATRIX_TASKS = 12  # results.md shows the accuracy matrix up to this many tasks (the report's heat map: any number)
+
+
+def matrix_table(results: dict[str, Any]) -> str:
+    """Markdown lines of the accuracy matrix (row: after learning task j; column: task i; %, from storage);
+    empty for more than :data:`MATRIX_TASKS` tasks."""
+    matrix = results.get("accuracy_matrix") or []
+    if not matrix or len(matrix) > MATRIX_TASKS:
+        return ""
+    n = len(matrix)
+    lines = ["", "Accuracy matrix (%): on task i (columns), rebuilt from storage right after learning task j (rows); "
+             "a column that falls is forgetting.", "",
+             "| after task | " + " | ".join(map(str, range(n))) + " |", "|" + "---|" * (n + 1)]
+    for j, row in enumerate(matrix):
+        cells = ["" if a is None else f"{100 * a:.1f}" for a in row]
+        lines.append(f"| {j} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_markdown(results: dict[str, Any]) -> str:
-    """A run's ``results.md``: its table and, for sparse runs, the sparsity table."""
-    return markdown_table(results) + sparsity_table(results)
+    """A run's ``results.md``: its table, the accuracy matrix and, for sparse runs, the sparsity table."""
+    return markdown_table(results) + matrix_table(results) + sparsity_table(results)

@@ -12,8 +12,10 @@ earlier nws wrote, and how it becomes today's:
   had biases when the builders made them (before 2026-12-02) gets them listed in its spec (``biases``), in the
   pools and source files too;
 - ``results.json`` without a ``format`` entry (memory recorded as ``pools`` instead of ``shared``, no
-  ``memory_after_task``, tasks without ``acc_final``, no config): written again from the upgraded run's
-  manifest and the accuracies it recorded (``acc_final``, else ``acc_from_storage``), with ``results.md``.
+  ``memory_after_task``, tasks without ``acc_final``, no config), or of version 2 (no ``accuracy_matrix``):
+  written again from the upgraded run's manifest and the accuracies it recorded (``acc_final``, else
+  ``acc_from_storage``), with ``results.md``; the accuracy matrix holds what was recorded (each task's accuracy
+  right after it was stored, and every task's after the whole sequence), the rest null.
 
 Atomic: the upgraded run is first written aside, into ``RUN/.upgrade/`` (files that do not change linked in),
 and verified there with today's readers: every file, every task rebuilt, and every rewritten task's codes and
@@ -44,7 +46,7 @@ from nws.errors import StoreError
 from nws.methods import open_run
 from nws.methods.nws import POOLS, REFERENCE, TaskStore
 from nws.packing import MAGIC, Layout
-from nws.results import RESULTS, RESULTS_MD, check_results, results_from, write_results
+from nws.results import RESULTS, RESULTS_MD, RESULTS_VERSION, check_results, results_from, write_results
 from nws.spec import ModelSpec, is_int, str_list
 from nws.store import MANIFEST, MANIFEST_VERSION, SOURCE, atomic_write, crash_point, manifest_bytes, manifest_checksum
 from nws.store import sha256
@@ -335,6 +337,12 @@ def _earlier_results(root: Path, manifest: dict[str, Any]) -> list[float] | None
     return finals
 
 
+def _earlier_format(results: dict[str, Any]) -> bool:
+    """Whether ``results`` (a ``results.json``) is of an earlier format than today's."""
+    return "format" not in results or (isinstance(results.get("version"), int)
+                                       and results["version"] < RESULTS_VERSION)
+
+
 def _link(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -370,7 +378,7 @@ def upgrade(path: str | os.PathLike) -> list[str]:
         shutil.rmtree(staging)
     manifest = _read_manifest(root)
     finals = _earlier_results(root, manifest)
-    old_results = finals is not None and "format" not in json.loads((root / RESULTS).read_text())
+    old_results = finals is not None and _earlier_format(json.loads((root / RESULTS).read_text()))
     if manifest["version"] == MANIFEST_VERSION and not old_results:
         return []
     files = _read_listed(root, manifest)

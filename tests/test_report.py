@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +30,11 @@ def fake_results(method: str, seed: int, final: list[float], after: list[float],
     tasks = [{"name": names[i], "classes": ["a", "b"], "acc_after_training": a, "acc_from_storage": a,
               "acc_final": f, "bytes": {"weights": task_bytes, "batchnorm": 0, "other": 0}, "float32_model": 400}
              for i, (f, a) in enumerate(zip(final, after))]
-    return {"format": "nws-results", "version": 2, "method": method, "seed": seed,
+    return {"format": "nws-results", "version": 3, "method": method, "seed": seed,
             "config": {"seed": seed, "out": f"x/{seed}", "method": method, **config},
             **continual_metrics(tasks), "tasks": tasks,
+            "accuracy_matrix": [[t["acc_from_storage"] if i == j else None for i, t in enumerate(tasks)]
+                                for j in range(len(tasks) - 1)] + [list(final)],
             "memory": {"shared": shared, "shared_files": {"network.safetensors": shared} if shared else {},
                        "tasks_total": task_bytes * len(tasks), "float32_model": 400},
             "memory_after_task": [shared + task_bytes * (i + 1) for i in range(len(tasks))]}
@@ -145,9 +148,9 @@ def test_report_refuses_results_of_an_earlier_nws_naming_the_upgrade(tmp_path, c
     assert main(["report", str(tmp_path / "old")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"nws upgrade {tmp_path / 'old'}" in err
-    write_run(tmp_path / "new", {**fake_results("nws", 0, [1.0], [1.0], 10), "version": 3})
+    write_run(tmp_path / "new", {**fake_results("nws", 0, [1.0], [1.0], 10), "version": 4})
     assert main(["report", str(tmp_path / "new")]) == 2
-    assert "newer than this nws reads (2); upgrade nws" in capsys.readouterr().err
+    assert "newer than this nws reads (3); upgrade nws" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def test_nws_results_have_final_accuracy_and_memory_after_task(nws_run):
     out, _ = nws_run
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text() == run_markdown(results)
-    assert results["method"] == "nws" and (results["format"], results["version"]) == ("nws-results", 2)
+    assert results["method"] == "nws" and (results["format"], results["version"]) == ("nws-results", 3)
     assert all(t["acc_final"] == t["acc_from_storage"] for t in results["tasks"])
     sizes = [sum(t["bytes"].values()) for t in results["tasks"]]
     files = json.loads((out / "manifest.json").read_text())["files"]
@@ -252,3 +255,71 @@ def test_plots_of_seed_groups_lay_out_cleanly(tmp_path):
         warnings.simplefilter("error")
         write_report([tmp_path], tmp_path / "report")
     assert "75.00 ± 35.36" in (tmp_path / "report" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------- the accuracy matrix
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    config = RunConfig(seed=0, out=str(out), method="finetune", model=ModelConfig(kwargs={"widths": [8, 16]}),
+                       pretrain=TrainConfig(epochs=3), task=TrainConfig(epochs=3, lr=0.05),
+                       trainer=TrainerConfig(logger="none", progress_bar=False, checkpoint=False))
+    run(config, digits_benchmark(seed=0), progress=False)
+    return out
+
+
+def test_the_accuracy_matrix_of_a_finetune_run_shows_forgetting(finetune_run, tmp_path):
+    """Row j: every task rebuilt from storage right after task j was stored. Fine-tuning changes the shared
+    network, so earlier tasks' accuracies move (and fall): forgetting, in results.json and the report."""
+    results = json.loads((finetune_run / "results.json").read_text())
+    matrix, tasks = results["accuracy_matrix"], results["tasks"]
+    n = len(tasks)
+    assert all(matrix[j][i] is None for j in range(n) for i in range(j + 1, n))
+    assert [matrix[j][j] for j in range(n)] == [t["acc_from_storage"] for t in tasks]
+    assert matrix[-1] == [t["acc_final"] for t in tasks]
+    drops = [max(matrix[j][i] for j in range(i, n)) - matrix[-1][i] for i in range(n - 1)]
+    assert max(drops) > 0.1  # a column that falls: what a task had learned, later tasks overwrote
+    write_report([finetune_run], tmp_path / "report")
+    assert (tmp_path / "report" / "accuracy_matrix_finetune.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["groups"][0]["accuracy_matrix"] == matrix
+    assert "| after task | 0 | 1 | 2 | 3 | 4 |" in (finetune_run / "results.md").read_text()
+
+
+def test_an_nws_runs_earlier_tasks_never_move(nws_run):
+    """NWS keeps every task's indices: each column of the matrix is one value, exactly."""
+    out, _ = nws_run
+    matrix = json.loads((out / "results.json").read_text())["accuracy_matrix"]
+    assert all(len({matrix[j][i] for j in range(i, len(matrix))}) == 1 for i in range(len(matrix)))
+
+
+def test_results_of_version_2_are_refused_then_upgraded(finetune_run, tmp_path, capsys):
+    """Results without the matrix (nws-results 2), from a run whose manifest has no matrix rows: the report
+    names nws upgrade; after it, the matrix holds what the run recorded (the diagonal, the last row)."""
+    import shutil
+
+    from nws.store import RunStore
+    from nws.upgrade import upgrade
+
+    old = Path(shutil.copytree(finetune_run, tmp_path / "old"))
+    store = RunStore(old)
+    for t in store.manifest["tasks"]:
+        del t["acc_so_far"]
+    store.write_manifest()
+    results = json.loads((old / "results.json").read_text())
+    del results["accuracy_matrix"]
+    results["version"] = 2
+    (old / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"nws upgrade {old}" in err
+    assert upgrade(old) == ["results.json, results.md: written in today's format from the recorded accuracies"]
+    matrix = json.loads((old / "results.json").read_text())["accuracy_matrix"]
+    n = len(matrix)
+    assert matrix[-1] == [t["acc_final"] for t in results["tasks"]]
+    assert [matrix[j][j] for j in range(n - 1)] == [t["acc_from_storage"] for t in results["tasks"][:-1]]
+    assert all(matrix[j][i] is None for j in range(n - 1) for i in range(n) if i != j)
+    assert main(["report", str(old)]) == 0
+    assert (old / "report" / "report.md").is_file()  # the default: inside the run given

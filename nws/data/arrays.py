@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from nws.data.preparation import Preparation
+
 
 class ArrayImages(Dataset):
     """``uint8 (N, C, H, W)`` images with labels, through a transform on each ``(C, H, W)`` tensor."""
@@ -22,6 +24,15 @@ class ArrayImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.transform(self.images[i]), self.labels[i]
+
+    def preparation(self) -> Preparation | None:
+        """How an image file becomes what this set gives: grayscale (one channel) or RGB, resized to the images'
+        size, then the transform's steps; None for a transform that is not a deterministic one (training's)."""
+        channels, height, width = self.images.shape[1:]
+        try:
+            return Preparation.of("L" if channels == 1 else "RGB", self.transform, (height, width))
+        except (AttributeError, ValueError):
+            return None
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

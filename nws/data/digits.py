@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nws.data.base import Benchmark, Task
+from nws.data.preparation import Preparation
 from nws.data.registry import DataRequest, register_benchmark
 from nws.errors import NWSError
 
@@ -37,6 +38,12 @@ def mnist_layout(images: np.ndarray) -> np.ndarray:
     x = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
     x = torch.nn.functional.pad(x.clamp(0, 1).mul(255).round().to(torch.uint8), (4, 4, 4, 4))
     return x.numpy()
+
+
+# The digits are 8x8 arrays of values 0-16, scaled to [0, 1] and normalised to [-1, 1]; as image files: 8x8
+# grayscale, pixel 255 standing for 16.
+PREPARATION = Preparation("L", ({"step": "to_tensor", "mode": "L"}, {"step": "normalize", "mean": [0.5], "std": [0.5]}),
+                          (8, 8), "an 8x8 grayscale digit, white on black; pixel 255 stands for the digits' 16")
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
@@ -63,7 +70,7 @@ def digits_benchmark(seed: int = 0) -> Benchmark:
     n_src_test = len(src) // 5
     names = [str(d) for d in range(10)]
     source_task = Task("source: digits 0-9", names, _dataset(images[src[n_src_test:]], labels[src[n_src_test:]]),
-                       _dataset(images[src[:n_src_test]], labels[src[:n_src_test]]))
+                       _dataset(images[src[:n_src_test]], labels[src[:n_src_test]]), PREPARATION)
     tasks = []
     for pair in PAIRS:
         tr = np.concatenate([train[d] for d in pair])
@@ -71,7 +78,8 @@ def digits_benchmark(seed: int = 0) -> Benchmark:
         remap = {d: i for i, d in enumerate(pair)}
         relabel = np.vectorize(remap.__getitem__)
         tasks.append(Task(f"digits {pair[0]}/{pair[1]}", [str(d) for d in pair],
-                          _dataset(images[tr], relabel(labels[tr])), _dataset(images[te], relabel(labels[te]))))
+                          _dataset(images[tr], relabel(labels[tr])), _dataset(images[te], relabel(labels[te])),
+                          PREPARATION))
     return Benchmark(source=source_task, tasks=tasks, in_channels=1)
 
 

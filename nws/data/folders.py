@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from nws.data.base import Benchmark, Task
+from nws.data.preparation import Preparation
 from nws.data.registry import DataRequest, register_benchmark
 from nws.data.transforms import folder_transforms, imagenet_transforms, task_folder_transforms
 from nws.errors import NWSError
@@ -104,6 +105,14 @@ class ImageFolderDataset(Dataset):
         except (OSError, UnidentifiedImageError) as err:
             raise LayoutError(f"cannot decode image {path} ({err})") from None
         return self.transform(image), torch.tensor(label)
+
+    def preparation(self) -> Preparation | None:
+        """How an image file becomes what this set gives: RGB, then the transform's steps; None for a transform
+        that is not a deterministic one (training's)."""
+        try:
+            return Preparation.of("RGB", self.transform)
+        except (AttributeError, ValueError):
+            return None
 
 
 def _size(image_size: int | None) -> int:

@@ -2,14 +2,19 @@
 
 Random choices draw from torch's global generator, which the DataLoader seeds separately in every worker,
 so workers never repeat each other's crops. Geometric transforms take a Pillow image (decoded in the
-worker) or a ``(C, H, W)`` tensor where noted; :class:`ToTensor` turns a Pillow image into a float tensor
-in ``[0, 1]``; :class:`Normalize` and :class:`Cutout` act on tensors.
+worker) or a ``(C, H, W)`` tensor where noted; :class:`ToTensor` turns a Pillow image (or a ``uint8``
+tensor) into a float tensor in ``[0, 1]``; :class:`Normalize` and :class:`Cutout` act on tensors.
+
+The deterministic transforms (those of test time) are also data: ``to_json()`` gives a step such as
+``{"step": "resize", "size": [224, 224]}`` and :func:`step_from_json` makes the transform again, so that a run
+records how its inputs are prepared (:mod:`nws.data.preparation`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +48,15 @@ class Compose:
     def __repr__(self) -> str:
         return f"Compose({', '.join(type(t).__name__ for t in self.transforms)})"
 
+    def to_json(self) -> list[dict[str, Any]]:
+        """The steps as data; ``ValueError`` if one is random or not describable (a training transform)."""
+        steps = []
+        for t in self.transforms:
+            if not hasattr(t, "to_json"):
+                raise ValueError(f"{type(t).__name__} is not a deterministic, describable step")
+            steps.append(t.to_json())
+        return steps
+
 
 class Resize:
     """Bilinear resize of a Pillow image: an int sets the shorter side (aspect kept), a pair ``(h, w)`` the
@@ -62,6 +76,11 @@ class Resize:
             new = (self.size[1], self.size[0])
         return img if new == (w, h) else img.resize(new, Image.BILINEAR)
 
+    def to_json(self) -> dict[str, Any]:
+        if isinstance(self.size, int):
+            return {"step": "resize", "shorter_side": self.size}
+        return {"step": "resize", "size": list(self.size)}
+
 
 class CenterCrop:
     """The central ``size x size`` region of a Pillow image (zero-padded if the image is smaller)."""
@@ -73,6 +92,9 @@ class CenterCrop:
         w, h = img.size
         left, top = int(round((w - self.size) / 2.0)), int(round((h - self.size) / 2.0))
         return img.crop((left, top, left + self.size, top + self.size))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": "center_crop", "size": self.size}
 
 
 class RandomResizedCrop:
@@ -151,13 +173,28 @@ class PadTo:
         top, left = (self.size - h) // 2, (self.size - w) // 2
         return torch.nn.functional.pad(x, (left, self.size - w - left, top, self.size - h - top))
 
+    def to_json(self) -> dict[str, Any]:
+        return {"step": "pad_to", "size": self.size}
+
 
 class ToTensor:
-    """A Pillow image (converted to RGB) as a float ``(3, H, W)`` tensor in ``[0, 1]``."""
+    """A Pillow image, converted to ``mode`` (``RGB``: 3 channels, ``L``: 1), as a float ``(C, H, W)`` tensor in
+    ``[0, 1]`` (pixel / 255); a ``uint8 (C, H, W)`` tensor (images held in memory) is scaled the same way."""
 
-    def __call__(self, img: Image.Image) -> Tensor:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    def __init__(self, mode: str = "RGB"):
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"mode must be RGB or L, got {mode!r}")
+        self.mode = mode
+
+    def __call__(self, img: Image.Image | Tensor) -> Tensor:
+        if isinstance(img, Tensor):
+            return img.float().div_(255.0)
+        array = np.asarray(img.convert(self.mode), dtype=np.uint8)
+        array = array[:, :, None] if array.ndim == 2 else array
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": "to_tensor", "mode": self.mode}
 
 
 class ToFloat:
@@ -177,6 +214,9 @@ class Normalize:
     def __call__(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
+    def to_json(self) -> dict[str, Any]:
+        return {"step": "normalize", "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
 
 class Cutout:
     """Zero a ``length x length`` square (clipped at the borders) centred on a uniformly random pixel of a
@@ -192,6 +232,46 @@ class Cutout:
         x = x.clone()
         x[..., max(0, cy - half):min(h, cy + half), max(0, cx - half):min(w, cx + half)] = 0.0
         return x
+
+
+STEPS: dict[str, Callable[..., Callable]] = {
+    "resize": lambda size=None, shorter_side=None: Resize(shorter_side if size is None else tuple(size)),
+    "center_crop": CenterCrop, "pad_to": PadTo, "to_tensor": ToTensor, "normalize": Normalize}
+
+
+def _side(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  and math.isfinite(x) for x in v)
+
+
+def _well_formed(step: dict[str, Any]) -> bool:
+    args = {k: v for k, v in step.items() if k != "step"}
+    kind = step["step"]
+    if kind == "resize":
+        return (set(args) == {"size"} and isinstance(args["size"], list) and len(args["size"]) == 2
+                and all(map(_side, args["size"]))) or (set(args) == {"shorter_side"} and _side(args["shorter_side"]))
+    if kind in ("center_crop", "pad_to"):
+        return set(args) == {"size"} and _side(args["size"])
+    if kind == "to_tensor":
+        return set(args) <= {"mode"}
+    return (set(args) == {"mean", "std"} and _numbers(args["mean"]) and _numbers(args["std"])
+            and len(args["mean"]) == len(args["std"]) and all(x > 0 for x in args["std"]))
+
+
+def step_from_json(step: dict[str, Any]) -> Callable:
+    """The transform a step describes (its ``to_json``); ``ValueError`` for an unknown or malformed step."""
+    if not isinstance(step, dict) or step.get("step") not in STEPS:
+        raise ValueError(f"unknown step {step!r} (known: {', '.join(STEPS)})")
+    if not _well_formed(step):
+        raise ValueError(f"malformed step {step!r}")
+    try:
+        return STEPS[step["step"]](**{k: v for k, v in step.items() if k != "step"})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"malformed step {step!r} ({err})") from None
 
 
 def folder_transforms(image_size: int, cropped: bool, train: bool) -> Compose:
@@ -251,10 +331,11 @@ def cifar_transforms(mean: Sequence[float], std: Sequence[float], train: bool) -
     norm = Normalize(mean, std)
     if train:
         return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToFloat(), norm])
-    return Compose([ToFloat(), norm])
+    return Compose([ToTensor("RGB"), norm])
 
 
 def mnist_transforms(mean: Sequence[float], std: Sequence[float], size: int) -> Compose:
-    """MNIST-style ``uint8 (1, 28, 28)`` tensors: zero-padded to ``size`` (the background is 0), then
-    normalised with the given mean and std. No augmentation, as in the Split-(Fashion-)MNIST literature."""
-    return Compose([PadTo(size), ToFloat(), Normalize(mean, std)])
+    """MNIST-style ``uint8 (1, 28, 28)`` tensors (or grayscale images): scaled to ``[0, 1]``, zero-padded to
+    ``size`` (the background is 0), then normalised with the given mean and std. No augmentation, as in the
+    Split-(Fashion-)MNIST literature."""
+    return Compose([ToTensor("L"), PadTo(size), Normalize(mean, std)])

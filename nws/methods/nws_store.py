@@ -12,6 +12,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from nws.codes import code_layout
+from nws.convert import materialize
 from nws.errors import StoreError
 from nws.packing import Layout
 from nws.spec import ModelSpec, is_int
@@ -199,6 +200,10 @@ class TaskStore(RunStore):
         codes = self.codes(index)
         books, _, spec = self._read_pools()
         return build_task(self._task_file(index), books, spec, codes=codes)
+
+    def build_plain(self, index: int) -> nn.Module:
+        """:meth:`build` materialised with its stored indices (no search)."""
+        return materialize(self.build(index), inplace=True, codes=self.codes(index))
 
     def memory_extras(self) -> dict[str, Any]:
         """``reference_equivalent``: the run's memory as the reference implementation stores it
