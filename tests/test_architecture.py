@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).parent.parent / "nws"
 LAYERS = [
     ("base", ["nws.errors", "nws.interrupts"]),
     ("core", ["nws", "nws.search", "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.bitcodes",
-              "nws.packing", "nws.unpacking", "nws.rate", "nws.batchnorm", "nws.sparsity", "nws.spec", "nws.kmeans", "nws.pool_sources",
-              "nws.models", "nws.models.*"]),
+              "nws.packing", "nws.unpacking", "nws.rate", "nws.batchnorm", "nws.sparsity", "nws.spec", "nws.kmeans",
+              "nws.pool_sources", "nws.models", "nws.models.*"]),
     ("storage and data", ["nws.container", "nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
     ("training and protocol", ["nws.config", "nws.devices", "nws.logs", "nws.engine", "nws.metrics", "nws.tables", "nws.results",
                                "nws.methods", "nws.methods.*", "nws.runner", "nws.upgrade", "nws.launch"]),
