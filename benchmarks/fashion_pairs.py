@@ -32,7 +32,6 @@ import split_fashion_mnist as driver  # noqa: E402
 from nws.config import parse_run_config  # noqa: E402
 from nws.data import benchmark_from_config  # noqa: E402
 from nws.methods.packnet import PackNetStore  # noqa: E402
-from nws.methods.plain import masked_layers  # noqa: E402
 from nws.report import write_report  # noqa: E402
 from nws.results import RESULTS  # noqa: E402
 
@@ -94,8 +93,8 @@ def figures(out: Path, runs: dict[str, Path]) -> str:
             f"{100 * cap[i - 1]['free']:.3g}%" for i in (1, 5, 10, 15, 45) if len(cap) >= i)
             + "; the task's own " + ", ".join(f"{100 * cap[i - 1]['own']:.3g}%" for i in (1, 5, 10, 15, 45)
                                               if len(cap) >= i) + ".",
-            f"First task after which a layer has no free weight: "
-            f"{'none' if out_of is None else f'task {out_of} ({r['tasks'][out_of]['name']})'}."]
+            "First task after which a layer has no free weight: "
+            + ("none" if out_of is None else f"task {out_of} ({r['tasks'][out_of]['name']})") + "."]
         accs = [t["acc_final"] for t in r["tasks"]]
         for lo, hi in ((0, 10), (10, 20), (20, 45)):
             if len(accs) > lo:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from jsonargparse import Namespace
-from jsonargparse.typing import NonNegativeInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from nws.config import (ConfigError, ModelConfig, Parser, add_settings, config_from_namespace,
                         explain, given_on_command_line, packaged_configs, registered_name,
