@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).parent.parent / "nws"
 # Lowest first; a module may import its own layer and those below it. Keep in step with docs/architecture.md.
 LAYERS = [
     ("base", ["nws.errors", "nws.interrupts"]),
-    ("core", ["nws", "nws.search", "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.bitcodes",
+    ("core", ["nws", "nws.search", "nws.exhaustive", "nws.scalar_search", "nws.bounded_search", "nws.rate_penalty",
+              "nws.pool", "nws.layers", "nws.convert", "nws.codes", "nws.bitcodes",
               "nws.packing", "nws.unpacking", "nws.rate", "nws.batchnorm", "nws.sparsity", "nws.spec", "nws.kmeans",
               "nws.pool_sources", "nws.models", "nws.models.*"]),
     ("storage and data", ["nws.container", "nws.taskfile", "nws.store", "nws.data", "nws.data.*"]),
