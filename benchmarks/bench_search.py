@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nws
+from nws.bounded_search import BoundedSearch
 from nws.models import create_model
-from nws.search import BoundedSearch, nearest
+from nws.search import nearest
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (0, 1)  # T-shirt/top, trouser

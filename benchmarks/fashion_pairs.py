@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import split_fashion_mnist as driver  # noqa: E402
 
-from nws.config import parse_run_config  # noqa: E402
+from nws.config_parser import parse_run_config  # noqa: E402
 from nws.data import benchmark_from_config  # noqa: E402
 from nws.methods.packnet import PackNetStore  # noqa: E402
 from nws.report import write_report  # noqa: E402

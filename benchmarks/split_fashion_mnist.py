@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nws.config import RunConfig, parse_run_config, validate
+from nws.config import RunConfig
+from nws.config_parser import parse_run_config, validate
 from nws.data import Benchmark, benchmark_from_config
 from nws.data.mnist import array_task, image_side
 from nws.methods import METHODS, method_class

@@ -20,7 +20,9 @@ from nws.unpacking import unpack_codes
 from nws.pool import KernelPool
 from nws.pool_sources import import_reference, kmeans, pools_from_model
 from nws.rate import BitModel, clear_rate, estimate_model, prior_model, refresh_rate, set_rate
-from nws.search import RatePenalty, brute_force_nearest, nearest
+from nws.exhaustive import brute_force_nearest
+from nws.rate_penalty import RatePenalty
+from nws.search import nearest
 from nws.sparsity import kernel_sparsity, sparsity_loss
 
 __version__ = "0.1.0"

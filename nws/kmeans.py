@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nws.search import CHUNK_ELEMENTS, nearest
+from nws.exhaustive import CHUNK_ELEMENTS
+from nws.search import nearest
 
 
 def _sqdist_to_assigned(x: Tensor, centres: Tensor, assign: Tensor, chunk_elements: int) -> Tensor:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nws.config import RunConfig, validate
+from nws.config import RunConfig
+from nws.config_parser import validate
 from nws.errors import NWSError
 
 # --slurm keys: our name -> (submitit parameter, type).

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nws.bounded_search import BoundedSearch
 from nws.pool import KernelPool
-from nws.search import BoundedSearch, RatePenalty
+from nws.rate_penalty import RatePenalty
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -25,7 +25,7 @@ from nws.errors import NWSError
 from nws.layers import NWSLayer
 from nws.models import create_model, list_models
 from nws.kmeans import kmeans
-from nws.search import CHUNK_ELEMENTS
+from nws.exhaustive import CHUNK_ELEMENTS
 from nws.spec import ModelSpec
 
 

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from nws.convert import nws_layers
 from nws.layers import NWSLayer
 from nws.packing import RANK_MAX_ENTRIES, bucket_cost, buckets, entropy_bits, neighbour_rank, pack_codes
-from nws.search import RatePenalty, exact_sqdist
+from nws.rate_penalty import RatePenalty
+from nws.exhaustive import exact_sqdist
 
 __all__ = ["BitModel", "LayerRate", "clear_rate", "coded_bits", "estimate_model", "layer_rate", "pool_scale",
            "prior_model", "refresh_rate", "set_rate"]

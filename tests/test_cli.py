@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from nws.cli import main
-from nws.config import parse_run_config
 from nws.config import RunConfig
+from nws.config_parser import parse_run_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -134,7 +134,8 @@ def test_every_help_shows_an_example_and_what_each_option_allows(capsys):
 
 
 def test_run_help_names_every_setting_with_its_meaning_and_allowed_values(capsys):
-    from nws.config import allowed, setting_types
+    from nws.config import setting_types
+    from nws.config_types import allowed
 
     text = help_text(capsys, ["run"])
     for key, typehint in setting_types().items():
@@ -180,7 +181,8 @@ def test_run_without_config_starts_from_the_defaults():
 
 
 def test_a_stored_config_is_read_by_the_same_parser():
-    from nws.config import ConfigError, stored_config
+    from nws.config import ConfigError
+    from nws.config_parser import stored_config
 
     stored = dataclasses.asdict(RunConfig())
     del stored["data"]["augment"]  # a run made before the setting existed: the default

@@ -13,8 +13,8 @@ import pytest
 from scale_data import make_cifar100_archive, make_cub2sketches, make_image_folders
 
 from nws.cli import main
-from nws.config import parse_run_config
 from nws.config import BaselineConfig
+from nws.config_parser import parse_run_config
 from nws.convert import convert, nws_layers
 from nws.data.cifar100 import SUPERCLASSES
 from nws.data.folders import CUB2SKETCHES

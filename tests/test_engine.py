@@ -26,7 +26,7 @@ from nws.errors import NWSError
 from nws.methods.nws import PoolEMA, nws_loss_terms
 from nws.models import create_model
 from nws.pool import KernelPool, all_reduce_step_statistics
-from nws.search import brute_force_nearest
+from nws.exhaustive import brute_force_nearest
 from nws.methods.nws import TaskStore
 
 CPU = dict(accelerator="cpu", logger="none", progress_bar=False)

@@ -77,7 +77,7 @@ def test_a_missing_or_malformed_task_folder_is_one_line(folders, tmp_path, capsy
 def test_one_folder_relative_paths_and_eval_from_elsewhere(folders, tmp_path, monkeypatch, capsys):
     """``--data.tasks birds`` (one folder, relative): stored absolute, so ``nws eval`` works from any directory;
     without --data.image_size the images' shorter side (all 20x14: 14) is the input side, with light augmentation."""
-    from nws.config import parse_run_config
+    from nws.config_parser import parse_run_config
     from nws.data import load_benchmark
 
     monkeypatch.chdir(folders)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nws
+import nws.exhaustive
 from nws import NWSConv2d, NWSLayer, NWSLinear, brute_force_nearest
 from nws.models import create_model
 
@@ -508,7 +509,7 @@ def _rate_oracle(layer: NWSLayer) -> torch.Tensor:
     rate = layer.rate
     ref = rate.reference.long()
     bits = rate.bits.double()[ref]
-    dist = nws.search.exact_sqdist(layer.kernels().detach(), layer.pool.codebook)
+    dist = nws.exhaustive.exact_sqdist(layer.kernels().detach(), layer.pool.codebook)
     return (dist + bits * rate.mu).argmin(dim=1)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nws.cli import main
-from nws.config import parse_run_config
+from nws.config_parser import parse_run_config
 from nws.data import load_benchmark, mnist
 from nws.data.arrays import channel_stats
 from nws.data.digits import load_digits_arrays, mnist_layout

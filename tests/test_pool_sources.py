@@ -18,7 +18,7 @@ from nws.convert import nws_layers
 from nws.models import create_model
 from nws.pool_sources import (CheckpointError, import_reference, kmeans, model_from_state_dict, pools_from_model,
                               read_checkpoint, reference_module_name, reference_pools)
-from nws.search import brute_force_nearest
+from nws.exhaustive import brute_force_nearest
 from nws.methods.nws import TaskStore
 from nws.taskfile import layer_shapes
 

@@ -153,7 +153,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
 
     from store_fixtures import make_store
 
-    from nws.config import parse_run_config
+    from nws.config_parser import parse_run_config
 
     out = make_store(tmp_path / "run", num_tasks=1).root
     store = TaskStore(out)

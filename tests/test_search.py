@@ -7,9 +7,13 @@ import pytest
 import torch
 
 import nws
-import nws.search
+import nws.bounded_search
+import nws.exhaustive
+import nws.scalar_search
 from nws import brute_force_nearest, nearest
-from nws.search import ROW_BLOCK, BoundedSearch, RatePenalty
+from nws.bounded_search import BoundedSearch
+from nws.exhaustive import ROW_BLOCK
+from nws.rate_penalty import RatePenalty
 
 DIMS = [1, 9, 18, 49]
 
@@ -146,7 +150,7 @@ def test_random_walk_with_snaps_and_ties(one_thread: None) -> None:
 def test_bounded_search_random_walk(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The incremental search of a frozen pool equals brute force on every one of 300 moving steps,
     with ties (duplicated entries, exact midpoints), still steps and rows that jump far."""
-    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
+    monkeypatch.setattr(nws.bounded_search, "ROW_BLOCK", row_block)
     g = _gen(7)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
@@ -176,7 +180,7 @@ def test_bounded_search_moving_pool_random_walk(one_thread: None, row_block: int
     """Kernels and pool entries both move every step (as in pool pretraining: SGD on the kernels, an EMA of
     the assigned kernels on the entries), with snaps onto entries, exact midpoints and jumps: the search
     equals brute force on every step, and the drift bounds spare most kernels a search."""
-    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
+    monkeypatch.setattr(nws.bounded_search, "ROW_BLOCK", row_block)
     g = _gen(9)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
@@ -347,7 +351,7 @@ def _rate_oracle(x: torch.Tensor, codebook: torch.Tensor, rate: RatePenalty) -> 
         bits[ref == k] = 0
         has = (ref < k).nonzero().squeeze(1)
         bits[has, ref[has]] = 0
-    return (nws.search.exact_sqdist(x, codebook) + bits * rate.mu).argmin(dim=1)
+    return (nws.exhaustive.exact_sqdist(x, codebook) + bits * rate.mu).argmin(dim=1)
 
 
 def _check_rate(x: torch.Tensor, codebook: torch.Tensor, rate: RatePenalty, **kwargs) -> torch.Tensor:
@@ -444,11 +448,11 @@ def test_rate_flat_bits_float64_and_rows_that_are_not_finite(d: int) -> None:
     _check_rate(x, book, RatePenalty(torch.tensor([0]), table, 1e-11, 2))
 
 
-@pytest.mark.parametrize("window", [nws.search.WINDOW, 1])
+@pytest.mark.parametrize("window", [nws.scalar_search.WINDOW, 1])
 def test_rate_one_dimensional_windows(window: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-1 vectors (1x1 convs, the classifier): duplicated values of different cost, windows larger
     than the limit (brute force), and rounding ties far from tiny entries."""
-    monkeypatch.setattr(nws.search, "WINDOW", window)
+    monkeypatch.setattr(nws.scalar_search, "WINDOW", window)
     g = _gen(1000)
     codebook = _dyadic((64, 1), g, span=8, denom=4)
     codebook[40:] = codebook[:24]
@@ -481,7 +485,7 @@ def test_bounded_search_rate_random_walk(one_thread: None, row_block: int, monke
     """The bounded search with a rate penalty equals the oracle on every one of 300 moving steps (ties,
     duplicated entries, snaps onto entries and references, jumps), the price changing on the way (its
     bounds are on distances, valid at any price); kernels on their reference are proved by the pass."""
-    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
+    monkeypatch.setattr(nws.bounded_search, "ROW_BLOCK", row_block)
     g = _gen(11)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)
@@ -537,7 +541,7 @@ def test_bounded_search_rate_proves_kernels_on_their_reference(one_thread: None)
 def test_bounded_search_rate_moving_pool(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels and entries moving every step (EMA), whole-pool jumps, snaps and jumps of kernels, with a rate
     penalty: equal to the oracle on every step, most kernels spared a search by the drift bounds."""
-    monkeypatch.setattr(nws.search, "ROW_BLOCK", row_block)
+    monkeypatch.setattr(nws.bounded_search, "ROW_BLOCK", row_block)
     g = _gen(12)
     n, k, d = 600, 64, 9
     codebook = _dyadic((k, d), g)

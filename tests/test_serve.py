@@ -19,7 +19,8 @@ from scale_data import make_image_folders
 
 from nws.cli import main
 from nws.compare import compare
-from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig, stored_config
+from nws.config import ModelConfig, RunConfig, TrainConfig, TrainerConfig
+from nws.config_parser import stored_config
 from nws.data import benchmark_from_config
 from nws.data.digits import digits_benchmark
 from nws.methods import open_run

@@ -14,7 +14,7 @@ from nws.cli import main
 from nws.convert import nws_layers
 from nws.models import create_model
 from nws.pool import KernelPool
-from nws.search import brute_force_nearest
+from nws.exhaustive import brute_force_nearest
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
 
 

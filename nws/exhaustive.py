@@ -1,0 +1,158 @@
+"""Exhaustive exact nearest-entry search: its definition (:func:`brute_force_nearest`) and the chunked scan
+that equals it (:func:`scan`), with the constants every path of the search shares.
+
+:func:`scan` ranks entries with one matrix product per chunk of rows, ``|p|^2 - 2 x.p``; a rigorous
+floating-point error bound flags the rows whose winner rounding could have changed, and only those are
+re-ranked with exact distances. With a :class:`~nws.rate_penalty.RatePenalty` the penalty joins the
+approximate values and its rounding the error bound.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nws.rate_penalty import RatePenalty
+
+# Rows per chunk are chosen so a chunk's distance matrix holds about this many floats (4 MB in fp32).
+CHUNK_ELEMENTS = 1 << 20
+# Relative safety factor on every bound (far above the rounding of a distance, ~1e-6 in fp32).
+SLACK = 1e-4
+# Kernels that fail the bound check (and the rows of a 1-D search) are resolved this many at a time, so the
+# working memory stays bounded however many fail (each kernel is resolved on its own, so the blocks change
+# nothing but the peak).
+ROW_BLOCK = 1 << 15
+
+
+def exact_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
+    """Squared L2 distances ``(n, K)`` in float64, summed in a fixed order over the vector length.
+
+    Differences and squares of fp32 values are exact in float64, so equal real distances compare equal.
+    """
+    x64, c64 = x.double(), codebook.double()
+    out = torch.zeros(x.shape[0], codebook.shape[0], dtype=torch.float64, device=x.device)
+    for j in range(x.shape[1]):
+        out += (x64[:, j, None] - c64[None, :, j]) ** 2
+    return out
+
+
+def brute_force_nearest(x: Tensor, codebook: Tensor, rate: RatePenalty | None = None,
+                        ref: Tensor | None = None) -> Tensor:
+    """The definition of the search: argmin of :func:`exact_sqdist`, first index on ties; with ``rate``, of
+    :func:`exact_sqdist` plus the float64 penalty ``mu * bits[r, k]`` (``ref``: the rows' references, default
+    ``rate.reference``)."""
+    dist = exact_sqdist(x, codebook)
+    if rate is not None:
+        ref = rate.reference if ref is None else ref
+        dist += rate.bit_rows(ref.to(x.device, torch.long)).double() * rate.mu
+    return dist.argmin(dim=1)
+
+
+def unit_roundoff(dtype: torch.dtype, cuda: bool) -> float:
+    """Unit roundoff of the matrix product actually used (TF32/bf16 fp32-matmul modes are coarser)."""
+    if dtype == torch.float64:
+        return 2.0**-53
+    if cuda and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    if torch.get_float32_matmul_precision() != "highest":
+        return 2.0**-8
+    return 2.0**-24
+
+
+def search_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0, rate: RatePenalty | None = None,
+          ref: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The chunked search of :func:`nws.search.nearest` (``x`` and ``codebook`` already in the search dtype).
+
+    With ``candidates = c > 0`` returns ``(index, lower, cand, rest)``: ``lower`` bounds the distance to every
+    other entry from below, ``cand`` ``(n, c)`` holds the ``c`` entries ranked first (the nearest among
+    them) and ``rest`` bounds the distance to every entry outside ``cand`` from below.
+
+    With ``rate`` (``ref``: the rows' references, long) the winner minimises the penalised objective; the
+    penalty is added to the approximate values and its rounding joins the error bound. ``lower``, ``cand``
+    and ``rest`` stay bounds and ranks by *distance* (the winner need not be among the candidates).
+    """
+    n, d = x.shape
+    k = codebook.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=x.device)
+    if candidates:
+        c = min(candidates, k)
+        lower = torch.empty(n, dtype=x.dtype, device=x.device)
+        rest = torch.empty(n, dtype=x.dtype, device=x.device)
+        cand = torch.empty(n, c, dtype=torch.long, device=x.device)
+    if n == 0:
+        return (out, lower, cand, rest) if candidates else (out,)
+    sq = codebook.pow(2).sum(1)
+    norm = sq.sqrt()
+    u = unit_roundoff(x.dtype, x.is_cuda)
+    # Bound on the rounding error of |p|^2 - 2 x.p with dot products of length d (gamma_{d+2}), doubled.
+    gamma = 2.0 * (d + 2) * u / (1.0 - (d + 2) * u)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+
+    def below(value: Tensor, entry: Tensor, xn: Tensor, xnorm: Tensor) -> Tensor:
+        """Lower bound on the distance to every entry whose approximate value is at least ``value``: such an
+        entry closer than that lies within ``r`` (the computed distance) of ``x``, so ``|p| <= |x| + r``."""
+        r = (value + xn).clamp_min(0).sqrt()
+        err = gamma * ((xnorm + norm[entry]) ** 2 + (2 * xnorm + r * (1 + SLACK)) ** 2)
+        return torch.where(torch.isinf(value), inf, (value + xn - err).clamp_min(0).sqrt() * (1 - SLACK))
+
+    rows = max(1, chunk_elements // k)
+    for start in range(0, n, rows):
+        xc = x[start : start + rows]
+        approx = torch.addmm(sq, xc, codebook.T, alpha=-2.0)
+        if candidates:
+            values, ranked = approx.topk(min(c + 1, k), dim=1, largest=False)
+        if rate is not None:
+            rc = ref[start : start + rows]
+            approx.add_(rate.bit_rows(rc), alpha=rate.mu)  # J - |x|^2, each term rounded once more
+            best, arg = approx.min(dim=1)
+            approx.scatter_(1, arg[:, None], float("inf"))
+            second = approx.min(dim=1).values
+        elif candidates:
+            best, arg = values[:, 0], ranked[:, 0]
+            second, arg2 = (values[:, 1], ranked[:, 1]) if k > 1 else (torch.full_like(best, inf), arg)
+        else:
+            best, arg = approx.min(dim=1)
+            approx.scatter_(1, arg[:, None], float("inf"))
+            second, arg2 = approx.min(dim=1)
+        xn = xc.pow(2).sum(1)
+        xnorm = xn.sqrt()
+        # Any entry that truly beats (or ties) the computed winner lies within its distance r, so its
+        # norm is at most |x| + r; the two rounding errors together bound how far apart they can look.
+        radius = (best + xn).clamp_min(0).sqrt()
+        if rate is None:
+            slack = gamma * ((xnorm + norm[arg]) ** 2 + (2 * xnorm + radius) ** 2) + 1e-30
+        else:
+            # An entry that beats the winner's J = r^2 has distance and penalty at most r^2, so the same bound
+            # holds for the distances; the penalties (mu and mu * b rounded, then added) and the sums each
+            # add at most a few u * (|x|^2 + r^2).
+            radius = radius * (1 + SLACK)
+            slack = gamma * ((xnorm + norm[arg]) ** 2 + (2 * xnorm + radius) ** 2) + 16 * u * (xn + radius**2) + 1e-30
+        # Rows that are not finite are settled by brute force too.
+        ambiguous = ((second <= best + slack) | ~torch.isfinite(best) | ~torch.isfinite(xn)).nonzero().squeeze(1)
+        if ambiguous.numel():
+            arg = arg.clone()
+            arg[ambiguous] = brute_force_nearest(xc[ambiguous], codebook, rate, None if rate is None else rc[ambiguous])
+        out[start : start + rows] = arg
+        if candidates:
+            if rate is not None:
+                # Distance to every entry but the winner: the nearest's, or the second's if the winner is nearest.
+                nearest_won = arg == ranked[:, 0]
+                second, arg2 = values[:, 0], ranked[:, 0]
+                if k > 1:
+                    second = torch.where(nearest_won, values[:, 1], second)
+                    arg2 = torch.where(nearest_won, ranked[:, 1], arg2)
+                else:
+                    second = torch.full_like(second, inf)
+            low = below(second, arg2, xn, xnorm)
+            outside = below(values[:, c], ranked[:, c], xn, xnorm) if k > c else torch.full_like(low, inf)
+            # A re-ranked winner may lie outside the candidates: no bound holds for those rows.
+            low[ambiguous] = 0.0
+            outside[ambiguous] = 0.0
+            lower[start : start + rows] = low
+            rest[start : start + rows] = outside
+            cand[start : start + rows] = ranked[:, :c]
+    return (out, lower, cand, rest) if candidates else (out,)
