@@ -3,11 +3,17 @@
 In evaluation a BatchNorm layer is one affine map per channel, ``y = a x + b`` with ``a = gamma / sqrt(var +
 eps)`` and ``b = beta - a mean``. :func:`fold_batchnorm` ends a task's training by folding every BatchNorm
 layer into that map and rounding ``a`` and ``b`` each to a grid of 255 levels (``q * 2**e``, ``|q| <= 127``,
-one power-of-two step per tensor, chosen so the largest value keeps 64 to 127 levels): the layer then holds
+one power-of-two step per tensor): the layer then holds
 ``weight = a``, ``bias = b``, ``running_mean = 0``, ``running_var = 1``. The task *is* this network: it is
 what is evaluated after training, and :func:`encode_folded` stores it losslessly as one int8 per value and
 one exponent per tensor (:func:`decode_folded` gives back the same floats, bit for bit), so accuracy from
 storage equals accuracy after training. What the rounding costs shows in that accuracy.
+
+A tensor's step is the one that minimises the error it adds to the layer's output, values beyond the grid
+clipped: for ``a`` each channel's error weighted by its input's variance (``running_var``), for ``b`` alike.
+Mostly that is the step that keeps the largest value (64 to 127 levels); but a channel whose input hardly
+varies (a pruned filter's, PackNet) can have a scale hundreds of times the others', which would round every
+other channel to zero: it is clipped instead (its shift keeps its output's mean), at no cost to the output.
 
 A folded network that starts another task is first :func:`unfold_batchnorm`-ed on a few batches of that
 task's data: each layer gets the statistics of its input there, and the scale and shift that keep its map,
@@ -44,10 +50,21 @@ def _exponent(values: Tensor) -> int:
     return math.ceil(math.log2(top / LEVELS)) if top > 0 else 0
 
 
-def _on_grid(values: Tensor) -> tuple[Tensor, int]:
-    """``values`` (float64) rounded to the grid: int8 steps and the exponent."""
-    e = _exponent(values)
-    return torch.round(values * 2.0**-e).clamp_(-LEVELS, LEVELS).to(torch.int8), e
+def _steps(values: Tensor, e: int) -> Tensor:
+    return torch.round(values * 2.0**-e).clamp_(-LEVELS, LEVELS)
+
+
+def _on_grid(values: Tensor, weights: Tensor, finer: int = 24) -> tuple[Tensor, int]:
+    """``values`` (float64) on the grid whose step minimises ``sum(weights * error**2)`` (rounding, and clipping
+    beyond ``LEVELS`` steps), among the step keeping the largest value and the ``finer`` ones below it (ties:
+    the coarser step); int8 steps and the exponent."""
+    top = _exponent(values)
+    best, best_error = top, None
+    for e in range(top, top - finer - 1, -1):
+        error = float((weights * (_steps(values, e) * 2.0**e - values).pow(2)).sum())
+        if best_error is None or error < best_error:
+            best, best_error = e, error
+    return _steps(values, best).to(torch.int8), best
 
 
 @torch.no_grad()
@@ -55,11 +72,14 @@ def fold_batchnorm(model: nn.Module) -> None:
     """Fold every BatchNorm layer of ``model`` into its per-channel scale and shift, on the grid (in place)."""
     for name, layer in batchnorm_layers(model):
         _check_foldable(name, layer)
-        a = layer.weight.double() / torch.sqrt(layer.running_var.double() + layer.eps)
-        b = layer.bias.double() - a * layer.running_mean.double()
-        for param, value in ((layer.weight, a), (layer.bias, b)):
-            q, e = _on_grid(value)
-            param.copy_(q.to(param.dtype) * 2.0**e)
+        var = layer.running_var.double()
+        a = layer.weight.double() / torch.sqrt(var + layer.eps)
+        q, e = _on_grid(a, var)
+        a = q.double() * 2.0**e
+        b = layer.bias.double() - a * layer.running_mean.double()  # the clipped scale's shift keeps the mean
+        layer.weight.copy_(a.to(layer.weight.dtype))
+        q, e = _on_grid(b, torch.ones_like(b))
+        layer.bias.copy_(q.to(layer.bias.dtype) * 2.0**e)
         layer.running_mean.zero_()
         layer.running_var.fill_(1.0)
 

@@ -44,18 +44,40 @@ def test_folding_keeps_the_map_up_to_the_grid():
     before = bn(x)
     with torch.no_grad():
         a = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        b = bn.bias.double() - a * bn.running_mean.double()
+        mean, beta = bn.running_mean.double().clone(), bn.bias.double().clone()
     fold_batchnorm(bn)
     assert not bn.running_mean.any() and bool((bn.running_var == 1).all())
+    b = beta - bn.weight.double() * mean  # the shift of the scale on the grid: the output's mean is kept
+    steps = {}
     for value, exact in ((bn.weight, a), (bn.bias, b)):
-        step = 2.0 ** torch.ceil(torch.log2(exact.abs().max() / LEVELS))
+        step = 2.0 ** torch.ceil(torch.log2(exact.abs().max() / LEVELS))  # no outlier: the largest value's step
         q = value.detach().double() / step
         assert torch.equal(q, q.round()) and q.abs().max() <= LEVELS and q.abs().max() >= LEVELS // 2 + 1
         assert (value.detach().double() - exact).abs().max() <= step / 2
-    step_a = float(2.0 ** torch.ceil(torch.log2(a.abs().max() / LEVELS)))
-    step_b = float(2.0 ** torch.ceil(torch.log2(b.abs().max() / LEVELS)))
-    bound = (x.abs() * step_a / 2 + step_b / 2 + before.abs() * 1e-5).amax()  # 1e-5: running_var 1 plus eps
+        steps[value is bn.weight] = float(step)
+    centred = (x.double() - mean.view(1, -1, 1, 1)).abs()
+    bound = (centred * steps[True] / 2 + steps[False] / 2 + before.abs() * 1e-5).amax()  # 1e-5: running_var 1 + eps
     assert (bn(x) - before).detach().abs().max() <= bound
+
+
+def test_a_channel_whose_input_does_not_vary_is_clipped_not_the_others_rounded_away():
+    """A pruned filter's channel (PackNet): variance 1e-8, so a scale ~300x the others'. The grid keeps the live
+    channels' precision and clips that one, whose output stays at its mean."""
+    bn = trained_bn()
+    with torch.no_grad():
+        bn.running_var[5] = 1e-8
+        bn.weight[5] = 0.5
+        a = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        live = torch.arange(24) != 5
+        x = torch.randn(8, 24, 3, 3) * bn.running_var.sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+    before = bn(x)
+    fold_batchnorm(bn)
+    step = 2.0 ** torch.ceil(torch.log2(a[live].abs().max() / LEVELS))
+    assert (bn.weight.double()[live] - a[live]).abs().max() <= step / 2  # as if the dead channel were not there
+    assert abs(float(bn.weight[5])) < abs(float(a[5])) / 10  # clipped
+    err = (bn(x) - before).detach().abs()
+    assert err[:, 5].max() < 6 * float(a[5]) * 1e-4 + 0.05  # its own output's spread (std a * 1e-4) + a shift step
+    assert err[:, live].max() < 0.5
 
 
 def test_what_is_stored_is_the_folded_network_bit_for_bit():
