@@ -72,7 +72,8 @@ def make_run(out: Path, cache: Path, changed: float, seed: int = 0) -> Path:
 
     settings = Settings()
     meta = {"changed": changed, "seed": seed, "source": {k: getattr(settings, k) for k in SOURCE_SETTINGS}}
-    if (out / "manifest.json").is_file() and json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(meta)):
+    done = (out / "manifest.json").is_file() and (out / "bench.json").is_file()  # bench.json: written last
+    if done and json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(meta)):
         return out
     if out.exists():
         import shutil

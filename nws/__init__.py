@@ -11,6 +11,14 @@ Rate-aware search (each kernel minimises distortion + lam * the bits its task fi
     nws.set_rate(model, reference_codes, lam=0.5)  # before training a task; nws.clear_rate(model) after
 """
 
+import os
+
+# Idle OpenMP threads (libgomp, torch's on Linux) spin 300,000 times before they sleep: when another job shares
+# the CPUs, the spinning threads take them from the working ones (two demos side by side took 4.7x one alone,
+# 1.8x with 1,000: benchmarks/bench_side_by_side.py). Set before torch loads libgomp; a user's setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 from nws.codes import code_layout, decode, encode
 from nws.convert import commitment_loss, convert, freeze_pools, materialize, nws_layers, update_pools
 from nws.errors import NWSError
