@@ -47,7 +47,7 @@ def test_folding_keeps_the_map_up_to_the_grid():
         mean, beta = bn.running_mean.double().clone(), bn.bias.double().clone()
     fold_batchnorm(bn)
     assert not bn.running_mean.any() and bool((bn.running_var == 1).all())
-    b = beta - bn.weight.double() * mean  # the shift of the scale on the grid: the output's mean is kept
+    b = beta - bn.weight.detach().double() * mean  # the shift of the scale on the grid: the output's mean is kept
     steps = {}
     for value, exact in ((bn.weight, a), (bn.bias, b)):
         step = 2.0 ** torch.ceil(torch.log2(exact.abs().max() / LEVELS))  # no outlier: the largest value's step
