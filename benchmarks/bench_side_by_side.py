@@ -35,9 +35,10 @@ def demos(count: int, env: dict[str, str], root: Path) -> float:
     """Wall seconds until ``count`` demos started together have all finished (each must succeed)."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "nws.cli", "demo", "--out", str(root / f"demo{i}_{time.time_ns()}")],
+    outs = [root / f"demo{i}_{time.time_ns()}" for i in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-m", "nws.cli", "demo", "--out", str(out)],
                               env={**base, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(count)]
+             for out in outs]
     for proc in procs:
         _, err = proc.communicate(timeout=3600)
         if proc.returncode:

@@ -230,17 +230,23 @@ class BoundedSearch:
                 ok[rows] = cost[rows] < diff.square_().sum(1) / scale * (1 - SLACK)
         return ok.logical_not_().nonzero().squeeze(1)
 
-    def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
-        """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
-        positions (in ``rows``) of the rest."""
-        cand = self.cand.index_select(0, rows).long()
-        n, c = cand.shape
+    def _distances(self, x: Tensor, cols: Tensor) -> Tensor:
+        """Distances from each row of ``x`` to the entries ``cols`` of its row, in blocks of at most
+        ``chunk_elements`` gathered values."""
+        n, c = cols.shape
         dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
         block = max(1, self.chunk_elements // (c * x.shape[1]))
         for start in range(0, n, block):
             part = slice(start, start + block)
-            near = self.codebook.index_select(0, cand[part].reshape(-1)).view(-1, c, x.shape[1])
+            near = self.codebook.index_select(0, cols[part].reshape(-1)).view(-1, c, x.shape[1])
             torch.linalg.vector_norm(x[part, None, :] - near, dim=2, out=dist[part])
+        return dist
+
+    def _by_candidates(self, rows: Tensor, x: Tensor, moved: Tensor) -> Tensor:
+        """Resolve ``rows`` among their candidates where the bound on all other entries proves it; returns the
+        positions (in ``rows``) of the rest."""
+        cand = self.cand.index_select(0, rows).long()
+        dist = self._distances(x, cand)
         best, pos = dist.min(dim=1)
         dist.scatter_(1, pos[:, None], float("inf"))
         # Computed distances, rounded up for the winner and down for the others.
@@ -262,13 +268,7 @@ class BoundedSearch:
         current = self.indices.index_select(0, rows).long()
         cols = torch.cat([self.cand.index_select(0, rows).long(), current[:, None], torch.where(has, ref, current)[:, None]],
                          dim=1)
-        n, c = cols.shape
-        dist = torch.empty(n, c, dtype=x.dtype, device=x.device)
-        block = max(1, self.chunk_elements // (c * x.shape[1]))
-        for start in range(0, n, block):
-            part = slice(start, start + block)
-            near = self.codebook.index_select(0, cols[part].reshape(-1)).view(-1, c, x.shape[1])
-            torch.linalg.vector_norm(x[part, None, :] - near, dim=2, out=dist[part])
+        dist = self._distances(x, cols)
         pen = rate.penalty(ref[:, None].expand_as(cols), cols, x.dtype)
         pos = (dist * dist + pen).argmin(dim=1, keepdim=True)
         found = cols.gather(1, pos)

@@ -19,7 +19,6 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 
 from nws import interrupts
 from nws.config import LOGGERS, TrainerConfig
@@ -133,12 +132,6 @@ class StageCSVLogger(L.pytorch.loggers.CSVLogger):
         super().__init__(*args, **kwargs)
         self.keep_epochs = keep_epochs
 
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Each row on disk as it is logged, so that an interrupt loses none that a checkpoint counts."""
-        super().log_metrics(metrics, step)
-        self.save()
-
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
@@ -149,16 +142,23 @@ class StageCSVLogger(L.pytorch.loggers.CSVLogger):
 
 class EpochEnd(L.Callback):
     """The end of an epoch is one step for an interrupt: signals are held from the epoch's last batch until its
-    checkpoint and its log row are both written (the next epoch starts or training ends), so that a resumed
+    checkpoint and its log rows are both on disk (the next epoch starts or training ends), so that a resumed
     stage's log holds every epoch its checkpoint counts."""
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         interrupts.hold()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        interrupts.release()
+        self._written(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._written(trainer)
+
+    @staticmethod
+    def _written(trainer) -> None:
+        """The previous epoch's rows on disk (loggers buffer them), then signals are let through."""
+        for logger in trainer.loggers:
+            logger.save()
         interrupts.release()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -19,8 +19,10 @@ import pytest
 from nws import interrupts
 from nws.store import MANIFEST
 
+# Batches of 8: task 1's twelve epochs last long enough that the signal, sent once its first epoch is stored,
+# lands inside the task even on a loaded machine (with the demo's 32 it could land after the task, between stages).
 TINY = ["--pretrain.epochs", "1", "--model.pool_size", "16", "--model.kwargs", '{"widths": [8, 16]}',
-        "--data.num_tasks", "2"]
+        "--data.num_tasks", "2", "--task.batch_size", "8"]
 TIMEOUT = 600
 
 
@@ -90,7 +92,8 @@ def test_a_signal_while_held_is_raised_on_release_naming_the_stage():
             os.kill(os.getpid(), signal.SIGINT)
             with pytest.raises(interrupts.Interrupted) as stopped:
                 interrupts.release()
-            assert (stopped.value.signum, stopped.value.stage, stopped.value.exit_code) == (signal.SIGINT, "task_004", 130)
+            stop = stopped.value
+            assert (stop.signum, stop.stage, stop.exit_code) == (signal.SIGINT, "task_004", 130)
             interrupts.release()  # nothing held any more
             with pytest.raises(interrupts.Interrupted):
                 os.kill(os.getpid(), signal.SIGINT)  # not held: raised at once
