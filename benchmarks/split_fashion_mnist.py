@@ -59,12 +59,12 @@ from nws.methods.nws import POOLS
 from nws.store import MANIFEST
 
 LRS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-RATES = (1.0, 3.0)
+RATES = (0.5, 1.0)
 # Eight points per method: the task learning rate; for NWS four learning rates times two lambdas of its
 # rate-aware search (model.rate); for Piggyback (whose task lr trains only its classifier and BatchNorm) task
 # learning rates times Adam learning rates of its mask scores.
 GRIDS: dict[str, list[dict[str, float]]] = {
-    "nws": [{"task.lr": lr, "model.rate": rate} for lr in (0.05, 0.1, 0.2, 0.5) for rate in RATES],
+    "nws": [{"task.lr": lr, "model.rate": rate} for lr in (0.1, 0.15, 0.2, 0.3) for rate in RATES],
     **{m: [{"task.lr": lr} for lr in LRS] for m in ("finetune", "individual", "packnet")},
     "piggyback": [{"task.lr": lr, "baseline.mask_lr": mlr} for lr in (0.01, 0.05) for mlr in (0.001, 0.01, 0.1)]
     + [{"task.lr": 0.2, "baseline.mask_lr": 0.1}, {"task.lr": 0.05, "baseline.mask_lr": 0.3}],

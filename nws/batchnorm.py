@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 LEVELS = 127  # |q| <= LEVELS: one int8 per value
 FOLDED = ("weight", "bias", "running_mean", "running_var")  # the state entries a folded layer stores
@@ -154,6 +155,17 @@ def decode_folded(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor])
 
 def _is_folded(layer: _BatchNorm) -> bool:
     return layer.track_running_stats and not layer.running_mean.any() and bool((layer.running_var == 1).all())
+
+
+@torch.no_grad()
+def recompute_statistics(model: nn.Module, inputs: Iterable[Tensor]) -> None:
+    """Every BatchNorm layer's running statistics computed afresh over ``inputs`` (batches, moved to the
+    model's device), as exact averages of the batches' statistics with the model's current weights
+    (:func:`torch.optim.swa_utils.update_bn`, the averaged-weights recipe); parameters unchanged. A network
+    whose weights jumped in its last training steps (searched kernels, thresholded masks) otherwise evaluates
+    with running averages over several networks. Call it before :func:`fold_batchnorm` (a folded layer
+    keeps no statistics)."""
+    update_bn(inputs, model, device=next(model.parameters()).device)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ BenchmarkName = registered_name("benchmark", "nws.data:list_benchmarks")
 Optimizer = Literal["sgd", "adam"]
 PoolInit = Literal["kernels", "normal", "kmeans"]
 CodeReference = Literal["source", "previous"]
+TaskStart = Literal["previous", "source"]
 BNDtype = Literal["float32", "float16", "bfloat16", "int8"]
 # Precisions that keep parameters and buffers (pools) in fp32; "16-mixed"/"bf16-mixed" autocast the convs.
 Precision = Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true", "64"]
@@ -75,12 +76,22 @@ class ModelConfig:
     """what a task's indices are coded against: source (the source network's, stored once) or previous (the
     previous task's, a key task every key_every tasks: smaller, but a damaged task breaks the chain up to the
     next key task)"""
+    task_start: TaskStart = "previous"
+    """what a task's training starts from: previous (the previous task rebuilt from its files, as in the
+    paper) or source (the source network, as the first task: every task then depends only on the source, and
+    with code_reference source its kernels start on the entries they are coded against, so a kernel that
+    does not help this task costs nothing; docs/rate.md)"""
     key_every: PositiveInt = 10
     """with code_reference previous: a task coded against the source every this many tasks"""
     rate: NonNegativeNumber = 0.0
     """lambda of the rate-aware search: each kernel takes the entry minimising its squared distance plus lambda
     times the bits its choice costs in the task file (in units of the pool's typical squared gap between
     neighbouring entries; docs/rate.md); 0: the nearest entry, as in the paper"""
+    bn_stats: NonNegativeInt = 0
+    """training images (of the task, seeded random) over which every BatchNorm layer's running statistics are
+    computed afresh at the end of a task, with its final weights, before it is folded, evaluated and stored;
+    every method. 0: the running averages of training, which mix the statistics of every weight the last
+    steps had (NWS's kernels and Piggyback's masks jump between steps); docs/reliability.md"""
     bn_dtype: BNDtype = "float32"
     """how a task file stores BatchNorm: float32 (lossless); float16 / bfloat16 (lossy, half the bytes; tasks
     are evaluated from what is stored); or int8: each layer folded into one scale and shift per channel on a

@@ -179,7 +179,7 @@ class Runner:
         task = self.ctx.benchmark.tasks[index]
         seed_everything(task_seed(self.config.seed, index))
         wall, cpu = time.perf_counter(), time.process_time()
-        model = self.method.finish(self.method.learn(index))
+        model = self.method.finish(self.method.learn(index), index)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         acc = self.ctx.evaluate(model, task.test)
         saved = self.method.save(store, index, model)
@@ -229,7 +229,7 @@ class Runner:
         for index in range(len(self.ctx.benchmark.tasks)):
             if index not in done:
                 seed_everything(task_seed(self.config.seed, index))
-                self.method.finish(self.method.learn(index))
+                self.method.finish(self.method.learn(index), index)
                 barrier()
         return {}
 

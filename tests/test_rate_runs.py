@@ -4,6 +4,7 @@ storage still equals accuracy after training."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,9 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from nws.config_parser import stored_config
+from nws.convert import nws_layers
 from nws.methods.nws import TaskStore
+from nws.runner import Runner
 
 FIXTURE = Path(__file__).parent / "fixtures" / "demo_before_rate.json"
 SHORT = ["--pretrain.epochs", "5", "--task.epochs", "5", "--trainer.logger", "none"]
@@ -59,3 +64,19 @@ def test_a_rate_keeps_more_indices_and_smaller_files_losslessly(tmp_path):
     from nws.codes import encode
 
     assert all(torch.equal(encode(model)[n], stored[n]) for n in stored)
+
+
+@pytest.mark.parametrize("start", ["previous", "source"])
+def test_a_task_starts_from_the_previous_task_or_from_the_source(tmp_path, start):
+    """``model.task_start``: task 1's training starts from task 0 rebuilt from its files (previous, the paper)
+    or from the source network (source), seen on the network task 1's training is handed (no epochs)."""
+    out = tmp_path / "run"
+    demo(out, *SHORT, "--data.num_tasks", "2", "--model.task_start", start)
+    store = TaskStore(out)
+    config = dataclasses.replace(stored_config(store.manifest["config"]), task=dataclasses.replace(
+        stored_config(store.manifest["config"]).task, epochs=0))
+    begins = Runner(config, progress=False).method.learn(1)
+    codes = {name: layer.search() for name, layer in nws_layers(begins) if name != "fc"}
+    expected = store.reference_codes() if start == "source" else store.codes(0)
+    assert codes and all(torch.equal(codes[name], expected[name]) for name in codes)
+    assert any(not torch.equal(store.codes(0)[name], store.reference_codes()[name]) for name in codes)

@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from nws.batchnorm import fold_batchnorm, unfold_batchnorm
+from nws.batchnorm import fold_batchnorm, recompute_statistics, unfold_batchnorm
 from nws.config import RunConfig, TrainConfig
 from nws.data import Benchmark, Task
-from nws.engine import LossTerm, evaluate, fit, seed_everything
+from nws.engine import LossTerm, evaluate, fit, seed_everything, task_seed
 from nws.logs import last_checkpoint
 from nws.errors import StoreError
 from nws.store import RunStore
@@ -210,9 +210,18 @@ class Method:
         unfold_batchnorm(model, itertools.islice((x for x, _ in data), batches))
         return model
 
-    def finish(self, model: nn.Module) -> nn.Module:
-        """The network of a task as it is evaluated and stored, once trained (in place): with
-        ``model.bn_dtype: int8`` its BatchNorm folded onto its grid (:mod:`nws.batchnorm`), for every method."""
+    def finish(self, model: nn.Module, index: int) -> nn.Module:
+        """The network of task ``index`` as it is evaluated and stored, once trained (in place), for every
+        method: with ``model.bn_stats`` its BatchNorm statistics computed afresh on that many of the task's
+        training images (:func:`nws.batchnorm.recompute_statistics`), with ``model.bn_dtype: int8`` its
+        BatchNorm folded onto its grid (:mod:`nws.batchnorm`)."""
+        images = min(self.config.model.bn_stats, len(train := self.ctx.benchmark.tasks[index].train))
+        if images:
+            order = torch.Generator().manual_seed(task_seed(self.config.seed, index))
+            data = DataLoader(train, batch_size=min(images, 256),
+                              sampler=RandomSampler(train, num_samples=images, generator=order),
+                              num_workers=self.config.data.num_workers)
+            recompute_statistics(model, (x for x, _ in data))
         if self.config.model.bn_dtype == "int8":
             fold_batchnorm(model)
         return model

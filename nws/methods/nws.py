@@ -5,11 +5,11 @@ its kernels by EMA (``model.init``: entries start as sampled kernels or from N(0
 network is trained, then each pool is the k-means of its layer's kernels; or the pools and network of a
 ``pretrained`` run are copied. Stored once: ``pools.safetensors`` (shared memory) and ``source.safetensors``
 (the first task's start), and ``reference.safetensors`` (shared memory): the source network's indices, which
-every task's indices are coded against. Task ``t`` starts from task ``t-1`` rebuilt from its indices (task 0
-from the source network), its classifier resized, and trains against the frozen pools; its file holds the
-indices coded against the reference (or, with ``model.code_reference: previous``, against task ``t-1``'s
-indices, with a key task coded against the reference every ``model.key_every`` tasks), BatchNorm and biases
-(:mod:`nws.taskfile`).
+every task's indices are coded against. Task ``t`` starts from task ``t-1`` rebuilt from its indices (task 0,
+and every task with ``model.task_start: source``, from the source network), its classifier resized, and
+trains against the frozen pools; its file holds the indices coded against the reference (or, with
+``model.code_reference: previous``, against task ``t-1``'s indices, with a key task coded against the
+reference every ``model.key_every`` tasks), BatchNorm and biases (:mod:`nws.taskfile`).
 """
 
 from __future__ import annotations
@@ -161,9 +161,10 @@ class NWS(Method):
 
     # -- tasks
     def learn(self, index: int) -> nn.Module:
-        """Task ``index`` from its predecessor rebuilt from storage (task 0: the source network)."""
+        """Task ``index`` from its predecessor rebuilt from storage (task 0, and every task with
+        ``model.task_start: source``: the source network)."""
         task = self.ctx.benchmark.tasks[index]
-        if index == 0:
+        if index == 0 or self.config.model.task_start == "source":
             start = TaskStore(self.config.pretrained or self.ctx.out).load_source()
         else:
             start = self.unfolded(TaskStore(self.ctx.out).model(index - 1), index)
