@@ -6,6 +6,7 @@ bars; the same command run again on a finished run shows its results."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import signal
@@ -19,8 +20,10 @@ import pytest
 from nws import interrupts
 from nws.store import MANIFEST
 
-# Batches of 8: task 1's twelve epochs last long enough that the signal, sent once its first epoch is stored,
-# lands inside the task even on a loaded machine (with the demo's 32 it could land after the task, between stages).
+# Batches of 8 and 24 epochs: task 1 lasts long enough that the signal, sent once its first epoch is stored,
+# lands inside the task even on a loaded machine; where it still lands after the task, the line must name the
+# run instead (the test reads which from the stored run).
+EPOCHS = 24
 TINY = ["--pretrain.epochs", "1", "--model.pool_size", "16", "--model.kwargs", '{"widths": [8, 16]}',
         "--data.num_tasks", "2", "--task.batch_size", "8"]
 TIMEOUT = 600
@@ -52,7 +55,8 @@ def run_files(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert nws("demo", "--out", str(out), *TINY, "--task.epochs", "12", stdout=subprocess.DEVNULL).wait(TIMEOUT) == 0
+    assert nws("demo", "--out", str(out), *TINY, "--task.epochs", str(EPOCHS),
+               stdout=subprocess.DEVNULL).wait(TIMEOUT) == 0
     return out
 
 
@@ -60,14 +64,16 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_a_signal_mid_task_stops_with_the_resume_command_and_resume_finishes_the_run(tmp_path, uninterrupted,
                                                                                       signum, code):
     out = tmp_path / "run"
-    args = ["demo", "--out", str(out), *TINY, "--task.epochs", "12"]
+    args = ["demo", "--out", str(out), *TINY, "--task.epochs", str(EPOCHS)]
     proc = nws(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(out / "checkpoints" / "task_001" / "last.ckpt", proc)  # task 1 has finished an epoch
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == code, stderr[-3000:]
+    listed = [t["index"] for t in json.loads((out / MANIFEST).read_text())["tasks"]]
+    where = "the run" if 1 in listed else "task_001"  # stopped after task 1 was stored: between stages
     lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"nws: stopped by {signum.name} during task_001;"), stderr
+    assert len(lines) == 1 and lines[0].startswith(f"nws: stopped by {signum.name} during {where};"), stderr
     command = shlex.split(lines[0].split("Resume with: ", 1)[1])
     assert command == ["nws", *args, "--resume"]
     log = out / "logs" / "task_001" / "metrics.csv"
@@ -77,7 +83,7 @@ def test_a_signal_mid_task_stops_with_the_resume_command_and_resume_finishes_the
     resumed = nws(*command[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert resumed.wait(TIMEOUT) == 0, resumed.stderr.read()[-3000:]
     assert run_files(out) == run_files(uninterrupted)
-    assert epochs_logged(log) == list(range(12))  # appended to, not replaced
+    assert epochs_logged(log) == list(range(EPOCHS))  # appended to, not replaced
     assert epochs_logged(log) == epochs_logged(uninterrupted / "logs" / "task_001" / "metrics.csv")
 
 
@@ -103,7 +109,7 @@ def test_a_signal_while_held_is_raised_on_release_naming_the_stage():
 
 def test_the_same_command_on_a_finished_run_shows_its_results(tmp_path, uninterrupted):
     files, manifest = run_files(uninterrupted), (uninterrupted / MANIFEST).read_bytes()
-    again = nws("demo", "--out", str(uninterrupted), *TINY, "--task.epochs", "12", stdout=subprocess.PIPE,
+    again = nws("demo", "--out", str(uninterrupted), *TINY, "--task.epochs", str(EPOCHS), stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
     stdout, stderr = again.communicate(timeout=TIMEOUT)
     assert again.returncode == 0, stderr
