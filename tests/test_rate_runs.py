@@ -73,8 +73,8 @@ def test_a_task_starts_from_the_previous_task_or_from_the_source(tmp_path, start
     out = tmp_path / "run"
     demo(out, *SHORT, "--data.num_tasks", "2", "--model.task_start", start)
     store = TaskStore(out)
-    config = dataclasses.replace(stored_config(store.manifest["config"]), task=dataclasses.replace(
-        stored_config(store.manifest["config"]).task, epochs=0))
+    stored = stored_config(store.manifest["config"])
+    config = dataclasses.replace(stored, task=dataclasses.replace(stored.task, epochs=0))
     begins = Runner(config, progress=False).method.learn(1)
     codes = {name: layer.search() for name, layer in nws_layers(begins) if name != "fc"}
     expected = store.reference_codes() if start == "source" else store.codes(0)

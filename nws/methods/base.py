@@ -215,7 +215,8 @@ class Method:
         method: with ``model.bn_stats`` its BatchNorm statistics computed afresh on that many of the task's
         training images (:func:`nws.batchnorm.recompute_statistics`), with ``model.bn_dtype: int8`` its
         BatchNorm folded onto its grid (:mod:`nws.batchnorm`)."""
-        images = min(self.config.model.bn_stats, len(train := self.ctx.benchmark.tasks[index].train))
+        train = self.ctx.benchmark.tasks[index].train
+        images = min(self.config.model.bn_stats, len(train))
         if images:
             order = torch.Generator().manual_seed(task_seed(self.config.seed, index))
             data = DataLoader(train, batch_size=min(images, 256),
