@@ -7,7 +7,9 @@
    validation loss. The source stage is shared: NWS's grid points start from one source-only NWS run
    (``pretrained:``), the baselines' from one plain network trained on the source task (``shared_source``).
 2. **Final**: every method with its chosen values on the full protocol (all five tasks, the official test
-   images), one run directory per method and seed. The baselines of a seed share one plain source network;
+   images), one run directory per method and seed. With ``--tuned DIR`` the methods take the values chosen in
+   DIR's tuning instead of tuning (another backbone under the same protocol, e.g. ResNet-18 with the
+   convnet's values). The baselines of a seed share one plain source network;
    an NWS run pretrains its own pools (so its config is a plain ``nws run`` one; on the tuning seed its pools
    are checked to be byte-identical to those the grid points used).
 3. **Report**: ``nws report`` of every finished final run (means and standard deviations over seeds), and
@@ -190,9 +192,10 @@ def tune(config: RunConfig, method: str, out: Path) -> dict[str, Any]:
     return record
 
 
-def final(config: RunConfig, method: str, seed: int, out: Path) -> Path:
-    """``method`` with its chosen values on the whole benchmark for ``seed``."""
-    chosen = json.loads(tune_file(out, method).read_text())["chosen"]
+def final(config: RunConfig, method: str, seed: int, out: Path, tuned: Path | None = None) -> Path:
+    """``method`` with its chosen values (from ``tuned``'s tuning if given, else ``out``'s) on the whole
+    benchmark for ``seed``."""
+    chosen = json.loads(tune_file(tuned or out, method).read_text())["chosen"]
     seed_dir = out / f"seed{seed}"
     run_dir = seed_dir / method
     cfg = with_values(config, chosen, method=method, seed=seed, out=str(run_dir))
@@ -248,18 +251,21 @@ def main() -> None:
     parser.add_argument("--tune-seed", type=int, default=None, help="the seed of the tuning (default: the first)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--stage", choices=("tune", "final", "report", "all"), default="all")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="take every method's chosen values from this earlier --out's tuning instead of tuning "
+                        "(another backbone under the same protocol)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time comparable across runs, "
                         "and results that do not depend on the machine's core count)")
     args, settings = parser.parse_known_args()
     config = parse_run_config(["--config", args.config, "--trainer.threads", str(args.threads), *settings])
     tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
-    if args.stage in ("tune", "all"):
+    if args.stage in ("tune", "all") and args.tuned is None:
         for method in args.methods:
             tune(with_values(config, {}, seed=tune_seed), method, args.out)
     if args.stage in ("final", "all"):
         for seed in args.seeds:
             for method in args.methods:
-                final(config, method, seed, args.out)
+                final(config, method, seed, args.out, args.tuned)
     if args.stage in ("report", "all"):
         report(args.out)
 

@@ -2,8 +2,10 @@
 (training a task; pool pretraining): :class:`BoundedSearch` keeps each kernel's assignment and proves most
 of them still hold with triangle-inequality bounds (Hamerly's k-means), searching only the kernels whose
 bounds fail. The entries' movement is accumulated and taken off the bounds, as Hamerly's k-means does for
-moving centres. It always equals :func:`~nws.exhaustive.brute_force_nearest`, with or without a
-:class:`~nws.rate_penalty.RatePenalty`: its bounds are on *distances* only, valid whatever the penalty.
+moving centres; while the pool stays put, a kernel within half the gap from its entry to the entry's nearest
+other entry keeps it without looking at where it was (Elkan's test). It always equals
+:func:`~nws.exhaustive.brute_force_nearest`, with or without a :class:`~nws.rate_penalty.RatePenalty`: its
+bounds are on *distances* only, valid whatever the penalty.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from torch import Tensor
 
 from nws.exhaustive import CHUNK_ELEMENTS, ROW_BLOCK, SLACK, exact_sqdist, scan, search_dtype, unit_roundoff
 from nws.rate_penalty import RatePenalty
-from nws.scalar_search import cells, nearest_1d, nearest_1d_rate
+from nws.scalar_search import cells, nearest_1d, nearest_1d_rate, neighbours_1d
 from nws.search import nearest
 
 # Rows per block of the per-call bound check: a block of this many floats stays in cache.
 CHECK_ELEMENTS = 1 << 17
 # Entries kept per kernel from its last full search: where it may have moved to, the bounds look here first.
 CANDIDATES = 4
+# While the gap bound leaves at most this fraction of a layer's kernels unproved, only those are measured
+# against their anchors (gathered); above it every kernel is, in the same pass, and the gap is left out but
+# at every GAP_PROBE-th call (the first included), which combines both bounds and measures the fraction again.
+GAP_MISSES = 1 / 16
+GAP_PROBE = 16
 
 
 def _distance(x: Tensor, y: Tensor) -> Tensor:
@@ -56,11 +63,15 @@ class BoundedSearch:
     from there to every other entry (``l``) and to every entry outside ``cand`` (``l_out``). ``drift`` sums,
     over the calls, the largest movement of any entry in each call (Hamerly's bound for moving centres), so
     no entry has moved more than ``P = drift - drift0`` since a kernel was anchored at ``drift0``. A kernel
-    now at ``x``, ``m = |x - anchor|`` away, provably keeps ``a`` if ``|x - p_a| + m + P < l``: one pass over
-    all kernels, their anchors and entries. A kernel that fails is measured against its candidates: every
+    now at ``x``, ``m = |x - anchor|`` away, provably keeps ``a`` if ``|x - p_a| + m + P < l``; while the pool
+    stays put, also if ``2 |x - p_a| < G_a``, ``G_a`` the gap from ``p_a`` to its nearest other entry, which
+    needs no anchor: one pass over all kernels and their entries (and their anchors where the gap does not
+    prove enough of them). A kernel that fails is measured against its candidates: every
     other entry is at least ``l_out - m - P`` away, so the nearest candidate is the answer if it is nearer
     than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
-    length 1 are searched in full every call, by binary search.
+    length 1 keep their entry while inside its cell (:func:`~nws.scalar_search.cells`; with a rate, while
+    their objective is provably the least, :meth:`_one_dim_rate_ok`) and are otherwise searched by binary
+    search (with a rate: a window around them).
     """
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, candidates: int = CANDIDATES,
@@ -81,7 +92,11 @@ class BoundedSearch:
         self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
         self._cells: tuple[Tensor, Tensor] | None = None  # vectors of length 1: each entry's cell (cells)
+        self._around: tuple[Tensor, Tensor, Tensor] | None = None  # and its value and sorted neighbours (float64)
         self.sq_total: Tensor | None = None  # sum over kernels of |x - searched|^2 at the last call
+        self._gap: Tensor | None = None  # each entry's distance to its nearest other entry (rounded down)
+        self._gap_misses = 1.0  # the fraction of kernels the gap did not prove when last measured
+        self._calls = 0
 
     def _store(self, rows: Tensor | None, x: Tensor, found: Tensor, lower: Tensor, rest: Tensor,
                cand: Tensor | None = None) -> None:
@@ -137,6 +152,7 @@ class BoundedSearch:
             return
         nbr, gap, outside = _neighbours(codebook, min(self.candidates, codebook.shape[0]), self.chunk_elements)
         self._store(None, entries, found, gap[found], outside[found], nbr[found])
+        self._gap, self._gap_misses = gap, 0.0
 
     def _account_drift(self, codebook: Tensor) -> bool | None:
         """Account for the pool's movement since the last call: True if it moved, False if not, None if the
@@ -149,6 +165,7 @@ class BoundedSearch:
             return None
         self.drift += step
         self.codebook.copy_(codebook)
+        self._gap = None
         # Rebase the drift once it is of the order of the pool's scale, so it never swamps the bounds' precision.
         if self.drift > float(torch.linalg.vector_norm(codebook, dim=1).mean()):
             for bound in (self.lower, self.rest):
@@ -160,75 +177,134 @@ class BoundedSearch:
         """A stored bound with the drift since its kernel was anchored taken off."""
         return bound * (1 - SLACK) - self.drift * (1 + SLACK)
 
+    def _gaps(self) -> Tensor:
+        """Lower bounds on each entry's distance to its nearest other entry, for the pool of the last call
+        (exact, computed once while the pool stays put)."""
+        if self._gap is None:
+            self._gap = _neighbours(self.codebook, 1, self.chunk_elements)[1]
+        return self._gap
+
     def _pass(self, x: Tensor, pool_moved: bool, rate: RatePenalty | None = None) -> Tensor:
         """The pass over all kernels, in cache-sized blocks (entries gathered again on the way if the pool
-        moved): the rows not proved by ``|x - p_a| + m + P < l`` (with ``rate``: by :meth:`_rate_proof`);
-        leaves ``m`` in ``self._moved``."""
+        moved): ``|x - p_a|`` for every kernel (its square is the commitment). Returns the rows whose entry it
+        does not prove; leaves ``m = |x - anchor|`` of those rows in ``self._moved``.
+
+        Every other entry ``j`` is at least ``L`` from ``x``. Two bounds give ``L``: the gap ``G_a`` from ``p_a``
+        to its nearest other entry, ``L = G_a - |x - p_a|`` (exact for the pool as it is, so only while the pool
+        stays put: a task's frozen pools); and the anchored ``L = l - m - P``, which needs ``m``: gathered for
+        the few kernels the gap does not prove, or measured for all in the same pass while it proves fewer
+        (:data:`GAP_MISSES`). Without a rate a kernel keeps ``a`` if ``|x - p_a| < L``; with one,
+        :meth:`_rate_ok` decides."""
         n, d = x.shape
-        moved = torch.empty(n, dtype=x.dtype, device=x.device)
+        self._calls += 1
+        gap = not pool_moved and (self._gap_misses <= GAP_MISSES or self._calls % GAP_PROBE == 1)
         dist = torch.empty(n, dtype=x.dtype, device=x.device)
+        moved = None if gap and self._gap_misses <= GAP_MISSES else torch.empty_like(dist)
+        self._sqdists(x, [(self.searched, dist)] + ([] if moved is None else [(self.anchor, moved)]), pool_moved)
+        self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
+        near = dist.mul_(self._scale(x))  # upper bounds on |x - p_a|^2
+        radius = near.sqrt() * (1 + SLACK)
+        by_gap = None
+        if gap:
+            by_gap = self._gaps().index_select(0, self.indices).mul_(1 - SLACK).sub_(radius).mul_(1 - SLACK)
+            if moved is None:
+                # Most kernels sit well inside their entry's gap: prove them by it, measure m for the rest only.
+                rows = self._proof(x, None, near, radius, by_gap, rate).logical_not_().nonzero().squeeze(1)
+                self._gap_misses = len(rows) / max(n, 1)
+                self._moved = None
+                if not len(rows):
+                    return rows
+                moved = self._anchor_distances(x, rows)
+                reach = self._anchored(moved, rows).maximum(by_gap.index_select(0, rows))
+                self._moved = torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, moved)
+                ok = self._proof(x, rows, near.index_select(0, rows), radius.index_select(0, rows), reach, rate)
+                return rows[ok.logical_not_()]
+        self._moved = moved.mul_(self._scale(x)).sqrt_()
+        reach = self._anchored(self._moved, None)
+        if by_gap is not None:
+            self._gap_misses = float((radius >= by_gap).sum()) / max(n, 1)
+            reach = reach.maximum(by_gap)
+        return self._proof(x, None, near, radius, reach, rate).logical_not_().nonzero().squeeze(1)
+
+    def _anchored(self, moved: Tensor, rows: Tensor | None) -> Tensor:
+        """The anchored lower bound ``l - m - P`` on the distance to every other entry, of ``rows`` (None: all)
+        at distances ``moved`` from their anchors (rounded down)."""
+        bound = self._penalty(self.lower if rows is None else self.lower.index_select(0, rows))
+        return bound.sub_(moved, alpha=1 + SLACK).mul_(1 - SLACK)
+
+    def _scale(self, x: Tensor) -> float:
+        """The factor that rounds up a squared distance of :meth:`_sqdists` (a sum of ``d`` rounded squares: at
+        most ``d + 3`` roundings)."""
+        u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+        d = x.shape[1]
+        return (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
+
+    def _sqdists(self, x: Tensor, targets: list[tuple[Tensor, Tensor]], gather: bool = False) -> None:
+        """Squared distances ``|x - y|^2`` row by row into ``out``, for each ``(y, out)`` of ``targets``, in
+        cache-sized blocks (each block of ``x`` read once for all); with ``gather``, each block of the first
+        ``y`` (the searched entries) is gathered from the pool first."""
+        n, d = x.shape
         ones = torch.ones(d, dtype=x.dtype, device=x.device)
         u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
         by_product = unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
         block = max(1, self.check_elements // d)
         buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
-
-        def sqdist(part: slice, y: Tensor, out: Tensor) -> None:
-            diff = buf[: part.stop - part.start]
-            torch.sub(x[part], y[part], out=diff)
-            if by_product:  # the squares summed by a product with a vector of ones: the fastest way
-                torch.mv(diff.square_(), ones, out=out[part])
-            else:
-                torch.sum(diff.square_(), dim=1, out=out[part])
-
         for start in range(0, n, block):
             part = slice(start, min(n, start + block))
-            if pool_moved:
-                torch.index_select(self.codebook, 0, self.indices[part], out=self.searched[part])
-            sqdist(part, self.searched, dist)
-            sqdist(part, self.anchor, moved)
-        self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
-        # A squared distance is a sum of d rounded squares: at most d + 3 roundings; then rounded up.
-        scale = (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
-        self._moved = moved.mul_(scale).sqrt_()
-        if rate is not None:
-            return self._rate_proof(x, dist.mul_(scale), scale, rate)
-        # Written so that a NaN anywhere counts as a failed proof.
-        ok = (dist.mul_(scale).sqrt_().add_(moved) * (1 + SLACK)) < self._penalty(self.lower)
-        return ok.logical_not_().nonzero().squeeze(1)
+            if gather:
+                torch.index_select(self.codebook, 0, self.indices[part], out=targets[0][0][part])
+            diff = buf[: part.stop - part.start]
+            for y, out in targets:
+                torch.sub(x[part], y[part], out=diff)
+                if by_product:  # the squares summed by a product with a vector of ones: the fastest way
+                    torch.mv(diff.square_(), ones, out=out[part])
+                else:
+                    torch.sum(diff.square_(), dim=1, out=out[part])
 
-    def _rate_proof(self, x: Tensor, near: Tensor, scale: float, rate: RatePenalty) -> Tensor:
-        """The pass's proof with a rate penalty, from ``near`` (upper bounds on ``|x - p_a|^2``): every entry
-        other than ``a`` is at least ``L = l - m - P`` away, so every ``k`` outside ``{a, r}`` has
-        ``J(k) >= L^2 + mu * (fewest bits of a change)``. A kernel on its reference (``a = r``) is proved if
-        ``J(a) = |x - p_a|^2`` is below that; one off it also needs ``J(a) < J(r) = |x - p_r|^2``, for which
-        ``L^2`` is a lower bound, else ``|x - p_r|`` is measured. Returns the rows not proved."""
-        ref = rate.reference
+    def _anchor_distances(self, x: Tensor, rows: Tensor) -> Tensor:
+        """``m = |x - anchor|`` (rounded up) of a few ``rows``."""
+        diff = x.index_select(0, rows) - self.anchor.index_select(0, rows)
+        return diff.square_().sum(1).mul_(self._scale(x)).sqrt_()
+
+    def _proof(self, x: Tensor, rows: Tensor | None, near: Tensor, radius: Tensor, reach: Tensor,
+               rate: RatePenalty | None) -> Tensor:
+        """Whether kernels ``rows`` (None: all) provably keep their entry ``a``, from upper bounds on
+        ``|x - p_a|^2`` (``near``) and ``|x - p_a|`` (``radius``) and a lower bound ``reach`` on ``|x - p_j|``
+        for every other entry ``j``. Written so that a NaN anywhere counts as a failed proof."""
+        if rate is None:
+            return radius < reach
+        return self._rate_ok(x, rows, near, reach, rate)
+
+    def _rate_ok(self, x: Tensor, rows: Tensor | None, near: Tensor, reach: Tensor, rate: RatePenalty) -> Tensor:
+        """The proof with a rate penalty. With ``L`` a lower bound on ``|x - p_j|`` for every ``j != a``, every
+        ``k`` outside ``{a, r}`` has ``J(k) >= L^2 + mu * (fewest bits of a change)``. A kernel on its reference
+        (``a = r``) is proved if ``J(a) = |x - p_a|^2`` is below that; one off it also needs
+        ``J(a) < J(r) = |x - p_r|^2``, for which ``L^2`` is a lower bound, else ``|x - p_r|`` is measured."""
+        ref = rate.reference if rows is None else rate.reference.index_select(0, rows)
+        indices = self.indices if rows is None else self.indices.index_select(0, rows)
         k = rate.num_entries
-        # reach = (l - P - m) rounded down, clamped at 0; ``floor``: the least penalty of any change.
-        reach = torch.mul(self.lower, 1 - SLACK).sub_(self.drift * (1 + SLACK)).sub_(self._moved, alpha=1 + SLACK)
-        reach.clamp_min_(0).square_().mul_((1 - SLACK) ** 3)
+        reach = reach.clamp_min(0).square_().mul_((1 - SLACK) ** 2)
         floor = rate.mu * rate.floor * (1 - SLACK) ** 2
-        cost = near.mul_(1 + SLACK)
-        off = (self.indices != ref).nonzero().squeeze(1)
+        cost = near * (1 + SLACK)
+        off = (indices != ref).nonzero().squeeze(1)
         if len(off):
             ref_off = ref[off].long()
             has = ref_off < k  # kernels without a reference pay nothing
             off, ref_off = off[has], ref_off[has]
-            pen = rate.penalty(ref_off, self.indices[off].long(), x.dtype)
+            pen = rate.penalty(ref_off, indices[off].long(), x.dtype)
             cost[off] = (cost[off] + pen * (1 + SLACK)) * (1 + SLACK)
-        # Written so that a NaN anywhere counts as a failed proof.
         ok = cost < reach + floor
-        free = rate.free()
+        free = (ref == k).nonzero().squeeze(1) if rows is not None else rate.free()
         if len(free):  # every entry is free to them: the plain bound alone
             ok[free] = cost[free] < reach[free]
         if len(off):
             check = ok[off] & ~(cost[off] < reach[off])
-            rows, ref_rows = off[check], ref_off[check]
-            if len(rows):
-                diff = x[rows] - self.codebook.index_select(0, ref_rows)
-                ok[rows] = cost[rows] < diff.square_().sum(1) / scale * (1 - SLACK)
-        return ok.logical_not_().nonzero().squeeze(1)
+            pos, ref_rows = off[check], ref_off[check]
+            if len(pos):
+                kernels = pos if rows is None else rows[pos]
+                diff = x[kernels] - self.codebook.index_select(0, ref_rows)
+                ok[pos] = cost[pos] < diff.square_().sum(1) / self._scale(x) * (1 - SLACK)
+        return ok
 
     def _distances(self, x: Tensor, cols: Tensor) -> Tensor:
         """Distances from each row of ``x`` to the entries ``cols`` of its row, in blocks of at most
@@ -302,6 +378,7 @@ class BoundedSearch:
         if self._cells is None or not torch.equal(self.codebook, codebook):
             self.codebook.copy_(codebook)
             self._cells = cells(codebook)
+            self._around = (codebook[:, 0].double(), *neighbours_1d(codebook))
             torch.index_select(codebook, 0, self.indices, out=self.searched)
         lo, hi = self._cells
         v = x[:, 0]
@@ -311,17 +388,39 @@ class BoundedSearch:
             on = self.indices == rate.reference
             near = (v - self.searched[:, 0]).square_() * (1 + SLACK) < rate.mu * rate.floor * (1 - SLACK)
             ok = (ok & (on | (rate.reference == rate.num_entries))) | (on & near)
+            left = ok.logical_not().nonzero().squeeze(1)
+            if len(left):
+                ok[left] = self._one_dim_rate_ok(v.index_select(0, left), left, rate)
         rows = ok.logical_not_().nonzero().squeeze(1)
         if len(rows):
             if rate is None:
                 found = nearest_1d(x[rows], codebook)
             else:
-                found = nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long())
+                found = nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long(),
+                                        self.indices[rows].long())
             self.indices[rows] = found.int()
             self.searched[rows] = codebook.index_select(0, found)
         self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(rows)
         return self.indices
+
+    def _one_dim_rate_ok(self, v: Tensor, rows: Tensor, rate: RatePenalty) -> Tensor:
+        """Whether kernels ``rows`` of length 1 (values ``v``) provably keep their entry ``a`` under the rate,
+        in float64 as :func:`~nws.scalar_search.nearest_1d_rate` compares: every entry but ``a`` is at least
+        ``L`` away (:func:`~nws.scalar_search.neighbours_1d`), so every ``k`` outside ``{a, r}`` has
+        ``J(k) >= L^2 + mu * (fewest bits of a change)``; ``J(a)`` must be below that and, off the
+        reference, below ``J(r) = (v - p_r)^2``. Kernels without a reference are left to their cell."""
+        values, below, above = self._around
+        a, ref = self.indices.index_select(0, rows).long(), rate.reference.index_select(0, rows).long()
+        has = ref < rate.num_entries
+        ref = torch.where(has, ref, a)
+        v = v.double()
+        reach = torch.minimum(v - below.index_select(0, a), above.index_select(0, a) - v).clamp_min_(0)
+        cost = (v - values.index_select(0, a)).square_() + rate.penalty(ref, a, torch.float64)
+        keep = (v - values.index_select(0, ref)).square_()
+        margin = 1 + 2.0**-40  # far above the rounding of these float64 values
+        ok = cost * margin < (reach.square_() + rate.mu * rate.floor) / margin
+        return ok & has & ((a == ref) | (cost * margin < keep / margin))
 
     def _every_time(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None = None) -> Tensor:
         """A full search every call (vectors of length 1: by binary search; a pool that is not finite: no

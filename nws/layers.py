@@ -45,7 +45,10 @@ class _Commitment(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         weight, searched = ctx.saved_tensors
-        return torch.ops.aten.mse_loss_backward(grad, weight, searched, 1), None, None  # 1: mean
+        # Into an uninitialised buffer: the plain op zero-fills one first, a pass over the weight for nothing.
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        mean = 1  # torch's reduction code for 'mean'
+        return torch.ops.aten.mse_loss_backward.grad_input(grad, weight, searched, mean, grad_input=out), None, None
 
 
 class NWSLayer(nn.Module):

@@ -82,14 +82,31 @@ def cells(codebook: Tensor) -> tuple[Tensor, Tensor]:
     return cell_lo, cell_hi
 
 
-def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor | None:
+def neighbours_1d(codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Vectors of length 1: per entry, the values (float64) of the entries next to it in sorted order, below
+    and above (a duplicated value is its own neighbour; ``-inf``/``inf`` at the ends). Every entry other than
+    ``a`` lies at or below ``below[a]`` or at or above ``above[a]``, so from a point ``x`` between them every
+    other entry is at least ``min(x - below[a], above[a] - x)`` away."""
+    ordered, order = torch.sort(codebook[:, 0].double(), stable=True)
+    inf = torch.full((1,), float("inf"), dtype=torch.float64, device=codebook.device)
+    below, above = torch.empty_like(ordered), torch.empty_like(ordered)
+    below[order] = torch.cat([-inf, ordered[:-1]])
+    above[order] = torch.cat([ordered[1:], inf])
+    return below, above
+
+
+def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor,
+                    current: Tensor | None = None) -> Tensor | None:
     """Vectors of length 1 with a rate penalty; ``None`` if the pool is not finite. A kernel keeps its
     reference ``r`` if ``J(r) = (x - p_r)^2`` is below the squared distance to its nearest other entry plus
     the least price of a change. Otherwise ``r`` loses only to an entry ``k`` with ``J(k) <= J(r)``, which
     needs ``(x - p_k)^2 <= J(r) - mu * (fewest bits of a change)``: a window of the sorted values around
     ``x``. Its entries (at most :data:`WINDOW`) and ``r`` are compared by the float64 objective computed
     exactly as :func:`brute_force_nearest` does, ties to the lowest index; rows with larger windows, or that
-    are not finite, are scanned in full (:func:`~nws.exhaustive.scan`). Kernels without a reference take :func:`nearest_1d`."""
+    are not finite, are scanned in full (:func:`~nws.exhaustive.scan`). With ``current`` (an entry per row, e.g. its
+    entry at the last search) the window is bounded by the smaller of ``J(r)`` and ``J(current)``, so a kernel
+    that has settled away from its reference searches a few values around it. Kernels without a reference take
+    :func:`nearest_1d`."""
     values = codebook[:, 0]
     if not bool(torch.isfinite(values).all()):
         return None
@@ -115,18 +132,27 @@ def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor)
         todo = (has & ~kept).nonzero().squeeze(1)
         if len(todo):
             v, rt, keep_t = v[todo], rr[todo], keep[todo]
+            # The best objective is at most J(r) and J(current): every other winner k has (x - p_k)^2 below
+            # that less the least price of a change.
+            bound, extra = keep_t, rt[:, None]
+            if current is not None:
+                st = current[start : start + ROW_BLOCK][todo]
+                bound = torch.minimum(keep_t, (v - book64.index_select(0, st)) ** 2
+                                      + rate.penalty(rt, st, torch.float64))
+                extra = torch.stack([rt, st], dim=1)
             # Margins far above float64 rounding: the window may hold extra entries, never miss one.
-            reach = (keep_t * (1 + 1e-12) - low).clamp_min(0).sqrt() * (1 + 1e-12)
+            reach = (bound * (1 + 1e-12) - low).clamp_min(0).sqrt() * (1 + 1e-12)
             margin = (v.abs() + reach) * 2.0**-40 + 1e-300
             lo = torch.searchsorted(o64, v - reach - margin, side="left")
             hi = torch.searchsorted(o64, v + reach + margin, side="right")
             pos = lo[:, None] + steps
             inside = pos < hi[:, None]
             entry = order.index_select(0, pos.clamp_(max=k - 1).view(-1)).view(pos.shape)
+            entry = torch.cat([entry, extra], dim=1)
+            inside = torch.cat([inside, torch.ones_like(extra, dtype=torch.bool)], dim=1)
             near = book64.index_select(0, entry.view(-1)).view(entry.shape)
             score = (v[:, None] - near) ** 2 + rate.penalty(rt[:, None].expand_as(entry), entry, torch.float64)
-            score = torch.cat([score.masked_fill_(~inside, float("inf")), keep_t[:, None]], dim=1)
-            entry = torch.cat([entry, rt[:, None]], dim=1)
+            score.masked_fill_(~inside, float("inf"))
             best = score.min(dim=1, keepdim=True).values
             found[todo] = torch.where(score == best, entry, k).min(dim=1).values
             rows = ((hi - lo > WINDOW) | ~torch.isfinite(keep_t)).nonzero().squeeze(1)

@@ -708,3 +708,66 @@ def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, one_thread: No
             codebook = codebook + 0.001 * torch.randn(k, 1, generator=g, dtype=dtype)
     # Kernels that crossed into another cell, or sit at a duplicated value above its lowest index.
     assert searched[1] < n // 10 and sum(searched) < 0.3 * n * len(searched)
+
+
+def test_bounded_search_proves_kernels_near_their_entry_by_its_gap(one_thread: None) -> None:
+    """Pools that stay put: a kernel nearer to its entry than half the gap to the entry's nearest other entry
+    keeps it, however far it has moved since its last search (where the anchored bound fails). Kernels
+    anchored midway between two entries walk to one of them, then jump about within it; every call equals
+    brute force, and once the gap has been measured to prove them (every ``GAP_PROBE`` calls) none is searched
+    again."""
+    n = 200
+    codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    g = _gen(17)
+    target = torch.randint(4, (n,), generator=g)
+    start = codebook[target] + torch.tensor([4.9, 0.0]) * torch.where(codebook[target, :1] > 0, -1.0, 1.0)
+    search = BoundedSearch()
+    for t in torch.linspace(0, 1, 6):
+        w = start + t * (codebook[target] + 0.1 * torch.randn(n, 2, generator=g) - start)
+        assert torch.equal(search(w, codebook).long(), brute_force_nearest(w, codebook))
+    assert torch.equal(search.indices.long(), target)
+    searched = []
+    for _ in range(2 * nws.bounded_search.GAP_PROBE):
+        w = codebook[target] + torch.randn(n, 2, generator=g).clamp(-1, 1)
+        assert torch.equal(search(w, codebook).long(), target)
+        searched.append(search.last_searched)
+    assert searched[-nws.bounded_search.GAP_PROBE:] == [0] * nws.bounded_search.GAP_PROBE
+
+
+def test_rate_one_dimensional_kernels_off_their_reference_are_proved(one_thread: None) -> None:
+    """Length-1 kernels that settled on an entry other than their reference, with a flat price: the proof
+    ``J(a) < L^2 + mu * bits`` and ``J(a) < J(r)`` keeps them without a search, equal to the oracle."""
+    k, n = 16, 500
+    codebook = torch.arange(k, dtype=torch.float32)[:, None]
+    g = _gen(18)
+    entry = torch.randint(1, k, (n,), generator=g)
+    rate = RatePenalty(torch.zeros(n, dtype=torch.long), None, 0.02, k, flat=3.0)
+    search = BoundedSearch()
+    for step in range(4):
+        w = codebook[entry] + 0.05 * torch.randn(n, 1, generator=g)
+        got = search(w, codebook, rate)
+        assert torch.equal(got.long(), _rate_oracle(w, codebook, rate))
+        assert torch.equal(got.long(), entry)
+        if step:
+            assert search.last_searched == 0
+
+
+@pytest.mark.parametrize("current", ["answer", "random", "reference"])
+def test_rate_one_dimensional_window_from_the_current_entry(current: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`~nws.scalar_search.nearest_1d_rate` given each row's current entry (its window bounded by the
+    smaller of ``J(r)`` and ``J(current)``) equals the oracle whatever that entry is: the answer, any entry,
+    or the reference; duplicated values and exact ties included, also with windows over the limit."""
+    g = _gen(1001)
+    codebook = _dyadic((64, 1), g, span=8, denom=4)
+    codebook[40:] = codebook[:24]
+    x = torch.cat([_dyadic((500, 1), g, span=9, denom=8), torch.randn(500, 1, generator=g)])
+    ref = _references(len(x), 64, g)
+    for window in (nws.scalar_search.WINDOW, 1):
+        monkeypatch.setattr(nws.scalar_search, "WINDOW", window)
+        for mu in (1 / 256, 1 / 16, 1.0, 64.0):
+            rate = RatePenalty(ref, _bits_table(64, g, dyadic=True), mu, 64)
+            want = _rate_oracle(x, codebook, rate)
+            hint = {"answer": want, "random": torch.randint(64, (len(x),), generator=g),
+                    "reference": ref.clamp(max=63)}[current]
+            got = nws.scalar_search.nearest_1d_rate(x, codebook, rate, ref, hint)
+            assert torch.equal(got, want)
