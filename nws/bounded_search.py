@@ -15,9 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from nws.exhaustive import CHUNK_ELEMENTS, ROW_BLOCK, SLACK, exact_sqdist, scan, search_dtype, unit_roundoff
+from nws.exhaustive import (CHUNK_ELEMENTS, ROW_BLOCK, SLACK, entry_neighbours, row_sqdists, scan, search_dtype,
+                            sqdist_roundup)
 from nws.rate_penalty import RatePenalty
-from nws.scalar_search import cells, nearest_1d, nearest_1d_rate, neighbours_1d
+from nws.scalar_search import cells, keeps_entry_1d, nearest_1d, nearest_1d_rate, neighbours_1d
 from nws.search import nearest
 
 # Rows per block of the per-call bound check: a block of this many floats stays in cache.
@@ -36,24 +37,6 @@ def _distance(x: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x - y, dim=1) * (1 + SLACK)
 
 
-def _neighbours(codebook: Tensor, count: int, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each entry and its ``count - 1`` nearest other entries ``(K, count)``, and lower bounds on its distance
-    to its nearest other entry and to every entry outside the list (exact distances, float64)."""
-    k = codebook.shape[0]
-    order, gap, outside = [], [], []
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=codebook.device)
-    step = max(1, chunk_elements // (2 * k))
-    for start in range(0, k, step):
-        dist = exact_sqdist(codebook[start : start + step], codebook).sqrt_()
-        dist[torch.arange(len(dist)), torch.arange(start, start + len(dist))] = -1.0  # the entry itself first
-        values, where = dist.topk(min(count + 1, k), dim=1, largest=False)
-        order.append(where[:, :count])
-        gap.append(values[:, 1] if k > 1 else inf.expand(len(dist)))
-        outside.append(values[:, count] if k > count else inf.expand(len(dist)))
-    bound = [(torch.cat(b) * (1 - SLACK)).to(codebook.dtype) for b in (gap, outside)]
-    return torch.cat(order), bound[0], bound[1]
-
-
 class BoundedSearch:
     """Exact search for kernels that move a little between calls, in a pool that stays put or moves a little.
 
@@ -70,7 +53,7 @@ class BoundedSearch:
     other entry is at least ``l_out - m - P`` away, so the nearest candidate is the answer if it is nearer
     than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
     length 1 keep their entry while inside its cell (:func:`~nws.scalar_search.cells`; with a rate, while
-    their objective is provably the least, :meth:`_one_dim_rate_ok`) and are otherwise searched by binary
+    their objective is provably the least, :func:`~nws.scalar_search.keeps_entry_1d`) and are otherwise searched by binary
     search (with a rate: a window around them).
     """
 
@@ -150,7 +133,7 @@ class BoundedSearch:
         if codebook.shape[1] == 1:
             self.indices, self.searched = found.int(), entries
             return
-        nbr, gap, outside = _neighbours(codebook, min(self.candidates, codebook.shape[0]), self.chunk_elements)
+        nbr, gap, outside = entry_neighbours(codebook, min(self.candidates, codebook.shape[0]), self.chunk_elements)
         self._store(None, entries, found, gap[found], outside[found], nbr[found])
         self._gap, self._gap_misses = gap, 0.0
 
@@ -181,7 +164,7 @@ class BoundedSearch:
         """Lower bounds on each entry's distance to its nearest other entry, for the pool of the last call
         (exact, computed once while the pool stays put)."""
         if self._gap is None:
-            self._gap = _neighbours(self.codebook, 1, self.chunk_elements)[1]
+            self._gap = entry_neighbours(self.codebook, 1, self.chunk_elements)[1]
         return self._gap
 
     def _pass(self, x: Tensor, pool_moved: bool, rate: RatePenalty | None = None) -> Tensor:
@@ -200,9 +183,10 @@ class BoundedSearch:
         gap = not pool_moved and (self._gap_misses <= GAP_MISSES or self._calls % GAP_PROBE == 1)
         dist = torch.empty(n, dtype=x.dtype, device=x.device)
         moved = None if gap and self._gap_misses <= GAP_MISSES else torch.empty_like(dist)
-        self._sqdists(x, [(self.searched, dist)] + ([] if moved is None else [(self.anchor, moved)]), pool_moved)
+        targets = [(self.searched, dist)] + ([] if moved is None else [(self.anchor, moved)])
+        row_sqdists(x, targets, self.check_elements, (self.codebook, self.indices) if pool_moved else None)
         self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
-        near = dist.mul_(self._scale(x))  # upper bounds on |x - p_a|^2
+        near = dist.mul_(sqdist_roundup(x))  # upper bounds on |x - p_a|^2
         radius = near.sqrt() * (1 + SLACK)
         by_gap = None
         if gap:
@@ -219,7 +203,7 @@ class BoundedSearch:
                 self._moved = torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, moved)
                 ok = self._proof(x, rows, near.index_select(0, rows), radius.index_select(0, rows), reach, rate)
                 return rows[ok.logical_not_()]
-        self._moved = moved.mul_(self._scale(x)).sqrt_()
+        self._moved = moved.mul_(sqdist_roundup(x)).sqrt_()
         reach = self._anchored(self._moved, None)
         if by_gap is not None:
             self._gap_misses = float((radius >= by_gap).sum()) / max(n, 1)
@@ -232,39 +216,10 @@ class BoundedSearch:
         bound = self._penalty(self.lower if rows is None else self.lower.index_select(0, rows))
         return bound.sub_(moved, alpha=1 + SLACK).mul_(1 - SLACK)
 
-    def _scale(self, x: Tensor) -> float:
-        """The factor that rounds up a squared distance of :meth:`_sqdists` (a sum of ``d`` rounded squares: at
-        most ``d + 3`` roundings)."""
-        u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
-        d = x.shape[1]
-        return (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
-
-    def _sqdists(self, x: Tensor, targets: list[tuple[Tensor, Tensor]], gather: bool = False) -> None:
-        """Squared distances ``|x - y|^2`` row by row into ``out``, for each ``(y, out)`` of ``targets``, in
-        cache-sized blocks (each block of ``x`` read once for all); with ``gather``, each block of the first
-        ``y`` (the searched entries) is gathered from the pool first."""
-        n, d = x.shape
-        ones = torch.ones(d, dtype=x.dtype, device=x.device)
-        u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
-        by_product = unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
-        block = max(1, self.check_elements // d)
-        buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
-        for start in range(0, n, block):
-            part = slice(start, min(n, start + block))
-            if gather:
-                torch.index_select(self.codebook, 0, self.indices[part], out=targets[0][0][part])
-            diff = buf[: part.stop - part.start]
-            for y, out in targets:
-                torch.sub(x[part], y[part], out=diff)
-                if by_product:  # the squares summed by a product with a vector of ones: the fastest way
-                    torch.mv(diff.square_(), ones, out=out[part])
-                else:
-                    torch.sum(diff.square_(), dim=1, out=out[part])
-
     def _anchor_distances(self, x: Tensor, rows: Tensor) -> Tensor:
         """``m = |x - anchor|`` (rounded up) of a few ``rows``."""
         diff = x.index_select(0, rows) - self.anchor.index_select(0, rows)
-        return diff.square_().sum(1).mul_(self._scale(x)).sqrt_()
+        return diff.square_().sum(1).mul_(sqdist_roundup(x)).sqrt_()
 
     def _proof(self, x: Tensor, rows: Tensor | None, near: Tensor, radius: Tensor, reach: Tensor,
                rate: RatePenalty | None) -> Tensor:
@@ -303,7 +258,7 @@ class BoundedSearch:
             if len(pos):
                 kernels = pos if rows is None else rows[pos]
                 diff = x[kernels] - self.codebook.index_select(0, ref_rows)
-                ok[pos] = cost[pos] < diff.square_().sum(1) / self._scale(x) * (1 - SLACK)
+                ok[pos] = cost[pos] < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
         return ok
 
     def _distances(self, x: Tensor, cols: Tensor) -> Tensor:
@@ -390,7 +345,8 @@ class BoundedSearch:
             ok = (ok & (on | (rate.reference == rate.num_entries))) | (on & near)
             left = ok.logical_not().nonzero().squeeze(1)
             if len(left):
-                ok[left] = self._one_dim_rate_ok(v.index_select(0, left), left, rate)
+                ok[left] = keeps_entry_1d(v.index_select(0, left), self.indices.index_select(0, left).long(),
+                                          rate.reference.index_select(0, left).long(), self._around, rate)
         rows = ok.logical_not_().nonzero().squeeze(1)
         if len(rows):
             if rate is None:
@@ -403,24 +359,6 @@ class BoundedSearch:
         self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(rows)
         return self.indices
-
-    def _one_dim_rate_ok(self, v: Tensor, rows: Tensor, rate: RatePenalty) -> Tensor:
-        """Whether kernels ``rows`` of length 1 (values ``v``) provably keep their entry ``a`` under the rate,
-        in float64 as :func:`~nws.scalar_search.nearest_1d_rate` compares: every entry but ``a`` is at least
-        ``L`` away (:func:`~nws.scalar_search.neighbours_1d`), so every ``k`` outside ``{a, r}`` has
-        ``J(k) >= L^2 + mu * (fewest bits of a change)``; ``J(a)`` must be below that and, off the
-        reference, below ``J(r) = (v - p_r)^2``. Kernels without a reference are left to their cell."""
-        values, below, above = self._around
-        a, ref = self.indices.index_select(0, rows).long(), rate.reference.index_select(0, rows).long()
-        has = ref < rate.num_entries
-        ref = torch.where(has, ref, a)
-        v = v.double()
-        reach = torch.minimum(v - below.index_select(0, a), above.index_select(0, a) - v).clamp_min_(0)
-        cost = (v - values.index_select(0, a)).square_() + rate.penalty(ref, a, torch.float64)
-        keep = (v - values.index_select(0, ref)).square_()
-        margin = 1 + 2.0**-40  # far above the rounding of these float64 values
-        ok = cost * margin < (reach.square_() + rate.mu * rate.floor) / margin
-        return ok & has & ((a == ref) | (cost * margin < keep / margin))
 
     def _every_time(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None = None) -> Tensor:
         """A full search every call (vectors of length 1: by binary search; a pool that is not finite: no

@@ -4,7 +4,9 @@ that equals it (:func:`scan`), with the constants every path of the search share
 :func:`scan` ranks entries with one matrix product per chunk of rows, ``|p|^2 - 2 x.p``; a rigorous
 floating-point error bound flags the rows whose winner rounding could have changed, and only those are
 re-ranked with exact distances. With a :class:`~nws.rate_penalty.RatePenalty` the penalty joins the
-approximate values and its rounding the error bound.
+approximate values and its rounding the error bound. Also the exact pieces the bounded search
+(:mod:`nws.bounded_search`) builds on: each entry's nearest other entries, and row-wise squared distances
+streamed in cache-sized blocks with their rounding bound.
 """
 
 from __future__ import annotations
@@ -156,3 +158,53 @@ def scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0, 
             rest[start : start + rows] = outside
             cand[start : start + rows] = ranked[:, :c]
     return (out, lower, cand, rest) if candidates else (out,)
+
+
+def entry_neighbours(codebook: Tensor, count: int, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each entry and its ``count - 1`` nearest other entries ``(K, count)``, and lower bounds on its distance
+    to its nearest other entry and to every entry outside the list (exact distances, float64)."""
+    k = codebook.shape[0]
+    order, gap, outside = [], [], []
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=codebook.device)
+    step = max(1, chunk_elements // (2 * k))
+    for start in range(0, k, step):
+        dist = exact_sqdist(codebook[start : start + step], codebook).sqrt_()
+        dist[torch.arange(len(dist)), torch.arange(start, start + len(dist))] = -1.0  # the entry itself first
+        values, where = dist.topk(min(count + 1, k), dim=1, largest=False)
+        order.append(where[:, :count])
+        gap.append(values[:, 1] if k > 1 else inf.expand(len(dist)))
+        outside.append(values[:, count] if k > count else inf.expand(len(dist)))
+    bound = [(torch.cat(b) * (1 - SLACK)).to(codebook.dtype) for b in (gap, outside)]
+    return torch.cat(order), bound[0], bound[1]
+
+
+def sqdist_roundup(x: Tensor) -> float:
+    """The factor that rounds up a squared distance between rows of ``x``'s dtype and width computed as a sum
+    of ``d`` rounded squares (at most ``d + 3`` roundings), with :data:`SLACK` to spare."""
+    u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+    d = x.shape[1]
+    return (1 + SLACK) * (1 + (d + 3) * u) / (1 - (d + 3) * u)
+
+
+def row_sqdists(x: Tensor, targets: list[tuple[Tensor, Tensor]], block_elements: int,
+                gather: tuple[Tensor, Tensor] | None = None) -> None:
+    """Squared distances ``|x - y|^2`` row by row into ``out``, for each ``(y, out)`` of ``targets``, in blocks
+    of about ``block_elements`` values (each block of ``x`` read once for all, while in cache); with ``gather =
+    (codebook, indices)``, each block of the first ``y`` is first gathered as ``codebook[indices]``."""
+    n, d = x.shape
+    ones = torch.ones(d, dtype=x.dtype, device=x.device)
+    u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+    by_product = unit_roundoff(x.dtype, x.is_cuda) == u  # unless products run in reduced precision
+    block = max(1, block_elements // d)
+    buf = torch.empty(min(block, n), d, dtype=x.dtype, device=x.device)
+    for start in range(0, n, block):
+        part = slice(start, min(n, start + block))
+        if gather is not None:
+            torch.index_select(gather[0], 0, gather[1][part], out=targets[0][0][part])
+        diff = buf[: part.stop - part.start]
+        for y, out in targets:
+            torch.sub(x[part], y[part], out=diff)
+            if by_product:  # the squares summed by a product with a vector of ones: the fastest way
+                torch.mv(diff.square_(), ones, out=out[part])
+            else:
+                torch.sum(diff.square_(), dim=1, out=out[part])

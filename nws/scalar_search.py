@@ -95,6 +95,25 @@ def neighbours_1d(codebook: Tensor) -> tuple[Tensor, Tensor]:
     return below, above
 
 
+def keeps_entry_1d(v: Tensor, entry: Tensor, ref: Tensor, around: tuple[Tensor, Tensor, Tensor],
+                   rate: RatePenalty) -> Tensor:
+    """Whether kernels of length 1 at ``v`` provably keep ``entry`` (``a``) under the rate, in float64 as
+    :func:`nearest_1d_rate` compares; ``around``: the pool's values and :func:`neighbours_1d`. Every entry but
+    ``a`` is at least ``L`` away, so every ``k`` outside ``{a, r}`` has ``J(k) >= L^2 + mu * (fewest bits of a
+    change)``; ``J(a)`` must be below that and, off the reference, below ``J(r) = (v - p_r)^2``. Kernels
+    without a reference are not proved here."""
+    values, below, above = around
+    has = ref < rate.num_entries
+    ref = torch.where(has, ref, entry)
+    v = v.double()
+    reach = torch.minimum(v - below.index_select(0, entry), above.index_select(0, entry) - v).clamp_min_(0)
+    cost = (v - values.index_select(0, entry)).square_() + rate.penalty(ref, entry, torch.float64)
+    keep = (v - values.index_select(0, ref)).square_()
+    margin = 1 + 2.0**-40  # far above the rounding of these float64 values
+    ok = cost * margin < (reach.square_() + rate.mu * rate.floor) / margin
+    return ok & has & ((entry == ref) | (cost * margin < keep / margin))
+
+
 def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor,
                     current: Tensor | None = None) -> Tensor | None:
     """Vectors of length 1 with a rate penalty; ``None`` if the pool is not finite. A kernel keeps its
