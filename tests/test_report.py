@@ -206,6 +206,16 @@ def test_pool_usage_counts_distinct_indices(nws_run):
     assert usage["task_fraction"] == pytest.approx([sum(len(u) for u in per) / sum(sizes) for per in used])
     union = sum(len(used[0][i] | used[1][i]) for i in range(len(sizes)))
     assert usage["all_tasks_fraction"] == pytest.approx(union / sum(sizes))
+    # Off the reference: the rebuilt networks' kernels against the source network's searched kernels.
+    source = dict(nws_layers(store.load_source()))
+    for i, name in enumerate(usage["layers"]):
+        for t in range(2):
+            layer = dict(nws_layers(store.model(t)))[name]
+            if layer.num_kernels != source[name].num_kernels:
+                assert usage["off_reference"][i][t] is None
+                continue
+            moved = (layer.search() != source[name].search()).double().mean()
+            assert usage["off_reference"][i][t] == float(moved)
 
 
 def test_write_report_files(nws_run, tmp_path):

@@ -177,15 +177,22 @@ class TaskStore(RunStore):
     def pool_usage(self) -> dict[str, Any]:
         """Per layer and task: the pool utilisation (distinct indices used / pool size), read from the task
         files; per task the fraction of all pool entries (over every layer) it uses, and the same for all tasks
-        together; per layer its number of grouped kernels (the most entries a task can use)."""
+        together; per layer its number of grouped kernels (the most entries a task can use); per layer and task
+        the fraction of its kernels off the reference's entries (``off_reference``; None where the layer has
+        no reference of its length, a classifier resized for the task)."""
         books, _ = self.pools()
         layers = list(books)
         sizes = np.array([books[name].shape[0] for name in layers], dtype=np.float64)
+        ref = self.reference_codes()
         used: list[list[set[int]]] = []
+        off: list[list[float | None]] = []
         tasks, kernels = [], [0] * len(layers)
         for t in self.tasks():
             codes = self.codes(t["index"])
             used.append([set(np.unique(codes[name].numpy()).tolist()) for name in layers])
+            off.append([float((codes[name] != ref[name]).double().mean())
+                        if name in ref and ref[name].shape == codes[name].shape and len(codes[name]) else None
+                        for name in layers])
             kernels = [max(k, len(codes[name])) for k, name in zip(kernels, layers)]
             tasks.append(t["name"])
         counts = np.array([[len(u) for u in per_task] for per_task in used], dtype=np.float64).T  # layers x tasks
@@ -194,7 +201,8 @@ class TaskStore(RunStore):
                 "utilisation": (counts / sizes[:, None]).tolist() if used else [],
                 "task_fraction": (counts.sum(0) / sizes.sum()).tolist() if used else [],
                 "all_tasks_fraction": float(sum(union) / sizes.sum()) if used else 0.0,
-                "layer_union": [u / s for u, s in zip(union, sizes)]}
+                "layer_union": [u / s for u, s in zip(union, sizes)],
+                "off_reference": [list(per_layer) for per_layer in zip(*off)] if used else []}
 
     def build(self, index: int) -> nn.Module:
         codes = self.codes(index)
