@@ -321,8 +321,8 @@ class BoundedSearch:
     def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
         """Vectors of length 1: a kernel strictly inside the cell of its entry (:func:`~nws.scalar_search.cells`)
         keeps it (with a rate: if the entry is also its reference, or it has none; every other entry is then
-        farther and pays at least as much); only the others are searched, by binary search (or windows, with a
-        rate)."""
+        farther and pays at least as much; else if :func:`~nws.scalar_search.keeps_entry_1d` proves it); only
+        the others are searched, by binary search (or windows, with a rate)."""
         if not bool(torch.isfinite(codebook).all()):
             return self._every_time(x, codebook, rate)
         if (self.indices is None or self.indices.shape != (len(x),) or self.codebook is None
@@ -332,8 +332,7 @@ class BoundedSearch:
             return self._every_time(x, codebook, rate)
         if self._cells is None or not torch.equal(self.codebook, codebook):
             self.codebook.copy_(codebook)
-            self._cells = cells(codebook)
-            self._around = (codebook[:, 0].double(), *neighbours_1d(codebook))
+            self._cells, self._around = cells(codebook), None
             torch.index_select(codebook, 0, self.indices, out=self.searched)
         lo, hi = self._cells
         v = x[:, 0]
@@ -345,6 +344,8 @@ class BoundedSearch:
             ok = (ok & (on | (rate.reference == rate.num_entries))) | (on & near)
             left = ok.logical_not().nonzero().squeeze(1)
             if len(left):
+                if self._around is None:  # only a rate needs each entry's sorted neighbours
+                    self._around = (codebook[:, 0].double(), *neighbours_1d(codebook))
                 ok[left] = keeps_entry_1d(v.index_select(0, left), self.indices.index_select(0, left).long(),
                                           rate.reference.index_select(0, left).long(), self._around, rate)
         rows = ok.logical_not_().nonzero().squeeze(1)
