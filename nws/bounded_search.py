@@ -18,7 +18,7 @@ from torch import Tensor
 from nws.exhaustive import (CHUNK_ELEMENTS, ROW_BLOCK, SLACK, entry_neighbours, row_sqdists, scan, search_dtype,
                             sqdist_roundup)
 from nws.rate_penalty import RatePenalty
-from nws.scalar_search import cells, keeps_entry_1d, nearest_1d, nearest_1d_rate, neighbours_1d
+from nws.scalar_search import RateCells, cells, nearest_1d
 from nws.search import nearest
 
 # Rows per block of the per-call bound check: a block of this many floats stays in cache.
@@ -52,9 +52,9 @@ class BoundedSearch:
     prove enough of them). A kernel that fails is measured against its candidates: every
     other entry is at least ``l_out - m - P`` away, so the nearest candidate is the answer if it is nearer
     than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
-    length 1 keep their entry while inside its cell (:func:`~nws.scalar_search.cells`; with a rate, while
-    their objective is provably the least, :func:`~nws.scalar_search.keeps_entry_1d`) and are otherwise searched by binary
-    search (with a rate: a window around them).
+    length 1 keep their entry while inside its cell (:func:`~nws.scalar_search.cells`; with a rate, the
+    interval where their entry's objective is the least, :func:`~nws.scalar_search.rate_cells`) and are
+    otherwise searched by binary search (with a rate: a window around them).
     """
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, candidates: int = CANDIDATES,
@@ -75,7 +75,8 @@ class BoundedSearch:
         self.last_full = 0      # kernels searched in full in the last call
         self.primed: tuple[Tensor, Tensor] | None = None  # (indices, codebook) given by prime()
         self._cells: tuple[Tensor, Tensor] | None = None  # vectors of length 1: each entry's cell (cells)
-        self._around: tuple[Tensor, Tensor, Tensor] | None = None  # and its value and sorted neighbours (float64)
+        self._kernel_cells: tuple[Tensor, Tensor] | None = None  # and each kernel's (cells_of)
+        self._rate_cells: RateCells | None = None  # with a rate: the cells for it (and its search)
         self.sq_total: Tensor | None = None  # sum over kernels of |x - searched|^2 at the last call
         self._gap: Tensor | None = None  # each entry's distance to its nearest other entry (rounded down)
         self._gap_misses = 1.0  # the fraction of kernels the gap did not prove when last measured
@@ -319,10 +320,10 @@ class BoundedSearch:
         return ok.logical_not_().nonzero().squeeze(1)
 
     def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
-        """Vectors of length 1: a kernel strictly inside the cell of its entry (:func:`~nws.scalar_search.cells`)
-        keeps it (with a rate: if the entry is also its reference, or it has none; every other entry is then
-        farther and pays at least as much; else if :func:`~nws.scalar_search.keeps_entry_1d` proves it); only
-        the others are searched, by binary search (or windows, with a rate)."""
+        """Vectors of length 1: each kernel keeps its entry while strictly inside its cell, the interval of
+        values that have it as their answer (:func:`~nws.scalar_search.cells`; with a rate, the kernel's own
+        interval for its entry and reference, :func:`~nws.scalar_search.rate_cells`). Only the kernels outside
+        are searched, by binary search (with a rate: windows), and get the cell of their new entry."""
         if not bool(torch.isfinite(codebook).all()):
             return self._every_time(x, codebook, rate)
         if (self.indices is None or self.indices.shape != (len(x),) or self.codebook is None
@@ -332,34 +333,35 @@ class BoundedSearch:
             return self._every_time(x, codebook, rate)
         if self._cells is None or not torch.equal(self.codebook, codebook):
             self.codebook.copy_(codebook)
-            self._cells, self._around = cells(codebook), None
+            self._cells, self._kernel_cells = cells(codebook), None
             torch.index_select(codebook, 0, self.indices, out=self.searched)
-        lo, hi = self._cells
+        if self._kernel_cells is None or (self._rate_cells is None) != (rate is None) or (
+                rate is not None and self._rate_cells.rate is not rate):
+            self._rate_cells = None if rate is None else RateCells(self.codebook, rate)
+            self._kernel_cells = self._cells_of(self.indices.long(), None)
+        lo, hi = self._kernel_cells
         v = x[:, 0]
-        ok = (v > lo.index_select(0, self.indices)) & (v < hi.index_select(0, self.indices))
-        if rate is not None:
-            # On its reference, a kernel also keeps it while closer to it than every change's least price.
-            on = self.indices == rate.reference
-            near = (v - self.searched[:, 0]).square_() * (1 + SLACK) < rate.mu * rate.floor * (1 - SLACK)
-            ok = (ok & (on | (rate.reference == rate.num_entries))) | (on & near)
-            left = ok.logical_not().nonzero().squeeze(1)
-            if len(left):
-                if self._around is None:  # only a rate needs each entry's sorted neighbours
-                    self._around = (codebook[:, 0].double(), *neighbours_1d(codebook))
-                ok[left] = keeps_entry_1d(v.index_select(0, left), self.indices.index_select(0, left).long(),
-                                          rate.reference.index_select(0, left).long(), self._around, rate)
-        rows = ok.logical_not_().nonzero().squeeze(1)
+        rows = ((v > lo) & (v < hi)).logical_not_().nonzero().squeeze(1)
         if len(rows):
             if rate is None:
                 found = nearest_1d(x[rows], codebook)
             else:
-                found = nearest_1d_rate(x[rows], codebook, rate, rate.reference[rows].long(),
-                                        self.indices[rows].long())
+                found = self._rate_cells.search(x[rows], rate.reference[rows].long(), self.indices[rows].long())
             self.indices[rows] = found.int()
             self.searched[rows] = codebook.index_select(0, found)
+            new_lo, new_hi = self._cells_of(found, rows)
+            lo[rows], hi[rows] = new_lo, new_hi
         self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(rows)
         return self.indices
+
+    def _cells_of(self, entries: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The cells of kernels ``rows`` (None: all) on ``entries``: their entry's, or with a rate their own."""
+        if self._rate_cells is None:
+            lo, hi = self._cells
+            return lo.index_select(0, entries), hi.index_select(0, entries)
+        ref = self._rate_cells.rate.reference
+        return self._rate_cells.of(entries, (ref if rows is None else ref.index_select(0, rows)).long())
 
     def _every_time(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None = None) -> Tensor:
         """A full search every call (vectors of length 1: by binary search; a pool that is not finite: no
@@ -374,7 +376,7 @@ class BoundedSearch:
             self.searched[rows] = codebook[indices[rows]]
         else:
             self.codebook, self.searched = codebook.clone(), codebook[indices]
-        self.indices = indices
+        self.indices, self._kernel_cells = indices, None
         self.sq_total = (x - self.searched).square_().sum()
         self.last_searched = self.last_full = len(x)
         return indices

@@ -14,6 +14,11 @@ from nws.rate_penalty import RatePenalty
 
 # Rate-aware 1-D search: rows whose window of possible winners holds more entries than this are scanned in full.
 WINDOW = 32
+# A kernel's rate-aware cell is measured against this many sorted values on each side of its entry (and its
+# reference); all entries beyond are bounded together.
+CELL_NEIGHBOURS = 16
+# The cells computed ahead for a reference r: those of the entries within this many sorted values of r.
+TABLE_RANKS = 32
 
 
 def nearest_1d(x: Tensor, codebook: Tensor) -> Tensor | None:
@@ -72,46 +77,96 @@ def cells(codebook: Tensor) -> tuple[Tensor, Tensor]:
         hi = torch.cat([mid - gap * 2.0**-20, v[-1:] + gap[-1:] * 2.0**30])
     else:
         lo, hi = -inf, inf
-    # Rounded inwards to the pool's dtype, so that comparisons in it stay strict.
-    lo_c, hi_c = lo.to(values.dtype), hi.to(values.dtype)
-    lo_c = torch.where(lo_c.double() < lo, torch.nextafter(lo_c, inf.to(values.dtype)), lo_c)
-    hi_c = torch.where(hi_c.double() > hi, torch.nextafter(hi_c, -inf.to(values.dtype)), hi_c)
+    lo_c, hi_c = _inwards(lo, values.dtype, 1), _inwards(hi, values.dtype, -1)
     cell_lo = torch.full((k,), float("inf"), dtype=values.dtype, device=values.device)
     cell_hi = torch.full((k,), -float("inf"), dtype=values.dtype, device=values.device)
     cell_lo[first], cell_hi[first] = lo_c, hi_c
     return cell_lo, cell_hi
 
 
-def neighbours_1d(codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """Vectors of length 1: per entry, the values (float64) of the entries next to it in sorted order, below
-    and above (a duplicated value is its own neighbour; ``-inf``/``inf`` at the ends). Every entry other than
-    ``a`` lies at or below ``below[a]`` or at or above ``above[a]``, so from a point ``x`` between them every
-    other entry is at least ``min(x - below[a], above[a] - x)`` away."""
-    ordered, order = torch.sort(codebook[:, 0].double(), stable=True)
-    inf = torch.full((1,), float("inf"), dtype=torch.float64, device=codebook.device)
-    below, above = torch.empty_like(ordered), torch.empty_like(ordered)
-    below[order] = torch.cat([-inf, ordered[:-1]])
-    above[order] = torch.cat([ordered[1:], inf])
-    return below, above
+def rate_cells(codebook: Tensor, entry: Tensor, ref: Tensor, rate: RatePenalty) -> tuple[Tensor, Tensor]:
+    """Vectors of length 1 with a rate penalty: per kernel with entry ``a`` (``entry``) and reference ``r``
+    (``ref``; ``K``: none), bounds ``(lo, hi)`` (in the pool's dtype) such that every ``x`` with ``lo < x < hi``
+    has ``a`` as its :func:`brute_force_nearest` under the rate.
+
+    ``J(k) - J(a) = 2 (p_a - p_k)(x - t_k)`` is linear in ``x``, so that set is the interval between the largest
+    crossing ``t_k`` of an entry below ``p_a`` and the smallest of one above. The crossings are computed for
+    ``r`` and the :data:`CELL_NEIGHBOURS` sorted values on each side of ``p_a``; the entries beyond them lie
+    farther from ``p_a`` than the next value and pay at least the least price of a change, which bounds all
+    their crossings at once. Each crossing is moved inwards by far more than the float64 rounding of the
+    objectives :func:`brute_force_nearest` compares (``2**-40`` of their size over the slope), and the interval
+    is kept within a span of the pool's values beyond its ends. Empty for an entry whose value is duplicated.
+    Computed once per distinct ``(a, r)``, in blocks of rows. The pool must be finite."""
+    values = codebook[:, 0]
+    k = len(values)
+    p = values.double()
+    pairs, inverse = torch.unique(entry.long() * (k + 1) + ref.long(), return_inverse=True)
+    a, r = pairs // (k + 1), pairs % (k + 1)
+    ordered, order = torch.sort(p, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k, device=p.device)
+    span = float(ordered[-1] - ordered[0]) + float(p.abs().max())
+    low, high = float(ordered[0]) - span, float(ordered[-1]) + span
+    # |x| and |p| are at most `size` inside the interval, so every objective compared is at most `most`.
+    size = max(abs(low), abs(high))
+    most = 4 * size**2 + rate.mu * (float(rate.bits.max()) if rate.bits is not None else rate.flat)
+
+    def crossing(pk: Tensor, ck: Tensor, pa: Tensor, ca: Tensor, above: bool) -> Tensor:
+        """``t_k`` moved towards ``p_a`` by the rounding margin; ``inf`` (above) or ``-inf`` (below) where ``k``
+        is not on that side."""
+        dp, dc = pk - pa, ck - ca
+        t = (pk + pa) * 0.5 + dc / (2 * dp)
+        err = 2.0**-40 * ((2 * most + dc.abs()) / dp.abs() + 2 * size)
+        side = dp > 0 if above else dp < 0
+        return torch.where(side, t - err if above else t + err, float("inf") if above else -float("inf"))
+
+    w = CELL_NEIGHBOURS
+    steps = torch.cat([torch.arange(-w, 0, device=p.device), torch.arange(1, w + 1, device=p.device)])
+    lo, hi = torch.empty(len(a), dtype=torch.float64, device=p.device), torch.empty(len(a), dtype=torch.float64,
+                                                                                    device=p.device)
+    block = max(1, CHUNK_ELEMENTS // (2 * w + 1))
+    for start in range(0, len(a), block):
+        ab, rb = a[start : start + block], r[start : start + block]
+        has = rb < k
+        ca = rate.penalty(rb, ab, torch.float64)
+        pa, at = p.index_select(0, ab), rank.index_select(0, ab)
+        pos = at[:, None] + steps
+        near = torch.cat([order.index_select(0, pos.clamp(0, k - 1).view(-1)).view(pos.shape),
+                          torch.where(has, rb, ab)[:, None]], dim=1)
+        valid = torch.cat([(pos >= 0) & (pos < k), (has & (rb != ab))[:, None]], dim=1)
+        pk = p.index_select(0, near.view(-1)).view(near.shape)
+        ck = rate.penalty(rb[:, None].expand_as(near), near, torch.float64)
+        up = crossing(pk, ck, pa[:, None], ca[:, None], True).masked_fill_(~valid, float("inf")).amin(dim=1)
+        down = crossing(pk, ck, pa[:, None], ca[:, None], False).masked_fill_(~valid, -float("inf")).amax(dim=1)
+        # Every entry beyond the window lies at least s_f = |p_f - p_a| from p_a (p_f the window's next value)
+        # and costs at least D = least - c_a more than a: its crossing is at least (above; at most, below)
+        # p_a + h, h = min over s >= s_f of s/2 + D/(2s); the margin is taken at the least slope, s_f.
+        least = torch.where(has, rate.mu * rate.floor, 0.0).double() - ca
+        for above in (True, False):
+            edge = at + (w + 1 if above else -w - 1)
+            beyond = (edge >= 0) & (edge < k)
+            gap = (p.index_select(0, order.index_select(0, edge.clamp(0, k - 1))) - pa).abs()
+            s = torch.where(least > 0, torch.maximum(gap, least.clamp_min(0).sqrt()), gap)
+            h = s / 2 + least / (2 * s) - 2.0**-40 * ((2 * most + least.abs()) / gap + 2 * size)
+            if above:
+                up = torch.where(beyond, torch.minimum(up, pa + h), up)
+            else:
+                down = torch.where(beyond, torch.maximum(down, pa - h), down)
+        hi[start : start + block], lo[start : start + block] = up, down
+    pa = p.index_select(0, a)
+    hi = hi.clamp_max(high)
+    lo = lo.clamp_min(low)
+    hi[torch.isin(pa, ordered[1:][ordered[1:] == ordered[:-1]])] = -float("inf")
+    return _inwards(lo, values.dtype, 1)[inverse], _inwards(hi, values.dtype, -1)[inverse]
 
 
-def keeps_entry_1d(v: Tensor, entry: Tensor, ref: Tensor, around: tuple[Tensor, Tensor, Tensor],
-                   rate: RatePenalty) -> Tensor:
-    """Whether kernels of length 1 at ``v`` provably keep ``entry`` (``a``) under the rate, in float64 as
-    :func:`nearest_1d_rate` compares; ``around``: the pool's values and :func:`neighbours_1d`. Every entry but
-    ``a`` is at least ``L`` away, so every ``k`` outside ``{a, r}`` has ``J(k) >= L^2 + mu * (fewest bits of a
-    change)``; ``J(a)`` must be below that and, off the reference, below ``J(r) = (v - p_r)^2``. Kernels
-    without a reference are not proved here."""
-    values, below, above = around
-    has = ref < rate.num_entries
-    ref = torch.where(has, ref, entry)
-    v = v.double()
-    reach = torch.minimum(v - below.index_select(0, entry), above.index_select(0, entry) - v).clamp_min_(0)
-    cost = (v - values.index_select(0, entry)).square_() + rate.penalty(ref, entry, torch.float64)
-    keep = (v - values.index_select(0, ref)).square_()
-    margin = 1 + 2.0**-40  # far above the rounding of these float64 values
-    ok = cost * margin < (reach.square_() + rate.mu * rate.floor) / margin
-    return ok & has & ((entry == ref) | (cost * margin < keep / margin))
+def _inwards(bound: Tensor, dtype: torch.dtype, side: int) -> Tensor:
+    """float64 bounds rounded to ``dtype`` towards ``side`` (+1: up, -1: down), so comparisons in ``dtype``
+    stay strict."""
+    out = bound.to(dtype)
+    away = out.double() < bound if side > 0 else out.double() > bound
+    step = torch.full_like(out, side * float("inf"))
+    return torch.where(away, torch.nextafter(out, step), out)
 
 
 def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor,
@@ -182,3 +237,56 @@ def nearest_1d_rate(x: Tensor, codebook: Tensor, rate: RatePenalty, ref: Tensor,
             found[free] = nearest_1d(xb[free], codebook)
         out[start : start + ROW_BLOCK] = found
     return out
+
+
+class RateCells:
+    """The rate-aware cells of length-1 kernels for one pool and one rate (:func:`rate_cells`), and the search
+    they allow. The cells of every reference ``r`` with the entries within :data:`TABLE_RANKS` sorted values of
+    it (and of every entry for kernels without a reference) are computed once: a kernel's cell is then a
+    lookup (others are computed when asked), and so is most of its search: for reference ``r`` the cells are
+    disjoint intervals, and the one with the largest lower end below ``x`` is the only one that can hold it,
+    found by two binary searches over the cells' lower ends, ranked once. Rows no cell in the table proves
+    take :func:`nearest_1d_rate`."""
+
+    def __init__(self, codebook: Tensor, rate: RatePenalty):
+        self.codebook, self.rate = codebook, rate
+        k = self.k = len(codebook)
+        device = codebook.device
+        order = torch.sort(codebook[:, 0], stable=True)[1]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(k, device=device)
+        near = rank[:, None] + torch.arange(-TABLE_RANKS, TABLE_RANKS + 1, device=device)
+        ref = torch.arange(k, device=device)[:, None].expand_as(near)[(near >= 0) & (near < k)]
+        entry = order.index_select(0, near[(near >= 0) & (near < k)])
+        ref = torch.cat([ref, torch.full((k,), k, device=device)])
+        entry = torch.cat([entry, torch.arange(k, device=device)])
+        self.pairs, at = torch.sort(ref * k + entry)
+        ref, entry = ref[at], entry[at]
+        self.lo, self.hi = rate_cells(codebook, entry, ref, rate)
+        some = (self.hi > self.lo).nonzero().squeeze(1)
+        self.ends = torch.sort(self.lo[some]).values
+        self.keys, at = torch.sort(ref[some] * (len(self.ends) + 1) + torch.searchsorted(self.ends, self.lo[some]))
+        self.cells = some[at]  # the pair of each key
+        self.entries = entry.index_select(0, self.cells)
+
+    def of(self, entry: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lo, hi)`` of kernels on ``entry`` with references ``ref`` (long)."""
+        pair = ref * self.k + entry
+        at = torch.searchsorted(self.pairs, pair).clamp_(max=len(self.pairs) - 1)
+        lo, hi = self.lo.index_select(0, at), self.hi.index_select(0, at)
+        rows = (self.pairs.index_select(0, at) != pair).nonzero().squeeze(1)
+        if len(rows):
+            lo[rows], hi[rows] = rate_cells(self.codebook, entry[rows], ref[rows], self.rate)
+        return lo, hi
+
+    def search(self, x: Tensor, ref: Tensor, current: Tensor) -> Tensor:
+        """:func:`nearest_1d_rate` of rows ``x`` with references ``ref`` and current entries ``current``."""
+        v, m = x[:, 0], len(self.ends) + 1
+        pos = torch.searchsorted(self.keys, ref * m + torch.searchsorted(self.ends, v)).sub_(1).clamp_(min=0)
+        found, cell = self.entries.index_select(0, pos), self.cells.index_select(0, pos)
+        ok = (self.keys.index_select(0, pos).div_(m, rounding_mode="floor") == ref)
+        ok &= (v > self.lo.index_select(0, cell)) & (v < self.hi.index_select(0, cell))
+        rows = ok.logical_not_().nonzero().squeeze(1)
+        if len(rows):
+            found[rows] = nearest_1d_rate(x[rows], self.codebook, self.rate, ref[rows], current[rows])
+        return found

@@ -673,11 +673,15 @@ def test_efficiency_rate_kernels_searched_per_step(one_thread: None) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, one_thread: None) -> None:
+@pytest.mark.parametrize("ranks", [0, 32])
+def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, ranks: int, one_thread: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-1 kernels (1x1 convs, the classifier) are proved by their entry's cell and searched only when
     they leave it: equal to brute force (and with a rate to the oracle) over moving steps with duplicated
     values, exact midpoints, kernels far beyond the outermost values (where float64 rounding ties them), a
-    moving pool and a decoded start."""
+    moving pool and a decoded start; with a rate, whether the cells computed ahead cover every entry or only
+    each reference's own (the others computed when needed)."""
+    monkeypatch.setattr(nws.scalar_search, "TABLE_RANKS", ranks)
     g = _gen(16)
     n, k = 2000, 48
     codebook = _dyadic((k, 1), g, span=12, denom=4).to(dtype)
@@ -750,6 +754,85 @@ def test_rate_one_dimensional_kernels_off_their_reference_are_proved(one_thread:
         assert torch.equal(got.long(), entry)
         if step:
             assert search.last_searched == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("neighbours", [1, 8])
+def test_rate_cells_hold_to_their_ends_and_no_further(dtype: torch.dtype, flat: bool, neighbours: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`~nws.scalar_search.rate_cells`: every value inside a kernel's interval, up to the values next to
+    its ends, has the kernel's entry as the oracle's answer, whether its neighbours bound the entries beyond them
+    at the first value out or further; and with enough neighbours the interval is all of it but for margins:
+    kernels put at random values, on their answers, lie inside theirs (but for duplicated entries, empty), and a
+    value a thousandth of the interval beyond an end that is not the outer limit has another answer."""
+    monkeypatch.setattr(nws.scalar_search, "CELL_NEIGHBOURS", neighbours)
+    g = _gen(1003)
+    k, n = 64, 3000
+    codebook = (torch.rand(k, 1, generator=g) * 4 - 2).to(dtype)
+    codebook[60:] = codebook[:4]  # duplicated values
+    ref = _references(n, k, g)
+    rate = (RatePenalty(ref, None, 0.01, k, flat=2.5) if flat
+            else RatePenalty(ref, _bits_table(k, g), 0.002, k))
+    x = (torch.rand(n, 1, generator=g) * 5 - 2.5).to(dtype)
+    answer = _rate_oracle(x, codebook, rate)
+    entry = torch.where(torch.rand(n, generator=g) < 0.5, answer, torch.randint(k, (n,), generator=g))
+    lo, hi = nws.scalar_search.rate_cells(codebook, entry, ref, rate)
+    assert lo.dtype == hi.dtype == dtype
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    some = hi > lo
+    for point in (torch.nextafter(lo, inf), torch.nextafter(hi, -inf), (lo + hi) / 2):
+        at = torch.where(some, point, x[:, 0])[:, None]
+        got = _rate_oracle(at, codebook, rate)
+        assert torch.equal(got[some], entry[some])
+    assert some.sum() > n / 3
+    if neighbours < 8:
+        return
+    repeated = (codebook[:, 0][:, None] == codebook[:, 0][None, :]).sum(1) > 1
+    inside = (x[:, 0] > lo) & (x[:, 0] < hi)
+    mine = (entry == answer) & ~repeated[entry]
+    assert inside[mine].all() and not inside[repeated[entry]].any()
+    assert not inside[entry != answer].any()
+    width = (hi - lo).double()
+    for end, sign in ((lo, -1), (hi, 1)):
+        outer = end.double().abs() >= float(codebook.abs().max()) * 2  # the limit beyond the pool's values
+        beyond = (end.double() + sign * width / 1000).to(dtype)[:, None]
+        moved = _rate_oracle(beyond, codebook, rate) != entry
+        assert moved[some & ~outer].all()
+
+
+@pytest.mark.parametrize("ranks", [0, 3, 64])
+def test_rate_cells_search_equals_the_oracle(ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:class:`~nws.scalar_search.RateCells`: its search equals the oracle and its cells equal
+    :func:`~nws.scalar_search.rate_cells`, whether the cells computed ahead cover the answers (within
+    ``TABLE_RANKS`` sorted values of the reference) or not (then :func:`~nws.scalar_search.nearest_1d_rate`
+    answers); covering every entry, no row needs it but those no cell proves (duplicated values)."""
+    monkeypatch.setattr(nws.scalar_search, "TABLE_RANKS", ranks)
+    g = _gen(1004)
+    k, n = 48, 4000
+    codebook = torch.rand(k, 1, generator=g) * 4 - 2
+    codebook[44:] = codebook[:4]
+    ref = _references(n, k, g)
+    rate = RatePenalty(ref, _bits_table(k, g), 0.002, k)
+    x = torch.rand(n, 1, generator=g) * 5 - 2.5
+    current = torch.randint(k, (n,), generator=g)
+    answer = _rate_oracle(x, codebook, rate)
+    asked = []
+    window = nws.scalar_search.nearest_1d_rate
+    monkeypatch.setattr(nws.scalar_search, "nearest_1d_rate", lambda rows, *a, **kw: asked.append(len(rows)) or
+                        window(rows, *a, **kw))
+    table = nws.scalar_search.RateCells(codebook, rate)
+    assert torch.equal(table.search(x, ref, current), answer)
+    for entry in (answer, current):
+        lo, hi = table.of(entry, ref)
+        want = nws.scalar_search.rate_cells(codebook, entry, ref, rate)
+        assert torch.equal(lo, want[0]) and torch.equal(hi, want[1])
+    lo, hi = table.of(answer, ref)
+    unproved = int(((x[:, 0] <= lo) | (x[:, 0] >= hi)).sum())
+    if ranks >= k:
+        assert sum(asked) == unproved
+    else:
+        assert sum(asked) > unproved
 
 
 @pytest.mark.parametrize("current", ["answer", "random", "reference"])
