@@ -322,8 +322,10 @@ class BoundedSearch:
     def _one_dim(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None) -> Tensor:
         """Vectors of length 1: each kernel keeps its entry while strictly inside its cell, the interval of
         values that have it as their answer (:func:`~nws.scalar_search.cells`; with a rate, the kernel's own
-        interval for its entry and reference, :func:`~nws.scalar_search.rate_cells`). Only the kernels outside
-        are searched, by binary search (with a rate: windows), and get the cell of their new entry."""
+        for its entry and reference, :func:`~nws.scalar_search.rate_cells`, as computed ahead by
+        :class:`~nws.scalar_search.RateCells`; none for an entry far from the reference). Only the kernels
+        outside are searched, by binary search (with a rate: the cells, then windows), and take the cell of
+        their new entry."""
         if not bool(torch.isfinite(codebook).all()):
             return self._every_time(x, codebook, rate)
         if (self.indices is None or self.indices.shape != (len(x),) or self.codebook is None

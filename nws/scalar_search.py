@@ -243,10 +243,9 @@ class RateCells:
     """The rate-aware cells of length-1 kernels for one pool and one rate (:func:`rate_cells`), and the search
     they allow. The cells of every reference ``r`` with the entries within :data:`TABLE_RANKS` sorted values of
     it (and of every entry for kernels without a reference) are computed once: a kernel's cell is then a
-    lookup (others are computed when asked), and so is most of its search: for reference ``r`` the cells are
-    disjoint intervals, and the one with the largest lower end below ``x`` is the only one that can hold it,
-    found by two binary searches over the cells' lower ends, ranked once. Rows no cell in the table proves
-    take :func:`nearest_1d_rate`."""
+    lookup, and so is most of its search: for reference ``r`` the cells are disjoint intervals, and the one
+    with the largest lower end below ``x`` is the only one that can hold it, found by two binary searches over
+    the cells' lower ends, ranked once. Rows no cell in the table proves take :func:`nearest_1d_rate`."""
 
     def __init__(self, codebook: Tensor, rate: RatePenalty):
         self.codebook, self.rate = codebook, rate
@@ -270,14 +269,14 @@ class RateCells:
         self.entries = entry.index_select(0, self.cells)
 
     def of(self, entry: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
-        """``(lo, hi)`` of kernels on ``entry`` with references ``ref`` (long)."""
+        """``(lo, hi)`` of kernels on ``entry`` with references ``ref`` (long); empty (``lo > hi``) for pairs
+        outside the table: such a kernel is searched at every call, as it would likely be anyway (it sits far
+        from its reference, where the pool is dense enough to have been searched into)."""
         pair = ref * self.k + entry
         at = torch.searchsorted(self.pairs, pair).clamp_(max=len(self.pairs) - 1)
-        lo, hi = self.lo.index_select(0, at), self.hi.index_select(0, at)
-        rows = (self.pairs.index_select(0, at) != pair).nonzero().squeeze(1)
-        if len(rows):
-            lo[rows], hi[rows] = rate_cells(self.codebook, entry[rows], ref[rows], self.rate)
-        return lo, hi
+        known = self.pairs.index_select(0, at) == pair
+        lo = torch.where(known, self.lo.index_select(0, at), float("inf"))
+        return lo, torch.where(known, self.hi.index_select(0, at), -float("inf"))
 
     def search(self, x: Tensor, ref: Tensor, current: Tensor) -> Tensor:
         """:func:`nearest_1d_rate` of rows ``x`` with references ``ref`` and current entries ``current``."""

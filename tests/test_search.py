@@ -803,10 +803,11 @@ def test_rate_cells_hold_to_their_ends_and_no_further(dtype: torch.dtype, flat: 
 
 @pytest.mark.parametrize("ranks", [0, 3, 64])
 def test_rate_cells_search_equals_the_oracle(ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """:class:`~nws.scalar_search.RateCells`: its search equals the oracle and its cells equal
-    :func:`~nws.scalar_search.rate_cells`, whether the cells computed ahead cover the answers (within
-    ``TABLE_RANKS`` sorted values of the reference) or not (then :func:`~nws.scalar_search.nearest_1d_rate`
-    answers); covering every entry, no row needs it but those no cell proves (duplicated values)."""
+    """:class:`~nws.scalar_search.RateCells`: its search equals the oracle, whether the cells computed ahead
+    cover the answers (within ``TABLE_RANKS`` sorted values of the reference) or not (then
+    :func:`~nws.scalar_search.nearest_1d_rate` answers); covering every entry, no row needs it but those no cell
+    proves (duplicated values). Its cells are :func:`~nws.scalar_search.rate_cells`' where computed ahead,
+    empty elsewhere."""
     monkeypatch.setattr(nws.scalar_search, "TABLE_RANKS", ranks)
     g = _gen(1004)
     k, n = 48, 4000
@@ -823,11 +824,16 @@ def test_rate_cells_search_equals_the_oracle(ranks: int, monkeypatch: pytest.Mon
                         window(rows, *a, **kw))
     table = nws.scalar_search.RateCells(codebook, rate)
     assert torch.equal(table.search(x, ref, current), answer)
+    order = torch.sort(codebook[:, 0], stable=True)[1]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k)
     for entry in (answer, current):
         lo, hi = table.of(entry, ref)
         want = nws.scalar_search.rate_cells(codebook, entry, ref, rate)
-        assert torch.equal(lo, want[0]) and torch.equal(hi, want[1])
-    lo, hi = table.of(answer, ref)
+        ahead = (ref == k) | ((rank[entry] - rank[ref.clamp(max=k - 1)]).abs() <= ranks)
+        assert torch.equal(lo[ahead], want[0][ahead]) and torch.equal(hi[ahead], want[1][ahead])
+        assert (lo[~ahead] > hi[~ahead]).all()
+    lo, hi = nws.scalar_search.rate_cells(codebook, answer, ref, rate)
     unproved = int(((x[:, 0] <= lo) | (x[:, 0] >= hi)).sum())
     if ranks >= k:
         assert sum(asked) == unproved
