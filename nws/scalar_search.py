@@ -122,8 +122,8 @@ def rate_cells(codebook: Tensor, entry: Tensor, ref: Tensor, rate: RatePenalty) 
 
     w = CELL_NEIGHBOURS
     steps = torch.cat([torch.arange(-w, 0, device=p.device), torch.arange(1, w + 1, device=p.device)])
-    lo, hi = torch.empty(len(a), dtype=torch.float64, device=p.device), torch.empty(len(a), dtype=torch.float64,
-                                                                                    device=p.device)
+    lo = torch.empty(len(a), dtype=torch.float64, device=p.device)
+    hi = torch.empty_like(lo)
     block = max(1, CHUNK_ELEMENTS // (2 * w + 1))
     for start in range(0, len(a), block):
         ab, rb = a[start : start + block], r[start : start + block]
@@ -153,10 +153,10 @@ def rate_cells(codebook: Tensor, entry: Tensor, ref: Tensor, rate: RatePenalty) 
             else:
                 down = torch.where(beyond, torch.maximum(down, pa - h), down)
         hi[start : start + block], lo[start : start + block] = up, down
-    pa = p.index_select(0, a)
     hi = hi.clamp_max(high)
     lo = lo.clamp_min(low)
-    hi[torch.isin(pa, ordered[1:][ordered[1:] == ordered[:-1]])] = -float("inf")
+    repeated = torch.isin(p, ordered[1:][ordered[1:] == ordered[:-1]])  # per entry: its value is duplicated
+    hi[repeated.index_select(0, a)] = -float("inf")
     return _inwards(lo, values.dtype, 1)[inverse], _inwards(hi, values.dtype, -1)[inverse]
 
 
@@ -270,8 +270,7 @@ class RateCells:
 
     def of(self, entry: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
         """``(lo, hi)`` of kernels on ``entry`` with references ``ref`` (long); empty (``lo > hi``) for pairs
-        outside the table: such a kernel is searched at every call, as it would likely be anyway (it sits far
-        from its reference, where the pool is dense enough to have been searched into)."""
+        not computed ahead, whose kernels are then searched at every call."""
         pair = ref * self.k + entry
         at = torch.searchsorted(self.pairs, pair).clamp_(max=len(self.pairs) - 1)
         known = self.pairs.index_select(0, at) == pair
