@@ -10,7 +10,7 @@ written atomically, epoch checkpoints are complete files), and ``--resume`` cont
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _stages: list[str] = []
@@ -36,13 +36,30 @@ def current_stage() -> str | None:
 
 
 @contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Mark ``name`` (``pretrain``, ``task_003``, ...) as the stage an interrupt stops."""
+def stage(name: str) -> Iterator[Callable[[], None]]:
+    """Mark ``name`` (``pretrain``, ``task_003``, ...) as the stage an interrupt stops.
+
+    The block may call the ``complete`` it is given just before the write that finishes the stage (listing a
+    task): a signal from then on waits until the block has ended and is raised naming the stage around it, so
+    the line printed always agrees with what was stored (a stage named is not stored; resume redoes it)."""
     _stages.append(name)
+    completing = False
+
+    def complete() -> None:
+        nonlocal completing
+        completing = True
+        hold()
+
     try:
-        yield
+        yield complete
+    except BaseException:
+        if completing:
+            release(raise_held=False)
+        raise
     finally:
         _stages.pop()
+    if completing:
+        release()
 
 
 def hold() -> None:

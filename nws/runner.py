@@ -30,6 +30,7 @@ from nws.config_parser import stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
 from nws.devices import barrier, eval_device, is_global_zero, use_threads
 from nws.engine import seed_everything, task_seed
+from nws import interrupts
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
 from nws.metrics import float32_bytes
@@ -176,27 +177,29 @@ class Runner:
 
     def _learn(self, store: RunStore, index: int) -> None:
         """Learn task ``index``, store it, rebuild it from storage alone and record its accuracy from there."""
-        task = self.ctx.benchmark.tasks[index]
-        seed_everything(task_seed(self.config.seed, index))
-        wall, cpu = time.perf_counter(), time.process_time()
-        model = self.method.finish(self.method.learn(index), index)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        acc = self.ctx.evaluate(model, task.test)
-        saved = self.method.save(store, index, model)
-        entry = {"index": index, "name": task.name, "classes": list(task.classes), **saved.record,
-                 "acc_after_training": acc, "float32_model": float32_bytes(model),
-                 "train_seconds": round(wall, 3), "train_cpu_seconds": round(cpu, 3)}
-        preparation = task.input_preparation()
-        if preparation is not None:
-            entry["preparation"] = preparation.to_json()
-        skipped = sum(n for stage, n in self.ctx.skipped_steps.items() if stage.startswith(f"task_{index:03d}"))
-        if skipped:
-            entry["skipped_steps"] = skipped
-        store.add_task(entry, saved.files)
+        task, name = self.ctx.benchmark.tasks[index], f"task_{index:03d}"
+        with interrupts.stage(name) as complete:  # until listed, an interrupt stops this task (not the run)
+            seed_everything(task_seed(self.config.seed, index))
+            wall, cpu = time.perf_counter(), time.process_time()
+            model = self.method.finish(self.method.learn(index), index)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            acc = self.ctx.evaluate(model, task.test)
+            saved = self.method.save(store, index, model)
+            entry = {"index": index, "name": task.name, "classes": list(task.classes), **saved.record,
+                     "acc_after_training": acc, "float32_model": float32_bytes(model),
+                     "train_seconds": round(wall, 3), "train_cpu_seconds": round(cpu, 3)}
+            preparation = task.input_preparation()
+            if preparation is not None:
+                entry["preparation"] = preparation.to_json()
+            skipped = sum(n for stage, n in self.ctx.skipped_steps.items() if stage.startswith(name))
+            if skipped:
+                entry["skipped_steps"] = skipped
+            complete()
+            store.add_task(entry, saved.files)
         store.keep_only(self._needed(store))  # e.g. the network the new one supersedes
         store.record_memory(index)
         self._record_from_storage(store, index)
-        self.ctx.drop_checkpoints(f"task_{index:03d}")
+        self.ctx.drop_checkpoints(name)
 
     def _record_from_storage(self, store: RunStore, index: int) -> None:
         """Task ``index`` (the last listed) rebuilt from storage and evaluated, and every earlier task as storage

@@ -107,6 +107,72 @@ def test_a_signal_while_held_is_raised_on_release_naming_the_stage():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_signal_while_a_stage_completes_is_raised_after_it_naming_the_stage_around():
+    """A stage's completing write (listing a task) is the stage's last step: a signal during it names what
+    follows; one before it names the stage; an error during it goes first and drops the held signal."""
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupts.handle_signals((signal.SIGTERM,))
+    try:
+        with pytest.raises(interrupts.Interrupted) as stopped:
+            with interrupts.stage("task_001") as complete:
+                complete()
+                os.kill(os.getpid(), signal.SIGTERM)
+                written = True
+        assert written and stopped.value.stage is None
+        with pytest.raises(OSError):
+            with interrupts.stage("task_001") as complete:
+                complete()
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise OSError("disk full")
+        with pytest.raises(interrupts.Interrupted) as stopped:
+            with interrupts.stage("task_001"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.stage == "task_001" and interrupts.current_stage() is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("when, where", [("coded", "task_001"), ("listed", "the run")])
+def test_the_line_names_the_task_until_the_run_lists_it(tmp_path, capsys, monkeypatch, when, where):
+    """The window between a task's training and its listing (evaluation, coding, writing its file): SIGTERM once
+    task 1 is coded, not yet listed, names task 1; SIGTERM just after the manifest lists it (before the runner
+    goes on) names the run. The manifest agrees with the line, and the resume command finishes the run."""
+    import torch
+
+    from nws.cli import main
+    from nws.methods.nws import NWS
+    from nws.store import RunStore
+
+    def signal_after(function, point, index_of):
+        def signalled(self, *args):
+            done = function(self, *args)
+            if when == point and index_of(*args) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return done
+        return signalled
+
+    monkeypatch.setattr(NWS, "save", signal_after(NWS.save, "coded", lambda store, index, model: index))
+    monkeypatch.setattr(RunStore, "add_task", signal_after(RunStore.add_task, "listed",
+                                                           lambda entry, files: entry["index"]))
+    threads, handlers = torch.get_num_threads(), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    args = ["demo", "--out", str(out), *TINY, "--task.epochs", "1", "--trainer.logger", "none"]
+    try:
+        assert main(args) == 143
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"nws: stopped by SIGTERM during {where};") and "\n" not in line
+        listed = [t["index"] for t in json.loads((out / MANIFEST).read_text())["tasks"]]
+        assert listed == ([0, 1] if where == "the run" else [0])
+        monkeypatch.undo()
+        assert main(shlex.split(line.split("Resume with: ", 1)[1])[1:]) == 0
+        assert [t["index"] for t in json.loads((out / MANIFEST).read_text())["tasks"]] == [0, 1]
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers):
+            signal.signal(signum, handler)
+
+
 def test_the_same_command_on_a_finished_run_shows_its_results(tmp_path, uninterrupted):
     files, manifest = run_files(uninterrupted), (uninterrupted / MANIFEST).read_bytes()
     again = nws("demo", "--out", str(uninterrupted), *TINY, "--task.epochs", str(EPOCHS), stdout=subprocess.PIPE,
