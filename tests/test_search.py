@@ -537,6 +537,21 @@ def test_bounded_search_rate_proves_kernels_on_their_reference(one_thread: None)
     assert plain.last_searched == n and rated.last_searched == 0
 
 
+def test_bounded_search_rate_kernel_that_left_its_reference_is_checked_against_it(one_thread: None) -> None:
+    """A kernel moved off its reference ``r`` (to ``a``, one unit away) by an earlier call, now 0.1 back
+    towards ``r``: no other entry is within the bounds, but ``J(r) = 0.81 < J(a) = 0.01 + 0.9``, so the pass
+    must measure ``r`` for it (it knows which kernels are off their reference however they got there)."""
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [20.0, 0.0], [0.0, 20.0], [-20.0, 0.0], [0.0, -20.0]])
+    n = 8
+    rate = RatePenalty(torch.zeros(n, dtype=torch.long), None, 0.9, len(codebook), flat=1.0)
+    search = BoundedSearch()
+    for place, answer in ((0.0, 0), (1.0, 1), (0.9, 0)):
+        w = torch.zeros(n, 2)
+        w[: n // 2, 0] = place  # half the kernels take the walk, the rest stay on their reference
+        assert torch.equal(_rate_oracle(w, codebook, rate)[: n // 2], torch.full((n // 2,), answer))
+        assert torch.equal(search(w, codebook, rate).long(), _rate_oracle(w, codebook, rate))
+
+
 @pytest.mark.parametrize("row_block", [ROW_BLOCK, 7])
 def test_bounded_search_rate_moving_pool(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels and entries moving every step (EMA), whole-pool jumps, snaps and jumps of kernels, with a rate
