@@ -36,12 +36,15 @@ import sys
 import time
 from pathlib import Path
 
+# nws first, as a run imports it: its OpenMP setting (GOMP_SPINCOUNT, nws/__init__.py) holds only if set
+# before torch loads libgomp, and the threads' wait policy is part of what a step costs.
+import nws  # noqa: I001
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import nws
 from nws.bounded_search import BoundedSearch
 from nws.models import create_model
 from nws.search import nearest
