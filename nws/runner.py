@@ -25,12 +25,12 @@ from typing import Any
 
 from torch import nn
 
+from nws import interrupts
 from nws.config import ConfigError, RunConfig
 from nws.config_parser import stored_config, validate
 from nws.data import Benchmark, benchmark_from_config
 from nws.devices import barrier, eval_device, is_global_zero, use_threads
 from nws.engine import seed_everything, task_seed
-from nws import interrupts
 from nws.errors import StoreError
 from nws.methods import Context, Method, method_class
 from nws.metrics import float32_bytes
