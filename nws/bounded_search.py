@@ -4,8 +4,8 @@ of them still hold with triangle-inequality bounds (Hamerly's k-means), searchin
 bounds fail. The entries' movement is accumulated and taken off the bounds, as Hamerly's k-means does for
 moving centres; while the pool stays put, a kernel within half the gap from its entry to the entry's nearest
 other entry keeps it without looking at where it was (Elkan's test). It always equals
-:func:`~nws.exhaustive.brute_force_nearest`, with or without a :class:`~nws.rate_penalty.RatePenalty`: its
-bounds are on *distances* only, valid whatever the penalty.
+:func:`~nws.exhaustive.brute_force_nearest`, with or without a :class:`~nws.rate_penalty.RatePenalty` (with
+one, its bounds are on the entries' objective roots, :mod:`nws.rate_bounds`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor
 
-from nws.exhaustive import (CHUNK_ELEMENTS, ROW_BLOCK, SLACK, entry_neighbours, row_sqdists, scan, search_dtype,
-                            sqdist_roundup)
+from nws.exhaustive import (CHUNK_ELEMENTS, ROW_BLOCK, SLACK, brute_force_nearest, entry_neighbours, row_sqdists,
+                            scan, search_dtype, sqdist_roundup)
+from nws.rate_bounds import gap_limits, lifted, proof
 from nws.rate_penalty import RatePenalty
 from nws.scalar_search import RateCells, cells, nearest_1d
 from nws.search import nearest
@@ -30,6 +31,9 @@ CANDIDATES = 4
 # at every GAP_PROBE-th call (the first included), which combines both bounds and measures the fraction again.
 GAP_MISSES = 1 / 16
 GAP_PROBE = 16
+# Length-1 kernels that left their cells are compared with every entry, by the definition, while they and the
+# entries make at most this many pairs (a handful of operations, where the searches take dozens).
+FEW = 1 << 18
 
 
 def _distance(x: Tensor, y: Tensor) -> Tensor:
@@ -54,7 +58,7 @@ class BoundedSearch:
     than that. Only kernels that fail both get a full search, which finds their new candidates. Vectors of
     length 1 keep their entry while inside its cell (:func:`~nws.scalar_search.cells`; with a rate, the
     interval where their entry's objective is the least, :func:`~nws.scalar_search.rate_cells`) and are
-    otherwise searched by binary search (with a rate: a window around them).
+    otherwise searched by binary search (with a rate: a window around them), or if few, against every entry.
     """
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, candidates: int = CANDIDATES,
@@ -79,8 +83,10 @@ class BoundedSearch:
         self._rate_cells: RateCells | None = None  # with a rate: the cells for it (and its search)
         self.sq_total: Tensor | None = None  # sum over kernels of |x - searched|^2 at the last call
         self._gap: Tensor | None = None  # each entry's distance to its nearest other entry (rounded down)
+        self._limit: tuple[Tensor, RatePenalty | None] | None = None  # per kernel, what the gap proves (_limits)
         self._gap_misses = 1.0  # the fraction of kernels the gap did not prove when last measured
         self._calls = 0
+        self._bound_rate: RatePenalty | None = None  # the rate whose objective roots the bounds are on
 
     def _store(self, rows: Tensor | None, x: Tensor, found: Tensor, lower: Tensor, rest: Tensor,
                cand: Tensor | None = None) -> None:
@@ -113,6 +119,7 @@ class BoundedSearch:
 
     def _full(self, x: Tensor, codebook: Tensor, rate: RatePenalty | None = None) -> Tensor:
         self._setup(x, codebook)
+        self._bound_rate = rate
         ref = None if rate is None else rate.reference.long()
         indices, lower, cand, rest = scan(x, codebook, self.chunk_elements, self.candidates, rate, ref)
         self._store(None, x, indices, lower, rest, cand)
@@ -127,7 +134,7 @@ class BoundedSearch:
         self.primed = (indices.detach().clone(), codebook.detach().clone())
 
     @torch.no_grad()
-    def _prime(self, indices: Tensor, codebook: Tensor) -> None:
+    def _prime(self, indices: Tensor, codebook: Tensor, rate: RatePenalty | None) -> None:
         found = indices.to(codebook.device, torch.long)
         entries = codebook[found]
         self._setup(entries, codebook)
@@ -136,7 +143,15 @@ class BoundedSearch:
             return
         nbr, gap, outside = entry_neighbours(codebook, min(self.candidates, codebook.shape[0]), self.chunk_elements)
         self._store(None, entries, found, gap[found], outside[found], nbr[found])
-        self._gap, self._gap_misses = gap, 0.0
+        self._gap, self._gap_misses, self._limit = gap, 0.0, None
+        if rate is not None:
+            self._lift(rate)
+
+    def _lift(self, rate: RatePenalty) -> None:
+        """The distance bounds kept as bounds on the objective roots of ``rate`` (:func:`~nws.rate_bounds.lifted`)."""
+        for bound in (self.lower, self.rest):
+            bound.copy_(lifted(self._penalty(bound), rate.reference.long(), rate).add_(self.drift))
+        self._bound_rate = rate
 
     def _account_drift(self, codebook: Tensor) -> bool | None:
         """Account for the pool's movement since the last call: True if it moved, False if not, None if the
@@ -149,7 +164,7 @@ class BoundedSearch:
             return None
         self.drift += step
         self.codebook.copy_(codebook)
-        self._gap = None
+        self._gap = self._limit = None
         # Rebase the drift once it is of the order of the pool's scale, so it never swamps the bounds' precision.
         if self.drift > float(torch.linalg.vector_norm(codebook, dim=1).mean()):
             for bound in (self.lower, self.rest):
@@ -168,6 +183,21 @@ class BoundedSearch:
             self._gap = entry_neighbours(self.codebook, 1, self.chunk_elements)[1]
         return self._gap
 
+    def _limits(self, rows: Tensor | None, rate: RatePenalty | None) -> Tensor:
+        """Per kernel of ``rows`` (None: all, kept while the pool stays put and the rate is the same), the
+        squared distance to its entry below which the gap alone proves it (:func:`~nws.rate_bounds.gap_limits`;
+        also without a rate): one comparison where the proof takes a dozen operations."""
+        if rows is None and self._limit is not None and self._limit[1] is rate:
+            return self._limit[0]
+        indices = (self.indices if rows is None else self.indices.index_select(0, rows)).long()
+        ref = None if rate is None else (rate.reference if rows is None else rate.reference.index_select(0, rows)).long()
+        limit = gap_limits(self._gaps().index_select(0, indices), indices, rate, ref, self.searched)
+        if rows is None:
+            self._limit = (limit, rate)
+        elif self._limit is not None and self._limit[1] is rate:
+            self._limit[0].index_copy_(0, rows, limit)
+        return limit
+
     def _pass(self, x: Tensor, pool_moved: bool, rate: RatePenalty | None = None) -> Tensor:
         """The pass over all kernels, in cache-sized blocks (entries gathered again on the way if the pool
         moved): ``|x - p_a|`` for every kernel (its square is the commitment). Returns the rows whose entry it
@@ -177,8 +207,8 @@ class BoundedSearch:
         to its nearest other entry, ``L = G_a - |x - p_a|`` (exact for the pool as it is, so only while the pool
         stays put: a task's frozen pools); and the anchored ``L = l - m - P``, which needs ``m``: gathered for
         the few kernels the gap does not prove, or measured for all in the same pass while it proves fewer
-        (:data:`GAP_MISSES`). Without a rate a kernel keeps ``a`` if ``|x - p_a| < L``; with one,
-        :meth:`_rate_ok` decides."""
+        (:data:`GAP_MISSES`; those the gap proves take one comparison each, :meth:`_limits`). Without a rate a
+        kernel keeps ``a`` if ``|x - p_a| < L``; with one, :func:`~nws.rate_bounds.proof` decides."""
         n, d = x.shape
         self._calls += 1
         gap = not pool_moved and (self._gap_misses <= GAP_MISSES or self._calls % GAP_PROBE == 1)
@@ -187,33 +217,33 @@ class BoundedSearch:
         targets = [(self.searched, dist)] + ([] if moved is None else [(self.anchor, moved)])
         row_sqdists(x, targets, self.check_elements, (self.codebook, self.indices) if pool_moved else None)
         self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
+        if gap and moved is None:
+            # Most kernels sit well inside their entry's gap: prove them by it (one comparison each), measure m
+            # for the rest only and give them the whole proof.
+            rows = (dist < self._limits(None, rate)).logical_not_().nonzero().squeeze(1)
+            self._gap_misses, self._moved = len(rows) / max(n, 1), None
+            if not len(rows):
+                return rows
+            near = dist.index_select(0, rows).mul_(sqdist_roundup(x))
+            radius = near.sqrt() * (1 + SLACK)
+            by_gap = self._gaps().index_select(0, self.indices.index_select(0, rows)).mul_(1 - SLACK)
+            moved = self._anchor_distances(x, rows)
+            self._moved = torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, moved)
+            ok = self._proof(x, rows, near, radius, by_gap.sub_(radius).mul_(1 - SLACK), self._anchored(moved, rows),
+                             rate)
+            return rows[ok.logical_not_()]
         near = dist.mul_(sqdist_roundup(x))  # upper bounds on |x - p_a|^2
         radius = near.sqrt() * (1 + SLACK)
-        by_gap = None
+        by_gap, self._moved = None, moved.mul_(sqdist_roundup(x)).sqrt_()
         if gap:
             by_gap = self._gaps().index_select(0, self.indices).mul_(1 - SLACK).sub_(radius).mul_(1 - SLACK)
-            if moved is None:
-                # Most kernels sit well inside their entry's gap: prove them by it, measure m for the rest only.
-                rows = self._proof(x, None, near, radius, by_gap, rate).logical_not_().nonzero().squeeze(1)
-                self._gap_misses = len(rows) / max(n, 1)
-                self._moved = None
-                if not len(rows):
-                    return rows
-                moved = self._anchor_distances(x, rows)
-                reach = self._anchored(moved, rows).maximum(by_gap.index_select(0, rows))
-                self._moved = torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, moved)
-                ok = self._proof(x, rows, near.index_select(0, rows), radius.index_select(0, rows), reach, rate)
-                return rows[ok.logical_not_()]
-        self._moved = moved.mul_(sqdist_roundup(x)).sqrt_()
-        reach = self._anchored(self._moved, None)
-        if by_gap is not None:
             self._gap_misses = float((radius >= by_gap).sum()) / max(n, 1)
-            reach = reach.maximum(by_gap)
-        return self._proof(x, None, near, radius, reach, rate).logical_not_().nonzero().squeeze(1)
+        return self._proof(x, None, near, radius, by_gap, self._anchored(self._moved, None),
+                           rate).logical_not_().nonzero().squeeze(1)
 
     def _anchored(self, moved: Tensor, rows: Tensor | None) -> Tensor:
-        """The anchored lower bound ``l - m - P`` on the distance to every other entry, of ``rows`` (None: all)
-        at distances ``moved`` from their anchors (rounded down)."""
+        """The anchored lower bound ``l - m - P`` on the distance (with a rate: the objective root) of every
+        other entry, of ``rows`` (None: all) at distances ``moved`` from their anchors (rounded down)."""
         bound = self._penalty(self.lower if rows is None else self.lower.index_select(0, rows))
         return bound.sub_(moved, alpha=1 + SLACK).mul_(1 - SLACK)
 
@@ -222,45 +252,19 @@ class BoundedSearch:
         diff = x.index_select(0, rows) - self.anchor.index_select(0, rows)
         return diff.square_().sum(1).mul_(sqdist_roundup(x)).sqrt_()
 
-    def _proof(self, x: Tensor, rows: Tensor | None, near: Tensor, radius: Tensor, reach: Tensor,
-               rate: RatePenalty | None) -> Tensor:
+    def _proof(self, x: Tensor, rows: Tensor | None, near: Tensor, radius: Tensor, by_gap: Tensor | None,
+               anchored: Tensor | None, rate: RatePenalty | None) -> Tensor:
         """Whether kernels ``rows`` (None: all) provably keep their entry ``a``, from upper bounds on
-        ``|x - p_a|^2`` (``near``) and ``|x - p_a|`` (``radius``) and a lower bound ``reach`` on ``|x - p_j|``
-        for every other entry ``j``. Written so that a NaN anywhere counts as a failed proof."""
+        ``|x - p_a|^2`` (``near``) and ``|x - p_a|`` (``radius``) and lower bounds for every other entry ``j``:
+        on ``|x - p_j|`` from the gap (``by_gap``), on it or with a rate on ``phi_j(x)`` from the anchor
+        (``anchored``); either may be None. Written so that a NaN anywhere counts as a failed proof."""
         if rate is None:
-            return radius < reach
-        return self._rate_ok(x, rows, near, reach, rate)
-
-    def _rate_ok(self, x: Tensor, rows: Tensor | None, near: Tensor, reach: Tensor, rate: RatePenalty) -> Tensor:
-        """The proof with a rate penalty. With ``L`` a lower bound on ``|x - p_j|`` for every ``j != a``, every
-        ``k`` outside ``{a, r}`` has ``J(k) >= L^2 + mu * (fewest bits of a change)``. A kernel on its reference
-        (``a = r``) is proved if ``J(a) = |x - p_a|^2`` is below that; one off it also needs
-        ``J(a) < J(r) = |x - p_r|^2``, for which ``L^2`` is a lower bound, else ``|x - p_r|`` is measured."""
-        ref = rate.reference if rows is None else rate.reference.index_select(0, rows)
-        indices = self.indices if rows is None else self.indices.index_select(0, rows)
-        k = rate.num_entries
-        reach = reach.clamp_min(0).square_().mul_((1 - SLACK) ** 2)
-        floor = rate.mu * rate.floor * (1 - SLACK) ** 2
-        cost = near * (1 + SLACK)
-        off = (indices != ref).nonzero().squeeze(1)
-        if len(off):
-            ref_off = ref[off].long()
-            has = ref_off < k  # kernels without a reference pay nothing
-            off, ref_off = off[has], ref_off[has]
-            pen = rate.penalty(ref_off, indices[off].long(), x.dtype)
-            cost[off] = (cost[off] + pen * (1 + SLACK)) * (1 + SLACK)
-        ok = cost < reach + floor
-        free = (ref == k).nonzero().squeeze(1) if rows is not None else rate.free()
-        if len(free):  # every entry is free to them: the plain bound alone
-            ok[free] = cost[free] < reach[free]
-        if len(off):
-            check = ok[off] & ~(cost[off] < reach[off])
-            pos, ref_rows = off[check], ref_off[check]
-            if len(pos):
-                kernels = pos if rows is None else rows[pos]
-                diff = x[kernels] - self.codebook.index_select(0, ref_rows)
-                ok[pos] = cost[pos] < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
-        return ok
+            return radius < (by_gap if anchored is None else anchored if by_gap is None else anchored.maximum(by_gap))
+        if rows is None:
+            return proof(x, near, by_gap, anchored, self.indices, rate.reference, rate.free(), rate, self.codebook)
+        ref = rate.reference.index_select(0, rows)
+        return proof(x.index_select(0, rows), near, by_gap, anchored, self.indices.index_select(0, rows), ref,
+                     (ref == rate.num_entries).nonzero().squeeze(1), rate, self.codebook)
 
     def _distances(self, x: Tensor, cols: Tensor) -> Tensor:
         """Distances from each row of ``x`` to the entries ``cols`` of its row, in blocks of at most
@@ -294,8 +298,7 @@ class BoundedSearch:
 
     def _by_candidates_rate(self, rows: Tensor, x: Tensor, moved: Tensor, rate: RatePenalty, ref: Tensor) -> Tensor:
         """:meth:`_by_candidates` with a rate penalty: the objective is measured at the candidates, the current
-        entry and the reference; every other entry is at least ``l_out - m - P`` away, so its objective is at
-        least that squared plus the fewest bits' penalty."""
+        entry and the reference; every other entry's objective root is at least ``l_out - m - P``."""
         has = ref < rate.num_entries
         current = self.indices.index_select(0, rows).long()
         cols = torch.cat([self.cand.index_select(0, rows).long(), current[:, None], torch.where(has, ref, current)[:, None]],
@@ -304,18 +307,19 @@ class BoundedSearch:
         pen = rate.penalty(ref[:, None].expand_as(cols), cols, x.dtype)
         pos = (dist * dist + pen).argmin(dim=1, keepdim=True)
         found = cols.gather(1, pos)
-        other = cols != found
-        found = found.squeeze(1)
+        other, found = cols != found, found.squeeze(1)
         # Objectives rounded up for the winner and down for the others; distances likewise.
-        far = dist * (1 - SLACK)
         best = ((dist * (1 + SLACK)).square_() + pen * (1 + SLACK)).gather(1, pos).squeeze(1) * (1 + SLACK)
-        second = (far.square() + pen * (1 - SLACK)).masked_fill_(~other, float("inf")).min(dim=1).values * (1 - SLACK)
+        low = (dist * (1 - SLACK)).square_().add_(pen * (1 - SLACK))
+        second = low.masked_fill(~other, float("inf")).min(dim=1).values * (1 - SLACK)
         outside = self._penalty(self.rest.index_select(0, rows)) - moved * (1 + SLACK)  # every entry outside cand is farther
-        beyond = (outside.clamp_min(0).square() + rate.floors(ref, x.dtype) * (1 - SLACK)) * (1 - SLACK)
+        beyond = outside.clamp_min(0).square() * (1 - SLACK)
         ok = (best < beyond) & (best < second)
         done = ok.nonzero().squeeze(1)
         if len(done):
-            lower = torch.minimum(far.masked_fill(~other, float("inf")).min(dim=1).values, outside)
+            # The bound kept leaves out the reference, as the scan's (its distance is measured when needed).
+            others = low.masked_fill_(~other | (cols == ref[:, None]), float("inf")).min(dim=1).values
+            lower = torch.minimum(others.mul_(1 - SLACK).sqrt_().mul_(1 - SLACK), outside)
             self._store(rows[done], x.index_select(0, done), found[done], lower[done], outside[done])
         return ok.logical_not_().nonzero().squeeze(1)
 
@@ -324,8 +328,8 @@ class BoundedSearch:
         values that have it as their answer (:func:`~nws.scalar_search.cells`; with a rate, the kernel's own
         for its entry and reference, :func:`~nws.scalar_search.rate_cells`, as computed ahead by
         :class:`~nws.scalar_search.RateCells`; none for an entry far from the reference). Only the kernels
-        outside are searched, by binary search (with a rate: the cells, then windows), and take the cell of
-        their new entry."""
+        outside are searched, by binary search (with a rate: the cells, then windows) or, if few, against every
+        entry, and take the cell of their new entry."""
         if not bool(torch.isfinite(codebook).all()):
             return self._every_time(x, codebook, rate)
         if (self.indices is None or self.indices.shape != (len(x),) or self.codebook is None
@@ -345,7 +349,9 @@ class BoundedSearch:
         v = x[:, 0]
         rows = ((v > lo) & (v < hi)).logical_not_().nonzero().squeeze(1)
         if len(rows):
-            if rate is None:
+            if len(rows) * len(codebook) <= FEW:  # the definition itself: fewer operations than the searches
+                found = brute_force_nearest(x[rows], codebook, rate, None if rate is None else rate.reference[rows])
+            elif rate is None:
                 found = nearest_1d(x[rows], codebook)
             else:
                 found = self._rate_cells.search(x[rows], rate.reference[rows].long(), self.indices[rows].long())
@@ -396,19 +402,24 @@ class BoundedSearch:
                 indices, book = self.primed
                 self.primed = None
                 if book.shape == codebook.shape and torch.equal(book.to(codebook), codebook):
-                    self._prime(indices, codebook)
+                    self._prime(indices, codebook, rate)
             if x.shape[1] == 1:
                 return self._one_dim(x, codebook, rate)
             moved = None
+            # Bounds on one rate's objective roots do not hold for another's (distances hold for any).
             if (self.anchor is not None and self.anchor.shape == x.shape and self.lower.dtype == x.dtype
-                    and self.codebook.shape == codebook.shape and self.codebook.device == codebook.device):
+                    and self.codebook.shape == codebook.shape and self.codebook.device == codebook.device
+                    and (self._bound_rate is None or self._bound_rate is rate)):
                 moved = self._account_drift(codebook)
+                if moved is not None and rate is not None and self._bound_rate is None:
+                    self._lift(rate)
             if moved is None:
                 if not bool(torch.isfinite(codebook).all()):
                     self.reset()
                     return self._every_time(x, codebook, rate)
                 return self._full(x, codebook, rate)
             rows = self._pass(x, moved, rate)
+            self._bound_rate = rate
             full = 0
             for start in range(0, len(rows), ROW_BLOCK):
                 part = rows[start : start + ROW_BLOCK]
@@ -426,6 +437,8 @@ class BoundedSearch:
                                                      None if ref is None else ref[left])
                     self._store(part[left], xl, found, lower, rest, cand)
                     full += len(left)
+                if self._limit is not None:
+                    self._limits(part, rate)
                 # The squared distances of the kernels that changed entry, in the commitment's total.
                 changed = (self.indices[part] != before).nonzero().squeeze(1)
                 if len(changed):

@@ -73,9 +73,12 @@ def scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0, 
     other entry from below, ``cand`` ``(n, c)`` holds the ``c`` entries ranked first (the nearest among
     them) and ``rest`` bounds the distance to every entry outside ``cand`` from below.
 
-    With ``rate`` (``ref``: the rows' references, long) the winner minimises the penalised objective; the
-    penalty is added to the approximate values and its rounding joins the error bound. ``lower``, ``cand``
-    and ``rest`` stay bounds and ranks by *distance* (the winner need not be among the candidates).
+    With ``rate`` (``ref``: the rows' references, long) the winner minimises the penalised objective ``J``;
+    the penalty is added to the approximate values and its rounding joins the error bound. ``cand`` then
+    ranks entries by ``J``, and ``lower`` and ``rest`` bound the *objective root* ``sqrt(J(k)) = sqrt(|x -
+    p_k|^2 + mu * bits[r, k])`` from below instead of the distance (both 1-Lipschitz in ``x`` and ``p_k``, so
+    the bounded search moves them alike), ``lower`` that of every entry but the winner and the reference ``r``
+    (whose own objective is the distance alone, measured when needed).
     """
     n, d = x.shape
     k = codebook.shape[0]
@@ -95,25 +98,24 @@ def scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0, 
     inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
 
     def below(value: Tensor, entry: Tensor, xn: Tensor, xnorm: Tensor) -> Tensor:
-        """Lower bound on the distance to every entry whose approximate value is at least ``value``: such an
-        entry closer than that lies within ``r`` (the computed distance) of ``x``, so ``|p| <= |x| + r``."""
+        """Lower bound on the distance (with ``rate``: the objective root) of every entry whose approximate
+        value is at least ``value``: such an entry nearer than that lies within ``r`` (the computed distance)
+        of ``x``, so ``|p| <= |x| + r``; with a rate its penalty is at most ``r^2`` too."""
         r = (value + xn).clamp_min(0).sqrt()
         err = gamma * ((xnorm + norm[entry]) ** 2 + (2 * xnorm + r * (1 + SLACK)) ** 2)
+        if rate is not None:
+            err = err + 16 * u * (xn + r.square() * (1 + SLACK))
         return torch.where(torch.isinf(value), inf, (value + xn - err).clamp_min(0).sqrt() * (1 - SLACK))
 
     rows = max(1, chunk_elements // k)
     for start in range(0, n, rows):
         xc = x[start : start + rows]
         approx = torch.addmm(sq, xc, codebook.T, alpha=-2.0)
-        if candidates:
-            values, ranked = approx.topk(min(c + 1, k), dim=1, largest=False)
         if rate is not None:
             rc = ref[start : start + rows]
             approx.add_(rate.bit_rows(rc), alpha=rate.mu)  # J - |x|^2, each term rounded once more
-            best, arg = approx.min(dim=1)
-            approx.scatter_(1, arg[:, None], float("inf"))
-            second = approx.min(dim=1).values
-        elif candidates:
+        if candidates:
+            values, ranked = approx.topk(min(c + 1, k), dim=1, largest=False)
             best, arg = values[:, 0], ranked[:, 0]
             second, arg2 = (values[:, 1], ranked[:, 1]) if k > 1 else (torch.full_like(best, inf), arg)
         else:
@@ -140,17 +142,14 @@ def scan(x: Tensor, codebook: Tensor, chunk_elements: int, candidates: int = 0, 
             arg[ambiguous] = brute_force_nearest(xc[ambiguous], codebook, rate, None if rate is None else rc[ambiguous])
         out[start : start + rows] = arg
         if candidates:
-            if rate is not None:
-                # Distance to every entry but the winner: the nearest's, or the second's if the winner is nearest.
-                nearest_won = arg == ranked[:, 0]
-                second, arg2 = values[:, 0], ranked[:, 0]
-                if k > 1:
-                    second = torch.where(nearest_won, values[:, 1], second)
-                    arg2 = torch.where(nearest_won, ranked[:, 1], arg2)
-                else:
-                    second = torch.full_like(second, inf)
+            if rate is not None and k > 1:  # the reference left out of the bound on the others
+                others = values[:, 1:].masked_fill(ranked[:, 1:] == rc[:, None], inf)
+                second, pos = others.min(dim=1)
+                arg2 = ranked[:, 1:].gather(1, pos[:, None]).squeeze(1)
             low = below(second, arg2, xn, xnorm)
             outside = below(values[:, c], ranked[:, c], xn, xnorm) if k > c else torch.full_like(low, inf)
+            if rate is not None:
+                low = torch.minimum(low, outside)
             # A re-ranked winner may lie outside the candidates: no bound holds for those rows.
             low[ambiguous] = 0.0
             outside[ambiguous] = 0.0

@@ -25,7 +25,8 @@ class RatePenalty:
     against ``r``, with ``bits[r, r] = 0`` and row ``K`` all zero; or None: every change costs ``flat`` bits
     (for pools too large for the coder's neighbour ranks). ``mu`` (>= 0) is the price of a bit in
     squared-distance units. The penalty of a choice is defined as ``mu * b`` in float64, ``b`` the float16
-    value; :func:`~nws.exhaustive.brute_force_nearest` with it is the definition of the search.
+    value; :func:`~nws.exhaustive.brute_force_nearest` with it is the definition of the search. Not to be
+    changed once searched with: the bounded search keeps bounds for this object (a new price is a new one).
     """
 
     reference: Tensor

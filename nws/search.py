@@ -11,8 +11,9 @@ bounds, as Hamerly's k-means does for moving centres. Both always equal
 
 With a :class:`~nws.rate_penalty.RatePenalty` (rate-aware search, :mod:`nws.rate`) every path minimises instead
 ``J(k) = |x - p_k|^2 + mu * bits[r, k]``, the bits the task file's coder spends on entry ``k`` for a kernel whose
-reference entry is ``r`` (``bits[r, r] = 0``), still exactly and with ties to the lowest index. The bounds the
-search keeps are on *distances* only, so they stay valid whatever the penalty and however it changes.
+reference entry is ``r`` (``bits[r, r] = 0``), still exactly and with ties to the lowest index. The bounded
+search then keeps bounds on the objective's roots (:mod:`nws.rate_bounds`), for as long as the penalty stays
+the same object.
 """
 
 from __future__ import annotations

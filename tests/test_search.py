@@ -483,8 +483,9 @@ def test_rate_penalty_is_checked() -> None:
 @pytest.mark.parametrize("row_block", [ROW_BLOCK, 7])  # 7: the failed kernels resolved in many blocks
 def test_bounded_search_rate_random_walk(one_thread: None, row_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bounded search with a rate penalty equals the oracle on every one of 300 moving steps (ties,
-    duplicated entries, snaps onto entries and references, jumps), the price changing on the way (its
-    bounds are on distances, valid at any price); kernels on their reference are proved by the pass."""
+    duplicated entries, snaps onto entries and references, jumps), the price changing on the way (its bounds
+    on one price's objective roots are dropped for the new one); kernels on their reference are proved by
+    the pass."""
     monkeypatch.setattr(nws.bounded_search, "ROW_BLOCK", row_block)
     g = _gen(11)
     n, k, d = 600, 64, 9
@@ -513,6 +514,84 @@ def test_bounded_search_rate_random_walk(one_thread: None, row_block: int, monke
     # As without a rate, kernels at a duplicated entry (half the kernels here) are mostly searched again.
     assert searched[0] == n and sum(searched[1:]) < 0.75 * n * len(searched[1:])
     assert min(kept) > 0.1 and max(kept) < 1  # kernels on and off their reference all along
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 64])
+def test_bounded_search_rate_switches_and_small_pools(k: int, one_thread: None) -> None:
+    """Without a rate, with one, with another (every change costing at least 1 bit, priced near the squared
+    spacing of the entries, so the fewest bits of a change carry the proofs), each switch in both directions,
+    kernels moving, snapping to midpoints and jumping: equal to the oracle on every step, pools of at most
+    ``CANDIDATES + 1`` entries (where the bound on the entries but the winner and the reference may cover
+    none) included."""
+    g = _gen(20 + k)
+    n, d = 300, 9
+    codebook = _dyadic((k, d), g)
+    w = codebook[torch.randint(k, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
+    floored = _bits_table(k, g, dyadic=True)
+    floored[:k] += 1.0
+    floored[:k].fill_diagonal_(0)
+    rates = [None, _walk_rate(w, codebook, g), RatePenalty(_references(n, k, g), floored, 2.0, k)]
+    search = BoundedSearch(chunk_elements=2048)
+    for step in range(90):
+        rate = rates[(step // 10) % 3]
+        w += 0.01 * torch.randn(n, d, generator=g)
+        rows = torch.randint(n, (6,), generator=g)
+        i, j = torch.randint(k, (2, 3), generator=g)
+        w[rows[:3]] = (codebook[i] + codebook[j]) / 2
+        w[rows[3:]] = 2 * torch.randn(3, d, generator=g)
+        got = search(w, codebook, rate)
+        want = brute_force_nearest(w, codebook) if rate is None else _rate_oracle(w, codebook, rate)
+        assert torch.equal(got.long(), want), f"step {step}"
+        assert torch.equal(search.searched, codebook[got.long()])
+
+
+@pytest.mark.parametrize("mu", [None, 0.05, 1.0])
+def test_bounded_search_gap_limit_is_the_gap_proof_in_one_comparison(mu: float | None) -> None:
+    """The squared distance under which the pass takes a kernel as proved by its entry's gap (one comparison)
+    proves no kernel that the gap proof itself (its dozen operations) does not, and nearly every one it does
+    (kernels all around their entries, on their reference, off it and without one); and it is tight: kernels
+    placed just inside it, straight towards the entry's nearest other entry (which costs the fewest bits,
+    or is the reference), still keep their entry, and just past it some do not."""
+    g = _gen(30)
+    k, d, n = 64, 9, 60_000
+    book = torch.randn(k, d, generator=g)
+    nbr = nws.exhaustive.entry_neighbours(book, 2, 1 << 20)[0][:, 1]
+    idx = torch.randint(k, (n,), generator=g)
+    ref = idx.clone()
+    off = torch.rand(n, generator=g) < 0.3
+    ref[off] = nbr[idx[off]]
+    ref[torch.rand(n, generator=g) < 0.05] = k
+    table = (torch.rand(k + 1, k, generator=g) * 6 + 2).half()
+    table[torch.arange(k), nbr] = 1.0
+    table[k] = 0
+    table[:k].fill_diagonal_(0)
+    rate = None if mu is None else RatePenalty(ref, table, mu, k)
+    search = BoundedSearch()
+    search.prime(idx, book)
+    a = search(book[idx], book, rate).long()  # with a rate, kernels whose entry costs more than it saves move
+    limit = search._limits(None, rate)
+    gap = search._gaps()
+    way = torch.randn(n, d, generator=g)
+    x = book[a] + way / way.norm(dim=1, keepdim=True) * torch.rand(n, 1, generator=g) * 1.2 * gap[a][:, None]
+    dist = (x - search.searched).square().sum(1)
+    near = dist * nws.exhaustive.sqdist_roundup(x)
+    radius = near.sqrt() * (1 + nws.exhaustive.SLACK)
+    by_gap = (gap[a] * (1 - nws.exhaustive.SLACK) - radius) * (1 - nws.exhaustive.SLACK)
+    proved = search._proof(x, None, near, radius, by_gap, None, rate)
+    quick = dist < limit
+    assert not (quick & ~proved).any()
+    assert quick.sum() > 0.9 * proved.sum() and proved.sum() > n // 4
+    towards = (book[nbr[a]] - book[a]).double()
+    towards /= towards.norm(dim=1, keepdim=True)
+    oracle = brute_force_nearest if rate is None else lambda y, b: _rate_oracle(y, b, rate)
+    for scale in (1 - 1e-5, 1.01):
+        y = (book[a].double() + towards * (limit.double() * scale).sqrt()[:, None]).float()
+        inside = (y - book[a]).square().sum(1) < limit
+        kept = (oracle(y, book) == a)[limit > 0]
+        if scale < 1:
+            assert inside.all() and kept.all()
+        else:
+            assert not inside.any() and kept.float().mean() < 0.5
 
 
 def test_bounded_search_rate_proves_kernels_on_their_reference(one_thread: None) -> None:
@@ -615,8 +694,9 @@ def test_bounded_search_rate_from_decoded_start(dtype: torch.dtype, one_thread: 
     assert search.last_full < n // 2
 
 
-def test_bounded_search_rate_one_dimensional_and_flat(one_thread: None) -> None:
+def test_bounded_search_rate_one_dimensional_and_flat(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-1 kernels (searched in full every call, by windows) and a flat penalty, over moving steps."""
+    monkeypatch.setattr(nws.bounded_search, "FEW", 0)
     g = _gen(14)
     n, k = 800, 32
     for d, flat in ((1, False), (1, True), (9, True)):
@@ -677,9 +757,9 @@ def _efficiency_run_rate(lam: float, decoded: bool = True, steps: int = 30) -> t
 
 def test_efficiency_rate_kernels_searched_per_step(one_thread: None) -> None:
     """Guards the cost of the rate-aware search by counts, as the test above does for the plain one. Measured
-    (torch 2.13 CPU), 30 steps, lam 0.1 (lam 0 in brackets): from a decoded start 0.081% of the kernels
+    (torch 2.13 CPU), 30 steps, lam 0.1 (lam 0 in brackets): from a decoded start 0.087% of the kernels
     searched again per step, 0.029% in full, 0.05% off their reference at the end (0.25%, 0.049%, 0.18%);
-    from the source network's weights, off their entries, 0.24%, 0.060%, 0.06% (10.3%, 0.74%, 12.5%).
+    from the source network's weights, off their entries, 0.39%, 0.098%, 0.06% (10.3%, 0.74%, 12.5%).
     Bounds: 1% (0.2%) per step from either start; and no more kernels leave their reference than at lam 0."""
     for decoded in (True, False):
         task, task_full, left = _efficiency_run_rate(0.1, decoded)
@@ -689,14 +769,17 @@ def test_efficiency_rate_kernels_searched_per_step(one_thread: None) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ranks", [0, 32])
-def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, ranks: int, one_thread: None,
+@pytest.mark.parametrize("few", [0, nws.bounded_search.FEW])
+def test_bounded_search_one_dimensional_cells(dtype: torch.dtype, ranks: int, few: int, one_thread: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-1 kernels (1x1 convs, the classifier) are proved by their entry's cell and searched only when
     they leave it: equal to brute force (and with a rate to the oracle) over moving steps with duplicated
     values, exact midpoints, kernels far beyond the outermost values (where float64 rounding ties them), a
     moving pool and a decoded start; with a rate, whether the cells computed ahead cover every entry or only
-    each reference's own (the others computed when needed)."""
+    each reference's own (the others computed when needed); the kernels that left their cells searched (few
+    0) or, as few as they are here, compared with every entry."""
     monkeypatch.setattr(nws.scalar_search, "TABLE_RANKS", ranks)
+    monkeypatch.setattr(nws.bounded_search, "FEW", few)
     g = _gen(16)
     n, k = 2000, 48
     codebook = _dyadic((k, 1), g, span=12, denom=4).to(dtype)
@@ -753,9 +836,11 @@ def test_bounded_search_proves_kernels_near_their_entry_by_its_gap(one_thread: N
     assert searched[-nws.bounded_search.GAP_PROBE:] == [0] * nws.bounded_search.GAP_PROBE
 
 
-def test_rate_one_dimensional_kernels_off_their_reference_are_proved(one_thread: None) -> None:
+def test_rate_one_dimensional_kernels_off_their_reference_are_proved(one_thread: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-1 kernels that settled on an entry other than their reference, with a flat price: the proof
     ``J(a) < L^2 + mu * bits`` and ``J(a) < J(r)`` keeps them without a search, equal to the oracle."""
+    monkeypatch.setattr(nws.bounded_search, "FEW", 0)
     k, n = 16, 500
     codebook = torch.arange(k, dtype=torch.float32)[:, None]
     g = _gen(18)

@@ -1,0 +1,86 @@
+"""The rate term inside the bounded search's proofs (:class:`~nws.bounded_search.BoundedSearch` with a
+:class:`~nws.rate_penalty.RatePenalty`): what a lower bound on distances says about the objective ``J(k) =
+|x - p_k|^2 + mu * bits[r, k]``, the one comparison per kernel that the gap test comes down to, and the
+proof that a kernel keeps its entry ``a``.
+
+Bounds kept from call to call are on the *objective roots* ``phi_k(x) = sqrt(J(k))``, of every entry but
+the kernel's entry and its reference ``r`` (whose objective, the distance alone, is measured when needed):
+``phi_k`` moves no more than the distance does (``sqrt(t^2 + c)`` is 1-Lipschitz in ``t``), so the drift and
+movement terms of Hamerly's bounds apply unchanged, and a distance bound ``L`` is one too, lifted to
+``sqrt(L^2 + mu * min bits)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nws.exhaustive import SLACK, sqdist_roundup
+from nws.rate_penalty import RatePenalty
+
+
+def lifted(bound: Tensor, ref: Tensor, rate: RatePenalty) -> Tensor:
+    """Lower bounds on the distances of the entries but ``a`` and ``r`` (rounded down) as bounds on their
+    objective roots: every one of them costs at least the fewest bits of a change (nothing without a
+    reference)."""
+    least = rate.floors(ref, bound.dtype) * (1 - SLACK)
+    return bound.clamp_min(0).square_().mul_(1 - SLACK).add_(least).sqrt_().mul_(1 - SLACK)
+
+
+def gap_limits(gap: Tensor, indices: Tensor, rate: RatePenalty | None, ref: Tensor | None, x: Tensor) -> Tensor:
+    """Per kernel on entry ``indices`` (long) whose entry's gap to its nearest other entry is ``gap`` (per
+    kernel, rounded down), the squared distance to the entry below which :func:`proof` with that gap alone
+    holds (0: never): ``rho^2 + b < (G - rho)^2``, ``rho`` the rounded-up distance, ``b = 0`` without a rate
+    or without a reference; with one ``-mu * min bits`` on it (every other entry costs bits) and ``J(a) -
+    |x - p_a|^2`` off it (which spares measuring the reference); each with the proof's roundings and a margin.
+    ``x``: a kernel of the layer, for the dtype and the rounding of its squared distances."""
+    one = 1 - SLACK
+    g = gap.double() * one
+    extra = torch.zeros_like(g)  # b
+    if rate is not None:
+        k = rate.num_entries
+        paid = rate.penalty(ref.clamp(max=k - 1), indices, torch.float64) * (1 + SLACK) ** 3
+        extra = torch.where(indices == ref, -rate.mu * rate.floor * one**2, torch.where(ref < k, paid, extra))
+    # rho = sqrt(dist * u) (1 + S) solves (1 - c) rho^2 + 2 c G' rho - (c G'^2 - b) < 0, c = (1 - S)^4, below
+    # its positive root on [0, G'] (past G' only -b > rho^2 can hold).
+    c = one**4
+    half, const = c * g, c * g.square() - extra
+    root = const / (half + (half.square() + (1 - c) * const.clamp_min(0)).sqrt())
+    rho = torch.where(root <= g, root, (-extra).clamp_min(0).sqrt()).clamp_min_(0)
+    return ((rho / (1 + SLACK)).square() / sqdist_roundup(x) * one**4).to(x.dtype)
+
+
+def proof(x: Tensor, near: Tensor, by_gap: Tensor | None, anchored: Tensor | None, indices: Tensor, ref: Tensor,
+          free: Tensor, rate: RatePenalty, codebook: Tensor) -> Tensor:
+    """Whether kernels ``x`` on entries ``indices`` with references ``ref`` (``free``: the rows without one)
+    provably keep their entry ``a``, from upper bounds ``near`` on ``|x - p_a|^2`` and lower bounds for every
+    other entry: on the distance (``by_gap``, the gap's ``L``), on the objective root of every entry but ``r``
+    (``anchored``, the anchor's ``F``); either may be None. Every ``k`` outside ``{a, r}`` has ``J(k) >=
+    max(L^2 + mu * min bits, F^2)``; a kernel on its reference is proved if ``J(a) = |x - p_a|^2`` is below
+    that; one off it also needs ``J(a) < J(r) = |x - p_r|^2``, for which ``L^2`` is a lower bound, else
+    ``|x - p_r|`` is measured. Kernels without a reference pay nothing: ``max(L, F)^2`` bounds every other
+    entry. A NaN anywhere fails the proof."""
+    k = rate.num_entries
+    floor = rate.mu * rate.floor * (1 - SLACK) ** 2
+    reach = None if by_gap is None else by_gap.clamp_min(0).square_().mul_((1 - SLACK) ** 2)
+    roots = None if anchored is None else anchored.clamp_min(0).square_().mul_((1 - SLACK) ** 2)
+    floored = roots if reach is None else reach + floor if roots is None else (reach + floor).maximum(roots)
+    cost = near * (1 + SLACK)
+    off = (indices != ref).nonzero().squeeze(1)
+    if len(off):
+        ref_off = ref[off].long()
+        has = ref_off < k  # kernels without a reference pay nothing
+        off, ref_off = off[has], ref_off[has]
+        pen = rate.penalty(ref_off, indices[off].long(), x.dtype)
+        cost[off] = (cost[off] + pen * (1 + SLACK)) * (1 + SLACK)
+    ok = cost < floored
+    if len(free):
+        bound = roots if reach is None else reach if roots is None else reach.maximum(roots)
+        ok[free] = cost[free] < bound[free]
+    if len(off):
+        check = ok[off] if reach is None else ok[off] & ~(cost[off] < reach[off])
+        pos, ref_rows = off[check], ref_off[check]
+        if len(pos):
+            diff = x[pos] - codebook.index_select(0, ref_rows)
+            ok[pos] = cost[pos] < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
+    return ok
