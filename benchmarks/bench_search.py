@@ -329,7 +329,7 @@ def search_state_mb(model: nn.Module) -> float:
     total = 0
     for _, layer in nws.nws_layers(model):
         s = layer._search
-        for t in (s.indices, s.anchor, s.lower, s.cand, s.rest, s.codebook):
+        for t in (s.indices, s.anchor, s.lower, s.cand, s.rest, s.codebook, s._limit and s._limit[0]):
             if t is not None:  # (length-1 kernels keep no bounds)
                 total += t.numel() * t.element_size()
     return total / 2**20

@@ -191,7 +191,7 @@ class BoundedSearch:
             return self._limit[0]
         indices = (self.indices if rows is None else self.indices.index_select(0, rows)).long()
         ref = None if rate is None else (rate.reference if rows is None else rate.reference.index_select(0, rows)).long()
-        limit = gap_limits(self._gaps().index_select(0, indices), indices, rate, ref, self.searched)
+        limit = gap_limits(self._gaps().index_select(0, indices), indices, rate, ref, self.searched, self.codebook)
         if rows is None:
             self._limit = (limit, rate)
         elif self._limit is not None and self._limit[1] is rate:

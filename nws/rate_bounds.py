@@ -27,26 +27,36 @@ def lifted(bound: Tensor, ref: Tensor, rate: RatePenalty) -> Tensor:
     return bound.clamp_min(0).square_().mul_(1 - SLACK).add_(least).sqrt_().mul_(1 - SLACK)
 
 
-def gap_limits(gap: Tensor, indices: Tensor, rate: RatePenalty | None, ref: Tensor | None, x: Tensor) -> Tensor:
-    """Per kernel on entry ``indices`` (long) whose entry's gap to its nearest other entry is ``gap`` (per
-    kernel, rounded down), the squared distance to the entry below which :func:`proof` with that gap alone
-    holds (0: never): ``rho^2 + b < (G - rho)^2``, ``rho`` the rounded-up distance, ``b = 0`` without a rate
-    or without a reference; with one ``-mu * min bits`` on it (every other entry costs bits) and ``J(a) -
-    |x - p_a|^2`` off it (which spares measuring the reference); each with the proof's roundings and a margin.
-    ``x``: a kernel of the layer, for the dtype and the rounding of its squared distances."""
+def gap_limits(gap: Tensor, indices: Tensor, rate: RatePenalty | None, ref: Tensor | None, x: Tensor,
+               codebook: Tensor) -> Tensor:
+    """Per kernel on entry ``a`` (``indices``, long) whose gap to its nearest other entry is ``G`` (``gap``, per
+    kernel, rounded down), the squared distance to ``p_a`` below which it provably keeps ``a`` by the gap alone
+    (0: never), ``rho`` its rounded-up distance: ``rho^2 < (G - rho)^2`` without a rate or a reference; on the
+    reference ``rho^2 < (G - rho)^2 + mu * min bits`` (every other entry costs bits); off it ``J(a) = rho^2 +
+    mu * bits(a | r)`` below both that and ``(D - rho)^2 <= J(r)``, ``D = |p_a - p_r|`` (which spares
+    measuring the reference); each with the roundings of :func:`proof` and a margin. ``x``: a kernel of the
+    layer, for the dtype and the rounding of its squared distances."""
     one = 1 - SLACK
-    g = gap.double() * one
-    extra = torch.zeros_like(g)  # b
-    if rate is not None:
-        k = rate.num_entries
-        paid = rate.penalty(ref.clamp(max=k - 1), indices, torch.float64) * (1 + SLACK) ** 3
-        extra = torch.where(indices == ref, -rate.mu * rate.floor * one**2, torch.where(ref < k, paid, extra))
-    # rho = sqrt(dist * u) (1 + S) solves (1 - c) rho^2 + 2 c G' rho - (c G'^2 - b) < 0, c = (1 - S)^4, below
-    # its positive root on [0, G'] (past G' only -b > rho^2 can hold).
     c = one**4
-    half, const = c * g, c * g.square() - extra
-    root = const / (half + (half.square() + (1 - c) * const.clamp_min(0)).sqrt())
-    rho = torch.where(root <= g, root, (-extra).clamp_min(0).sqrt()).clamp_min_(0)
+
+    def root(g: Tensor, b: Tensor) -> Tensor:
+        # rho^2 + b < c (g - rho)^2 holds below the positive root of (1 - c) rho^2 + 2 c g rho - (c g^2 - b)
+        # on [0, g]; past g only -b > rho^2 can hold.
+        half, const = c * g, c * g.square() - b
+        at = const / (half + (half.square() + (1 - c) * const.clamp_min(0)).sqrt())
+        return torch.where(at <= g, at, (-b).clamp_min(0).sqrt()).clamp_min_(0)
+
+    g = gap.double() * one
+    rho = root(g, torch.zeros_like(g))
+    if rate is not None:
+        k, least = rate.num_entries, rate.mu * rate.floor * one**2
+        rho = torch.where(indices == ref, root(g, torch.full_like(g, -least)), rho)
+        off = ((indices != ref) & (ref < k)).nonzero().squeeze(1)
+        if len(off):
+            a, r = indices[off], ref[off]
+            paid = rate.penalty(r, a, torch.float64) * (1 + SLACK) ** 3
+            apart = torch.linalg.vector_norm(codebook[a].double() - codebook[r].double(), dim=1) * one
+            rho[off] = torch.minimum(root(g[off], paid - least), root(apart, paid))
     return ((rho / (1 + SLACK)).square() / sqdist_roundup(x) * one**4).to(x.dtype)
 
 
