@@ -437,11 +437,11 @@ class BoundedSearch:
                                                      None if ref is None else ref[left])
                     self._store(part[left], xl, found, lower, rest, cand)
                     full += len(left)
-                if self._limit is not None:
-                    self._limits(part, rate)
-                # The squared distances of the kernels that changed entry, in the commitment's total.
+                # The kernels that changed entry: their gap limits, and their squared distances in the commitment.
                 changed = (self.indices[part] != before).nonzero().squeeze(1)
                 if len(changed):
+                    if self._limit is not None:
+                        self._limits(part[changed], rate)
                     xc = xr[changed]
                     self.sq_total = (self.sq_total + (xc - self.searched[part[changed]]).square_().sum()
                                      - (xc - codebook[before[changed]]).square_().sum())
