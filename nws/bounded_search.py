@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nws.exhaustive import (CHUNK_ELEMENTS, ROW_BLOCK, SLACK, brute_force_nearest, entry_neighbours, row_sqdists,
                             scan, search_dtype, sqdist_roundup)
-from nws.rate_bounds import gap_limits, lifted, proof
+from nws.rate_bounds import anchored_proof, gap_limits, lifted, proof
 from nws.rate_penalty import RatePenalty
 from nws.scalar_search import RateCells, cells, nearest_1d
 from nws.search import nearest
@@ -32,13 +32,8 @@ CANDIDATES = 4
 GAP_MISSES = 1 / 16
 GAP_PROBE = 16
 # Length-1 kernels that left their cells are compared with every entry, by the definition, while they and the
-# entries make at most this many pairs (a handful of operations, where the searches take dozens).
+# entries make at most this many pairs, twice as many with a rate (a few operations, where searches take dozens).
 FEW = 1 << 18
-
-
-def _distance(x: Tensor, y: Tensor) -> Tensor:
-    """Row-wise ``|x - y|`` of a few rows, rounded up (``y`` may be of a lower precision)."""
-    return torch.linalg.vector_norm(x - y, dim=1) * (1 + SLACK)
 
 
 class BoundedSearch:
@@ -95,7 +90,7 @@ class BoundedSearch:
         half-precision rounding of the anchor comes off the bounds."""
         entries = self.codebook.index_select(0, found)
         anchor = x.to(self.anchor_dtype)
-        rounding = _distance(anchor, x)
+        rounding = torch.linalg.vector_norm(anchor - x, dim=1) * (1 + SLACK)  # rounded up
         lower = (lower - rounding) * (1 - SLACK) + self.drift
         rest = (rest - rounding) * (1 - SLACK) + self.drift
         found = found.to(torch.int32)
@@ -201,15 +196,15 @@ class BoundedSearch:
     def _pass(self, x: Tensor, pool_moved: bool, rate: RatePenalty | None = None) -> Tensor:
         """The pass over all kernels, in cache-sized blocks (entries gathered again on the way if the pool
         moved): ``|x - p_a|`` for every kernel (its square is the commitment). Returns the rows whose entry it
-        does not prove; leaves ``m = |x - anchor|`` of those rows in ``self._moved``.
+        does not prove; leaves ``m = |x - anchor|`` of those rows, in order, in ``self._moved``.
 
         Every other entry ``j`` is at least ``L`` from ``x``. Two bounds give ``L``: the gap ``G_a`` from ``p_a``
         to its nearest other entry, ``L = G_a - |x - p_a|`` (exact for the pool as it is, so only while the pool
         stays put: a task's frozen pools); and the anchored ``L = l - m - P``, which needs ``m``: gathered for
         the few kernels the gap does not prove, or measured for all in the same pass while it proves fewer
-        (:data:`GAP_MISSES`; those the gap proves take one comparison each, :meth:`_limits`). Without a rate a
-        kernel keeps ``a`` if ``|x - p_a| < L``; with one, :func:`~nws.rate_bounds.proof` decides."""
-        n, d = x.shape
+        (:data:`GAP_MISSES`; those the gap proves take one comparison each, :meth:`_limits`, as do all by the
+        anchor alone, :func:`~nws.rate_bounds.anchored_proof`); :meth:`_proof` decides for the rest."""
+        n = len(x)
         self._calls += 1
         gap = not pool_moved and (self._gap_misses <= GAP_MISSES or self._calls % GAP_PROBE == 1)
         dist = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -217,7 +212,12 @@ class BoundedSearch:
         targets = [(self.searched, dist)] + ([] if moved is None else [(self.anchor, moved)])
         row_sqdists(x, targets, self.check_elements, (self.codebook, self.indices) if pool_moved else None)
         self.sq_total = dist.sum()  # the kernels' squared distances to their entries (the commitment)
-        if gap and moved is None:
+        if not gap:
+            rows = anchored_proof(x, dist, moved, self.lower, self.drift, self.indices, rate,
+                                  self.codebook).logical_not_().nonzero().squeeze(1)
+            self._moved = moved.index_select(0, rows).mul_(math.sqrt(sqdist_roundup(x)))
+            return rows
+        if moved is None:
             # Most kernels sit well inside their entry's gap: prove them by it (one comparison each), measure m
             # for the rest only and give them the whole proof.
             rows = (dist < self._limits(None, rate)).logical_not_().nonzero().squeeze(1)
@@ -228,18 +228,18 @@ class BoundedSearch:
             radius = near.sqrt() * (1 + SLACK)
             by_gap = self._gaps().index_select(0, self.indices.index_select(0, rows)).mul_(1 - SLACK)
             moved = self._anchor_distances(x, rows)
-            self._moved = torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, moved)
             ok = self._proof(x, rows, near, radius, by_gap.sub_(radius).mul_(1 - SLACK), self._anchored(moved, rows),
-                             rate)
-            return rows[ok.logical_not_()]
+                             rate).logical_not_()
+            self._moved = moved[ok]
+            return rows[ok]
         near = dist.mul_(sqdist_roundup(x))  # upper bounds on |x - p_a|^2
         radius = near.sqrt() * (1 + SLACK)
-        by_gap, self._moved = None, moved.mul_(sqdist_roundup(x)).sqrt_()
-        if gap:
-            by_gap = self._gaps().index_select(0, self.indices).mul_(1 - SLACK).sub_(radius).mul_(1 - SLACK)
-            self._gap_misses = float((radius >= by_gap).sum()) / max(n, 1)
-        return self._proof(x, None, near, radius, by_gap, self._anchored(self._moved, None),
-                           rate).logical_not_().nonzero().squeeze(1)
+        moved = moved.mul_(sqdist_roundup(x)).sqrt_()
+        by_gap = self._gaps().index_select(0, self.indices).mul_(1 - SLACK).sub_(radius).mul_(1 - SLACK)
+        self._gap_misses = float((radius >= by_gap).sum()) / max(n, 1)
+        rows = self._proof(x, None, near, radius, by_gap, self._anchored(moved, None), rate).logical_not_().nonzero()
+        self._moved = moved.index_select(0, rows.squeeze(1))
+        return rows.squeeze(1)
 
     def _anchored(self, moved: Tensor, rows: Tensor | None) -> Tensor:
         """The anchored lower bound ``l - m - P`` on the distance (with a rate: the objective root) of every
@@ -349,7 +349,7 @@ class BoundedSearch:
         v = x[:, 0]
         rows = ((v > lo) & (v < hi)).logical_not_().nonzero().squeeze(1)
         if len(rows):
-            if len(rows) * len(codebook) <= FEW:  # the definition itself: fewer operations than the searches
+            if len(rows) * len(codebook) <= FEW << (rate is not None):  # the definition itself: fewer operations than the searches
                 found = brute_force_nearest(x[rows], codebook, rate, None if rate is None else rate.reference[rows])
             elif rate is None:
                 found = nearest_1d(x[rows], codebook)
@@ -427,10 +427,10 @@ class BoundedSearch:
                 before = self.indices.index_select(0, part).long()
                 if rate is None:
                     ref = None
-                    left = self._by_candidates(part, xr, self._moved.index_select(0, part))
+                    left = self._by_candidates(part, xr, self._moved[start : start + ROW_BLOCK])
                 else:
                     ref = rate.reference.index_select(0, part).long()
-                    left = self._by_candidates_rate(part, xr, self._moved.index_select(0, part), rate, ref)
+                    left = self._by_candidates_rate(part, xr, self._moved[start : start + ROW_BLOCK], rate, ref)
                 if len(left):
                     xl = xr.index_select(0, left)
                     found, lower, cand, rest = scan(xl, codebook, self.chunk_elements, self.candidates, rate,

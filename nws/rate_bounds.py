@@ -1,4 +1,4 @@
-"""The rate term inside the bounded search's proofs (:class:`~nws.bounded_search.BoundedSearch` with a
+"""The bounded search's proofs, and the rate term inside them (:class:`~nws.bounded_search.BoundedSearch` with a
 :class:`~nws.rate_penalty.RatePenalty`): what a lower bound on distances says about the objective ``J(k) =
 |x - p_k|^2 + mu * bits[r, k]``, the one comparison per kernel that the gap test comes down to, and the
 proof that a kernel keeps its entry ``a``.
@@ -11,6 +11,8 @@ movement terms of Hamerly's bounds apply unchanged, and a distance bound ``L`` i
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -93,4 +95,40 @@ def proof(x: Tensor, near: Tensor, by_gap: Tensor | None, anchored: Tensor | Non
         if len(pos):
             diff = x[pos] - codebook.index_select(0, ref_rows)
             ok[pos] = cost[pos] < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
+    return ok
+
+
+def anchored_proof(x: Tensor, sq: Tensor, moved_sq: Tensor, lower: Tensor, drift: float, indices: Tensor,
+                   rate: RatePenalty | None, codebook: Tensor) -> Tensor:
+    """Whether every kernel provably keeps its entry ``a`` by its anchor alone: ``phi_a + m < l - P``
+    (``phi_a = |x - p_a|``, with a rate ``sqrt(J(a))``; ``m`` the distance from the anchor; ``lower`` the
+    stored ``drift0 + l``, ``drift`` the drift now), from the squared distances to the entries (``sq``) and
+    the anchors (``moved_sq``), both overwritten. Scaled so that the test is one comparison per kernel after
+    a square root each and two additions, where the terms one by one took a dozen passes over the kernels;
+    every rounding is charged to the bounds, with a margin. A kernel off its reference also needs ``J(a) <
+    J(r) = |x - p_r|^2``, measured for those that pass. A NaN anywhere fails the proof."""
+    roundup = sqdist_roundup(x)
+    k = (1 - SLACK) ** 2 / (1 + SLACK)  # the margin taken off the stored bound
+    scale = (1 + SLACK) / k**2
+    off = None
+    if rate is not None:
+        ref = rate.reference
+        off = ((indices != ref) & (ref < rate.num_entries)).nonzero().squeeze(1)
+        if len(off):
+            a, r = indices.index_select(0, off).long(), ref.index_select(0, off).long()
+            pen = rate.penalty(r, a, x.dtype)
+            cost = (sq.index_select(0, off) * (roundup * (1 + SLACK)) + pen * (1 + SLACK)) * (1 + SLACK)
+    root = sq.mul_(roundup * scale)
+    if off is not None and len(off):
+        root.index_copy_(0, off, cost * ((1 + SLACK) / k**2))
+    root.sqrt_().add_(moved_sq.sqrt_(), alpha=math.sqrt(roundup) * (1 + SLACK) / k)
+    if drift:
+        root.add_(drift * (1 + SLACK) / k)
+    ok = root < lower
+    if off is not None and len(off):
+        pos = ok.index_select(0, off).nonzero().squeeze(1)
+        if len(pos):
+            rows = off.index_select(0, pos)
+            diff = x.index_select(0, rows) - codebook.index_select(0, r.index_select(0, pos))
+            ok.index_copy_(0, rows, cost.index_select(0, pos) < diff.square_().sum(1) / roundup * (1 - SLACK))
     return ok

@@ -9,6 +9,7 @@ import torch
 import nws
 import nws.bounded_search
 import nws.exhaustive
+import nws.rate_bounds
 import nws.scalar_search
 from nws import brute_force_nearest, nearest
 from nws.bounded_search import BoundedSearch
@@ -595,6 +596,44 @@ def test_bounded_search_gap_limit_is_the_gap_proof_in_one_comparison(mu: float |
             assert inside.all() and kept.all()
         else:
             assert not inside.any() and kept.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("mu", [None, 0.5])
+def test_bounded_search_anchored_proof_in_one_comparison(mu: float | None) -> None:
+    """The anchored bound alone, as the pass takes it for every kernel (one comparison after its terms), proves
+    no kernel that the proof term by term does not, nearly every one it does, and only kernels whose entry is
+    the answer: kernels searched in full, then moved by up to their distance to the nearest other entry, with
+    the pool moved a little (the drift in the bound), on their reference, off it and without one."""
+    g = _gen(31)
+    k, d, n = 64, 9, 40_000
+    book = torch.randn(k, d, generator=g)
+    x0 = torch.randn(n, d, generator=g)
+    ref = torch.randint(k, (n,), generator=g)
+    on = torch.rand(n, generator=g) < 0.5
+    ref[on] = nearest(x0, book)[on].to(ref.dtype)
+    ref[torch.rand(n, generator=g) < 0.05] = k
+    table = (torch.rand(k + 1, k, generator=g) * 6 + 2).half()
+    table[k] = 0
+    table[:k].fill_diagonal_(0)
+    rate = None if mu is None else RatePenalty(ref, table, mu, k)
+    search = BoundedSearch()
+    search(x0, book, rate)
+    moved_book = book + 1e-3 * torch.randn(k, d, generator=g)
+    assert search._account_drift(moved_book) and search.drift > 0
+    way = torch.randn(n, d, generator=g)
+    x = x0 + way / way.norm(dim=1, keepdim=True) * torch.rand(n, 1, generator=g) * 0.5
+    dist = (x - moved_book[search.indices.long()]).square().sum(1)
+    moved = (x - search.anchor.float()).square().sum(1)
+    roundup = nws.exhaustive.sqdist_roundup(x)
+    near = dist * roundup
+    radius = near.sqrt() * (1 + nws.exhaustive.SLACK)
+    term_by_term = search._proof(x, None, near, radius, None, search._anchored((moved * roundup).sqrt(), None), rate)
+    one = nws.rate_bounds.anchored_proof(x, dist.clone(), moved.clone(), search.lower, search.drift, search.indices,
+                                         rate, moved_book)
+    assert not (one & ~term_by_term).any()
+    assert one.sum() > 0.99 * term_by_term.sum() and term_by_term.sum() > n // 4
+    oracle = brute_force_nearest(x, moved_book) if rate is None else _rate_oracle(x, moved_book, rate)
+    assert torch.equal(oracle[one], search.indices[one].long())
 
 
 def test_bounded_search_rate_proves_kernels_on_their_reference(one_thread: None) -> None:
