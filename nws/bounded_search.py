@@ -349,7 +349,7 @@ class BoundedSearch:
         v = x[:, 0]
         rows = ((v > lo) & (v < hi)).logical_not_().nonzero().squeeze(1)
         if len(rows):
-            if len(rows) * len(codebook) <= FEW << (rate is not None):  # the definition itself: fewer operations than the searches
+            if len(rows) * len(codebook) <= FEW << (rate is not None):  # few: by the definition itself
                 found = brute_force_nearest(x[rows], codebook, rate, None if rate is None else rate.reference[rows])
             elif rate is None:
                 found = nearest_1d(x[rows], codebook)

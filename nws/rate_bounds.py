@@ -1,7 +1,7 @@
-"""The bounded search's proofs, and the rate term inside them (:class:`~nws.bounded_search.BoundedSearch` with a
-:class:`~nws.rate_penalty.RatePenalty`): what a lower bound on distances says about the objective ``J(k) =
-|x - p_k|^2 + mu * bits[r, k]``, the one comparison per kernel that the gap test comes down to, and the
-proof that a kernel keeps its entry ``a``.
+"""The bounded search's proofs, and the rate term inside them (:class:`~nws.bounded_search.BoundedSearch`, with
+or without a :class:`~nws.rate_penalty.RatePenalty`): what a lower bound on distances says about the objective
+``J(k) = |x - p_k|^2 + mu * bits[r, k]``, the one comparison per kernel that the gap test and the anchored test
+come down to, and the proof that a kernel keeps its entry ``a``.
 
 Bounds kept from call to call are on the *objective roots* ``phi_k(x) = sqrt(J(k))``, of every entry but
 the kernel's entry and its reference ``r`` (whose objective, the distance alone, is measured when needed):
@@ -102,11 +102,12 @@ def anchored_proof(x: Tensor, sq: Tensor, moved_sq: Tensor, lower: Tensor, drift
                    rate: RatePenalty | None, codebook: Tensor) -> Tensor:
     """Whether every kernel provably keeps its entry ``a`` by its anchor alone: ``phi_a + m < l - P``
     (``phi_a = |x - p_a|``, with a rate ``sqrt(J(a))``; ``m`` the distance from the anchor; ``lower`` the
-    stored ``drift0 + l``, ``drift`` the drift now), from the squared distances to the entries (``sq``) and
-    the anchors (``moved_sq``), both overwritten. Scaled so that the test is one comparison per kernel after
-    a square root each and two additions, where the terms one by one took a dozen passes over the kernels;
-    every rounding is charged to the bounds, with a margin. A kernel off its reference also needs ``J(a) <
-    J(r) = |x - p_r|^2``, measured for those that pass. A NaN anywhere fails the proof."""
+    stored ``drift0 + l``, ``drift`` the drift now), from the squared distances to the entries (``sq``,
+    overwritten) and the anchors (``moved_sq``, left holding their square roots, not rounded up). Scaled so
+    that the test is one comparison per kernel after a square root each and two additions, where the terms
+    one by one took a dozen passes over the kernels; every rounding is charged to the bounds, with a margin.
+    A kernel off its reference also needs ``J(a) < J(r) = |x - p_r|^2``, measured for those that pass. A NaN
+    anywhere fails the proof."""
     roundup = sqdist_roundup(x)
     k = (1 - SLACK) ** 2 / (1 + SLACK)  # the margin taken off the stored bound
     scale = (1 + SLACK) / k**2
