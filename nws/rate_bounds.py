@@ -62,6 +62,22 @@ def gap_limits(gap: Tensor, indices: Tensor, rate: RatePenalty | None, ref: Tens
     return ((rho / (1 + SLACK)).square() / sqdist_roundup(x) * one**4).to(x.dtype)
 
 
+def _off_reference(indices: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The rows on an entry other than their reference (among those that have one, ``ref < k``), and their
+    references (long)."""
+    off = (indices != ref).nonzero().squeeze(1)
+    ref_off = ref.index_select(0, off).long()
+    has = ref_off < k  # kernels without a reference pay nothing
+    return off[has], ref_off[has]
+
+
+def _below_reference(x: Tensor, rows: Tensor, cost: Tensor, ref_rows: Tensor, codebook: Tensor) -> Tensor:
+    """Whether ``cost`` (upper bounds on ``J(a)`` of kernels ``rows``) is below ``J(r) = |x - p_r|^2``, measured
+    and rounded down."""
+    diff = x.index_select(0, rows) - codebook.index_select(0, ref_rows)
+    return cost < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
+
+
 def proof(x: Tensor, near: Tensor, by_gap: Tensor | None, anchored: Tensor | None, indices: Tensor, ref: Tensor,
           free: Tensor, rate: RatePenalty, codebook: Tensor) -> Tensor:
     """Whether kernels ``x`` on entries ``indices`` with references ``ref`` (``free``: the rows without one)
@@ -78,11 +94,8 @@ def proof(x: Tensor, near: Tensor, by_gap: Tensor | None, anchored: Tensor | Non
     roots = None if anchored is None else anchored.clamp_min(0).square_().mul_((1 - SLACK) ** 2)
     floored = roots if reach is None else reach + floor if roots is None else (reach + floor).maximum(roots)
     cost = near * (1 + SLACK)
-    off = (indices != ref).nonzero().squeeze(1)
+    off, ref_off = _off_reference(indices, ref, k)
     if len(off):
-        ref_off = ref[off].long()
-        has = ref_off < k  # kernels without a reference pay nothing
-        off, ref_off = off[has], ref_off[has]
         pen = rate.penalty(ref_off, indices[off].long(), x.dtype)
         cost[off] = (cost[off] + pen * (1 + SLACK)) * (1 + SLACK)
     ok = cost < floored
@@ -93,8 +106,7 @@ def proof(x: Tensor, near: Tensor, by_gap: Tensor | None, anchored: Tensor | Non
         check = ok[off] if reach is None else ok[off] & ~(cost[off] < reach[off])
         pos, ref_rows = off[check], ref_off[check]
         if len(pos):
-            diff = x[pos] - codebook.index_select(0, ref_rows)
-            ok[pos] = cost[pos] < diff.square_().sum(1) / sqdist_roundup(x) * (1 - SLACK)
+            ok[pos] = _below_reference(x, pos, cost[pos], ref_rows, codebook)
     return ok
 
 
@@ -113,11 +125,9 @@ def anchored_proof(x: Tensor, sq: Tensor, moved_sq: Tensor, lower: Tensor, drift
     scale = (1 + SLACK) / k**2
     off = None
     if rate is not None:
-        ref = rate.reference
-        off = ((indices != ref) & (ref < rate.num_entries)).nonzero().squeeze(1)
+        off, r = _off_reference(indices, rate.reference, rate.num_entries)
         if len(off):
-            a, r = indices.index_select(0, off).long(), ref.index_select(0, off).long()
-            pen = rate.penalty(r, a, x.dtype)
+            pen = rate.penalty(r, indices.index_select(0, off).long(), x.dtype)
             cost = (sq.index_select(0, off) * (roundup * (1 + SLACK)) + pen * (1 + SLACK)) * (1 + SLACK)
     root = sq.mul_(roundup * scale)
     if off is not None and len(off):
@@ -130,6 +140,6 @@ def anchored_proof(x: Tensor, sq: Tensor, moved_sq: Tensor, lower: Tensor, drift
         pos = ok.index_select(0, off).nonzero().squeeze(1)
         if len(pos):
             rows = off.index_select(0, pos)
-            diff = x.index_select(0, rows) - codebook.index_select(0, r.index_select(0, pos))
-            ok.index_copy_(0, rows, cost.index_select(0, pos) < diff.square_().sum(1) / roundup * (1 - SLACK))
+            ok.index_copy_(0, rows, _below_reference(x, rows, cost.index_select(0, pos), r.index_select(0, pos),
+                                                     codebook))
     return ok
