@@ -87,6 +87,10 @@ class ModelConfig:
     """lambda of the rate-aware search: each kernel takes the entry minimising its squared distance plus lambda
     times the bits its choice costs in the task file (in units of the pool's typical squared gap between
     neighbouring entries; docs/rate.md); 0: the nearest entry, as in the paper"""
+    rate_warmup: HalfOpenUnit = 0.0
+    """fraction of a task's optimizer steps over which the rate's lambda rises from 0 to model.rate, in 16
+    equal steps: kernels first move as at lambda 0 (near their reference entries), then go back to it unless
+    their move pays; fewer bytes at the same accuracy (docs/rate.md). 0: lambda from the first step"""
     bn_stats: NonNegativeInt = 0
     """training images (of the task, seeded random) over which every BatchNorm layer's running statistics are
     computed afresh at the end of a task, with its final weights, before it is folded, evaluated and stored;

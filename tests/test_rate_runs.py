@@ -12,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import nws
 from nws.config_parser import stored_config
 from nws.convert import nws_layers
-from nws.methods.nws import TaskStore
+from nws.methods.nws import RateWarmup, TaskStore
+from nws.models import create_model
 from nws.runner import Runner
 
 FIXTURE = Path(__file__).parent / "fixtures" / "demo_before_rate.json"
@@ -47,17 +51,19 @@ def changed_fraction(store: TaskStore, index: int) -> float:
 
 
 def test_a_rate_keeps_more_indices_and_smaller_files_losslessly(tmp_path):
+    """At lambda 3, from the first step or warmed up over half of each task's steps (``model.rate_warmup``)."""
     demo(tmp_path / "plain", *SHORT, "--seed", "3")
     demo(tmp_path / "rate", *SHORT, "--seed", "3", "--model.rate", "3")
-    stores = {kind: TaskStore(tmp_path / kind) for kind in ("plain", "rate")}
+    demo(tmp_path / "warm", *SHORT, "--seed", "3", "--model.rate", "3", "--model.rate_warmup", "0.5")
+    stores = {kind: TaskStore(tmp_path / kind) for kind in ("plain", "rate", "warm")}
     assert stores["plain"].read("pools.safetensors") == stores["rate"].read("pools.safetensors")  # same source stage
     results = {kind: json.loads((tmp_path / kind / "results.json").read_text()) for kind in stores}
     for kind, r in results.items():
         assert all(t["acc_from_storage"] == t["acc_after_training"] for t in r["tasks"]), kind
     indices = {kind: [t["bytes"]["indices"] for t in r["tasks"]] for kind, r in results.items()}
-    assert sum(indices["rate"]) < sum(indices["plain"]) / 2, indices
+    assert sum(indices["rate"]) < sum(indices["plain"]) / 2 and sum(indices["warm"]) < sum(indices["plain"]) / 2, indices
     changed = {kind: [changed_fraction(store, i) for i in range(5)] for kind, store in stores.items()}
-    assert all(r < p for r, p in zip(changed["rate"], changed["plain"])), changed
+    assert all(r < p and w < p for r, w, p in zip(changed["rate"], changed["warm"], changed["plain"])), changed
     # The rebuilt network searches exactly the stored indices: its forward is the trained one's.
     model = stores["rate"].model(4)
     stored = stores["rate"].codes(4)
@@ -80,3 +86,30 @@ def test_a_task_starts_from_the_previous_task_or_from_the_source(tmp_path, start
     expected = store.reference_codes() if start == "source" else store.codes(0)
     assert codes and all(torch.equal(codes[name], expected[name]) for name in codes)
     assert any(not torch.equal(store.codes(0)[name], store.reference_codes()[name]) for name in codes)
+
+
+def test_rate_warmup_raises_lambda_in_sixteen_levels_from_the_step_count():
+    """Lambda 0 (no rate) for the first sixteenth of the warm-up, then a sixteenth more every sixteenth, held
+    at lambda from the warm-up's end; a new penalty only when the level changes; a task resumed mid-way (a
+    callback made afresh) takes up the level of the step it starts at."""
+    torch.manual_seed(0)
+    model = nws.freeze_pools(nws.convert(create_model("convnet", num_classes=3), pool_size=16, init="kernels"))
+    reference = nws.encode(model)
+    total, lam = 200, 0.8
+    warmup = RateWarmup(reference, lam, 0.4)  # 80 steps, a level every 5
+    seen, penalties = [], [None]
+    for step in range(total):
+        warmup.on_train_batch_start(SimpleNamespace(global_step=step, estimated_stepping_batches=total),
+                                    SimpleNamespace(model=model), None, step)
+        rates = [layer.rate for _, layer in nws_layers(model)]
+        if rates[0] is not penalties[-1]:
+            penalties.append(rates[0])
+        lams = {0.0 if r is None else r.lam for r in rates}
+        assert len(lams) == 1
+        seen.append(lams.pop())
+    assert seen == [lam * min(16, step // 5) / 16 for step in range(total)]
+    assert len(penalties) == 17  # no rate, then one penalty per level
+    resumed = RateWarmup(reference, lam, 0.4)
+    resumed.on_train_batch_start(SimpleNamespace(global_step=42, estimated_stepping_batches=total),
+                                 SimpleNamespace(model=model), None, 0)
+    assert all(layer.rate.lam == lam * 8 / 16 for _, layer in nws_layers(model))

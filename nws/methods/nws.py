@@ -49,6 +49,28 @@ class PoolEMA(L.Callback):
             update_pools(pl_module.model)
 
 
+class RateWarmup(L.Callback):
+    """The rate's lambda rising from 0 to ``lam`` over the first ``fraction`` of a task's optimizer steps, in
+    :attr:`LEVELS` equal steps, then held (each new level is a new penalty: a full search). Kernels first move
+    as at lambda 0, staying near their reference entries; as the price rises each goes back to its reference
+    unless its move pays. Started from lambda itself, a kernel's weight must travel past several entries
+    before its first move pays, and lands far from its reference (docs/rate.md). Set from the step count, so
+    a resumed task takes up the level where it stopped."""
+
+    LEVELS = 16
+
+    def __init__(self, reference: dict[str, torch.Tensor], lam: float, fraction: float):
+        self.reference, self.lam, self.fraction = reference, lam, fraction
+        self.level: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        warm = self.fraction * trainer.estimated_stepping_batches
+        level = self.LEVELS if trainer.global_step >= warm else int(self.LEVELS * trainer.global_step / warm)
+        if level != self.level:
+            set_rate(pl_module.model, self.reference, self.lam * level / self.LEVELS)
+            self.level = level
+
+
 def nws_loss_terms(model: nn.Module, cfg: TrainConfig) -> list[LossTerm]:
     """NWS's terms for a model with NWS layers: ``beta`` times the commitment term, and with ``sparsity`` the
     group-lasso pull towards the pools' zero entries; none for a plain model (k-means pools' first stage)."""
@@ -171,9 +193,13 @@ class NWS(Method):
         model = self.head_for(start.train(), index)
         for p in model.parameters():
             p.requires_grad_(True)
-        if self.config.model.rate:
-            set_rate(model, self.reference_for(index), self.config.model.rate)
-        return self.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index))
+        m, callbacks = self.config.model, []
+        if m.rate and m.rate_warmup:
+            callbacks.append(RateWarmup(self.reference_for(index), m.rate, m.rate_warmup))
+        elif m.rate:
+            set_rate(model, self.reference_for(index), m.rate)
+        return self.fit(model, task, self.config.task, f"task_{index:03d}", task_seed(self.config.seed, index),
+                        callbacks=callbacks)
 
     def reference_for(self, index: int) -> dict[str, torch.Tensor]:
         """The indices task ``index`` is coded against (:meth:`against`), read from the run's files."""
@@ -205,4 +231,5 @@ class NWS(Method):
         return {"sparsity": kernel_sparsity(rebuilt)} if has_zero_entry(rebuilt) else {}
 
 
-__all__ = ["NWS", "POOLS", "REFERENCE", "PoolEMA", "TaskStore", "nws_loss_terms", "pretrained_spec", "save_pools_run"]
+__all__ = ["NWS", "POOLS", "REFERENCE", "PoolEMA", "RateWarmup", "TaskStore", "nws_loss_terms", "pretrained_spec",
+           "save_pools_run"]
