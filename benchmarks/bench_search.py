@@ -11,7 +11,8 @@ threads are torch's default (what a user gets) and steps are timed by the wall c
   (3) task 1: starting from task 0's weights rebuilt from its indices (every kernel on its entry), a long run
       shown in windows, to see that the cost stays where it settles.
 (2) and (3) run the nearest-entry search (lam 0) and the rate-aware one (``--lam``, against the source
-network's indices, :mod:`nws.rate`) side by side with plain training.
+network's indices, :mod:`nws.rate`) side by side with plain training. (4) a whole task from the source network
+at ``--lam``, from the first step and warmed up (``model.rate_warmup 0.5``), against plain training.
 Then the search variants side by side on a decoded start: plain, NWS with an exact chunked search of every
 kernel every step (``nearest``), NWS as shipped, NWS with the reference implementation's search (full
 distance matrix, argmin and one-hot product per layer per forward); the memory of each; and how the cost
@@ -253,6 +254,38 @@ def life_cycle(data: tuple[Tensor, Tensor], warmup: int, measured: int, long: in
         model = models[0]
 
 
+def warmup_cost(data: tuple[Tensor, Tensor], count: int, lam: float) -> None:
+    """A whole task of ``count`` steps from the source network (off its entries, as ``model.task_start:
+    source`` starts), the rate at ``lam`` from the first step or warmed up over the first half
+    (:class:`nws.methods.nws.RateWarmup`, as a run drives it: 16 levels, the first a new penalty, the rest
+    repriced), side by side with plain training: the total time of the task, level changes included."""
+    from types import SimpleNamespace
+
+    from nws.methods.nws import RateWarmup
+
+    plain = plain_model()
+    model = nws.freeze_pools(nws_model(plain))
+    REFERENCE.update(nws.encode(model))
+    copy_weights(plain, model)
+    warm = copy.deepcopy(model)
+    warmup = RateWarmup(REFERENCE, lam, 0.5)
+    models = [rate_aware(model, lam), warm]
+    batches, steppers = Batches(data), [Stepper(plain, False)] + [Stepper(m, True) for m in models]
+    totals = [0.0] * len(steppers)
+    for i in range(count):
+        warmup.on_train_batch_start(SimpleNamespace(global_step=i, estimated_stepping_batches=count),
+                                    SimpleNamespace(model=warm), None, i)
+        x, y = batches()
+        for j in range(len(steppers)):
+            k = (i + j) % len(steppers)
+            totals[k] += steppers[k](x, y)
+    print(f"\n(4) a whole task of {count} steps from the source network (off its entries), lam {lam:g}: total time "
+          "against plain training\n| NWS | total | / plain |\n|---|---|---|")
+    print(f"| plain | {totals[0]:.1f} s | 1 |")
+    for name, total in zip((f"lam {lam:g} from the first step", "warmed up over the first half"), totals[1:]):
+        print(f"| {name} | {total:.1f} s | **{total / totals[0]:.3f}x** |")
+
+
 def variant_models(pool_size: int = 512) -> dict[str, nn.Module]:
     plain = plain_model()
     shipped = decoded(nws_model(plain, pool_size))
@@ -405,7 +438,7 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.5, help="the rate-aware search's lambda for the task starts")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time steps by the wall clock or by this process's CPU time (one thread on a busy machine)")
-    parser.add_argument("--only", choices=("cycle", "variants", "memory", "scaling"), action="append",
+    parser.add_argument("--only", choices=("cycle", "warmup", "variants", "memory", "scaling"), action="append",
                         help="run only these parts (repeatable)")
     args = parser.parse_args()
     if not (args.data / "train-images-idx3-ubyte.gz").exists():
@@ -414,13 +447,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    parts = args.only or ["cycle", "variants", "memory", "scaling"]
+    parts = args.only or ["cycle", "warmup", "variants", "memory", "scaling"]
     warmup, measured, long, rounds = (10, 10, 20, 3) if args.quick else (60, 40, 300, 10)
     data = fashion_mnist(args.data)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; ResNet-18 (CIFAR stem), batch 32, "
           f"K 512, g 1; Fashion-MNIST {len(data[1]):,} images (T-shirt vs trouser), a fresh batch every step")
     if "cycle" in parts:
         life_cycle(data, warmup, measured, long, args.lam)
+    if "warmup" in parts:
+        warmup_cost(data, 32 if args.quick else 320, args.lam)
     if "variants" in parts:
         variants(data, rounds, 3)
     if "memory" in parts:

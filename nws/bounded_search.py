@@ -406,10 +406,10 @@ class BoundedSearch:
             if x.shape[1] == 1:
                 return self._one_dim(x, codebook, rate)
             moved = None
-            # Bounds on one rate's objective roots do not hold for another's (distances hold for any).
+            # Bounds on one rate's objective roots hold for it at a higher price, not for another (distances: any).
             if (self.anchor is not None and self.anchor.shape == x.shape and self.lower.dtype == x.dtype
                     and self.codebook.shape == codebook.shape and self.codebook.device == codebook.device
-                    and (self._bound_rate is None or self._bound_rate is rate)):
+                    and (self._bound_rate is None or (rate is not None and rate.raises(self._bound_rate)))):
                 moved = self._account_drift(codebook)
                 if moved is not None and rate is not None and self._bound_rate is None:
                     self._lift(rate)

@@ -24,12 +24,14 @@ nearest-entry search, bit for bit (no rate is set at all).
 
 Use: ``set_rate(model, reference, lam)`` before training a task (``reference``: what the task file will be
 coded against, per layer), optionally ``refresh_rate(model)`` during training to re-estimate the bit models
-from the current assignment, and ``clear_rate(model)`` after. :func:`nws.encode` then stores the rate-aware
+from the current assignment or ``reprice(model, lam)`` to raise its price (a warm-up), and ``clear_rate(model)``
+after. :func:`nws.encode` then stores the rate-aware
 choices. The search stays exact for the objective on every path (:mod:`nws.search`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from nws.rate_penalty import RatePenalty
 from nws.exhaustive import exact_sqdist
 
 __all__ = ["BitModel", "LayerRate", "clear_rate", "coded_bits", "estimate_model", "layer_rate", "pool_scale",
-           "prior_model", "refresh_rate", "set_rate"]
+           "prior_model", "refresh_rate", "reprice", "set_rate"]
 
 
 @dataclass
@@ -298,6 +300,18 @@ def refresh_rate(model: nn.Module, lam: float | None = None, smoothing: float = 
         layer.rate = layer_rate(layer, rate.given, rate.lam if lam is None else lam, bm)
         used[name] = bm
     return used
+
+
+def reprice(model: nn.Module, lam: float) -> None:
+    """Every rate-aware layer of ``model`` at ``lam`` (> 0), keeping its reference, bit model and tables. At a
+    higher ``lam`` no entry's objective falls, so the search keeps its bounds
+    (:meth:`~nws.rate_penalty.RatePenalty.raises`) where a new rate from :func:`set_rate` starts it afresh:
+    a rate raised step by step costs a full search only once."""
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam}")
+    for _, layer in nws_layers(model):
+        if isinstance(layer.rate, LayerRate):
+            layer.rate = dataclasses.replace(layer.rate, mu=lam * layer.rate.scale, lam=lam)
 
 
 def clear_rate(model: nn.Module) -> None:

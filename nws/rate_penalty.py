@@ -26,7 +26,8 @@ class RatePenalty:
     (for pools too large for the coder's neighbour ranks). ``mu`` (>= 0) is the price of a bit in
     squared-distance units. The penalty of a choice is defined as ``mu * b`` in float64, ``b`` the float16
     value; :func:`~nws.exhaustive.brute_force_nearest` with it is the definition of the search. Not to be
-    changed once searched with: the bounded search keeps bounds for this object (a new price is a new one).
+    changed once searched with: the bounded search keeps bounds for this object, and for a new one that
+    :meth:`raises` it (the same reference and bits at a higher price); any other is searched afresh.
     """
 
     reference: Tensor
@@ -61,6 +62,12 @@ class RatePenalty:
         if (len(self.reference), self.num_entries) != (n, k):
             raise ValueError(f"rate is for {len(self.reference)} kernels and a pool of {self.num_entries} "
                              f"entries; searching {n} kernels in a pool of {k}")
+
+    def raises(self, other: RatePenalty | None) -> bool:
+        """Whether this penalty is ``other``, or ``other`` at a price no lower (its very reference and bits):
+        then no entry's objective is lower under it, so bounds on ``other``'s objective roots hold for it."""
+        return other is self or (other is not None and other.reference is self.reference and other.bits is self.bits
+                                 and other.flat == self.flat and self.mu >= other.mu)
 
     def to(self, device: torch.device | str) -> RatePenalty:
         """This penalty with its tensors on ``device`` (itself if they are there already)."""

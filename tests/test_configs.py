@@ -31,7 +31,8 @@ PRETRAIN = {**SGD, "epochs": 160, "batch_size": 2048, "lr": 0.01, "beta": 0.5, "
 MODEL = {"name": "resnet18", "kwargs": {"stem": "imagenet", "maxpool": False}, "pool_size": 512, "group_size": 1,
          "exclude": [], "init": "normal", "decay": 0.99, "eps": 1e-5, "zero_entry": False,
          "code_reference": "source", "key_every": 10, "task_start": "previous",
-         "bn_stats": 0, "bn_dtype": "float32", "rate": 0.0}  # storage, rate, BatchNorm's end: nws's own, off
+         # storage, rate, BatchNorm's end: nws's own, off
+         "bn_stats": 0, "bn_dtype": "float32", "rate": 0.0, "rate_warmup": 0.0}
 # MobileNetV2 and VGG16-BN (the reference's funcs/module_funcs.py:7-8,28-29 and its *_adam.sh scripts): Adam(lr)
 # with torch's default betas and eps and no weight decay, x0.1 at half the epochs; momentum and nesterov unused.
 ADAM = {**SGD, "optimizer": "adam", "weight_decay": 0.0}

@@ -1,6 +1,7 @@
 """``nws.nearest`` is exact: it always equals ``brute_force_nearest``, ties going to the lowest index."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import nws
 import nws.bounded_search
 import nws.exhaustive
+import nws.rate
 import nws.rate_bounds
 import nws.scalar_search
 from nws import brute_force_nearest, nearest
@@ -515,6 +517,44 @@ def test_bounded_search_rate_random_walk(one_thread: None, row_block: int, monke
     # As without a rate, kernels at a duplicated entry (half the kernels here) are mostly searched again.
     assert searched[0] == n and sum(searched[1:]) < 0.75 * n * len(searched[1:])
     assert min(kept) > 0.1 and max(kept) < 1  # kernels on and off their reference all along
+
+
+@pytest.mark.parametrize("d", [9, 1])
+def test_bounded_search_keeps_its_bounds_as_the_price_rises(d: int, one_thread: None) -> None:
+    """The same reference and bits at a price raised step by step (a warm-up, :func:`nws.rate.reprice`), kernels
+    moving, half of them referred to their entry's nearest other entry: equal to the oracle at every step,
+    more kernels back on their reference as it rises, and (vectors of length 9) the bounds kept: not a full
+    search, most kernels proved by the pass; a lower price, or another table at a higher one, is searched
+    afresh."""
+    g = _gen(40 + d)
+    n, k = 3000, 64
+    codebook = _dyadic((k, d), g)
+    w = codebook[torch.randint(k, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
+    near = brute_force_nearest(w, codebook)
+    second = nws.exhaustive.entry_neighbours(codebook, 2, 1 << 20)[0][near, 1]  # the entry's nearest other
+    ref = torch.where(torch.rand(n, generator=g) < 0.5, second, near)
+    ref[torch.rand(n, generator=g) < 0.05] = k
+    rate = RatePenalty(ref, _bits_table(k, g, dyadic=True), nws.rate.pool_scale(codebook) / 64, k)
+    search = BoundedSearch(chunk_elements=4096)
+    got = search(w, codebook, rate)
+    kept = [float((got == ref).float().mean())]
+    for _ in range(8):
+        w += 0.002 * torch.randn(n, d, generator=g)
+        raised = dataclasses.replace(rate, mu=rate.mu * 2)
+        assert raised.raises(rate) and not rate.raises(raised)
+        rate = raised
+        got = search(w, codebook, rate)
+        assert torch.equal(got.long(), _rate_oracle(w, codebook, rate))
+        kept.append(float((got == ref).float().mean()))
+        if d > 1:
+            assert search.last_full < n // 100 and search.last_searched < n // 4  # not a full search (n)
+    assert kept[-1] > kept[0] + 0.03, kept
+    for other in (dataclasses.replace(rate, mu=rate.mu / 2), RatePenalty(ref, rate.bits.clone(), rate.mu * 2, k)):
+        assert not other.raises(rate)
+        got = search(w, codebook, other)
+        assert torch.equal(got.long(), _rate_oracle(w, codebook, other))
+        if d > 1:
+            assert search.last_full == n
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 64])

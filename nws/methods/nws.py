@@ -28,7 +28,7 @@ from nws.methods.base import Context, Method, Saved
 from nws.models import create_model
 from nws.pool import all_reduce_step_statistics
 from nws.pool_sources import pools_from_model
-from nws.rate import set_rate
+from nws.rate import reprice, set_rate
 from nws.sparsity import has_zero_entry, kernel_sparsity, sparsity_loss
 from nws.methods.nws_store import POOLS, REFERENCE, TaskStore, save_pools_run
 from nws.store import SOURCE, task_file
@@ -51,11 +51,12 @@ class PoolEMA(L.Callback):
 
 class RateWarmup(L.Callback):
     """The rate's lambda rising from 0 to ``lam`` over the first ``fraction`` of a task's optimizer steps, in
-    :attr:`LEVELS` equal steps, then held (each new level is a new penalty: a full search). Kernels first move
-    as at lambda 0, staying near their reference entries; as the price rises each goes back to its reference
-    unless its move pays. Started from lambda itself, a kernel's weight must travel past several entries
-    before its first move pays, and lands far from its reference (docs/rate.md). Set from the step count, so
-    a resumed task takes up the level where it stopped."""
+    :attr:`LEVELS` equal steps, then held. Kernels first move as at lambda 0, staying near their reference
+    entries; as the price rises each goes back to its reference unless its move pays. Started from lambda
+    itself, a kernel's weight must travel past several entries before its first move pays, and lands far from
+    its reference (docs/rate.md). The first level is a new penalty (a full search), the others the same at a
+    higher price (:func:`nws.rate.reprice`: the search keeps its bounds). Set from the step count, so a
+    resumed task takes up the level where it stopped."""
 
     LEVELS = 16
 
@@ -67,7 +68,11 @@ class RateWarmup(L.Callback):
         warm = self.fraction * trainer.estimated_stepping_batches
         level = self.LEVELS if trainer.global_step >= warm else int(self.LEVELS * trainer.global_step / warm)
         if level != self.level:
-            set_rate(pl_module.model, self.reference, self.lam * level / self.LEVELS)
+            lam = self.lam * level / self.LEVELS
+            if self.level and level > self.level:
+                reprice(pl_module.model, lam)  # the search keeps its bounds
+            else:
+                set_rate(pl_module.model, self.reference, lam)
             self.level = level
 
 
