@@ -24,9 +24,9 @@ nearest-entry search, bit for bit (no rate is set at all).
 
 Use: ``set_rate(model, reference, lam)`` before training a task (``reference``: what the task file will be
 coded against, per layer), optionally ``refresh_rate(model)`` during training to re-estimate the bit models
-from the current assignment or ``reprice(model, lam)`` to raise its price (a warm-up), and ``clear_rate(model)``
-after. :func:`nws.encode` then stores the rate-aware
-choices. The search stays exact for the objective on every path (:mod:`nws.search`).
+from the current assignment, or ``reprice(model, lam)`` to raise the price (a warm-up), and
+``clear_rate(model)`` after. :func:`nws.encode` then stores the rate-aware choices. The search stays exact
+for the objective on every path (:mod:`nws.search`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import nws
 from nws.models import create_model
 from nws.packing import RANK_MAX_ENTRIES, neighbour_order, neighbour_rank
 from nws.rate import (BitModel, LayerRate, coded_bits, estimate_model, layer_rate, pool_scale, prior_model,
-                      refresh_rate, set_rate)
+                      refresh_rate, reprice, set_rate)
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +160,27 @@ def test_refresh_rate_keeps_reference_and_lam() -> None:
         assert models[name].change == want.change and np.array_equal(models[name].ranks, want.ranks)
     refresh_rate(model, lam=3.0)
     assert all(layer.rate.lam == 3.0 for _, layer in nws.nws_layers(model))
+
+
+def test_reprice_raises_the_price_and_keeps_the_rest() -> None:
+    """``reprice``: every rate-aware layer at the new lambda (``mu = lam * scale``), its reference, bit model
+    and table the very same objects, so the search keeps its bounds at a higher price; layers without a rate
+    stay without; lambda 0 is refused (that is no rate: ``set_rate``)."""
+    model = _model()
+    reference = nws.encode(model)
+    set_rate(model, {"fc": reference["fc"], "features.4": reference["features.4"]}, lam=0.2)
+    before = {name: layer.rate for name, layer in nws.nws_layers(model)}
+    reprice(model, 0.5)
+    for name, layer in nws.nws_layers(model):
+        old, new = before[name], layer.rate
+        if old is None:
+            assert new is None
+            continue
+        assert new.lam == 0.5 and new.mu == 0.5 * old.scale and new.scale == old.scale
+        assert new.reference is old.reference and new.bits is old.bits and new.model is old.model
+        assert new.raises(old) and not old.raises(new)
+    with pytest.raises(ValueError, match="lam"):
+        reprice(model, 0.0)
 
 
 def test_rate_errors() -> None:
