@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # nws first, as a run imports it: its OpenMP setting (GOMP_SPINCOUNT, nws/__init__.py) holds only if set
@@ -171,12 +172,16 @@ def search_counts(model: nn.Module) -> tuple[int, int, int]:
 Row = tuple[float, list[float], list[int], list[int]]  # plain time; per NWS model: time, searched again, in full
 
 
-def steps(plain: nn.Module, models: list[nn.Module], batches: Batches, count: int) -> list[Row]:
+def steps(plain: nn.Module, models: list[nn.Module], batches: Batches, count: int,
+          before: Callable[[int], None] | None = None) -> list[Row]:
     """``count`` training steps of the plain network and every NWS network on the same fresh batches, one
-    after the other, the order rotating every step (so machine noise hits all alike)."""
+    after the other, the order rotating every step (so machine noise hits all alike); ``before(i)`` is called
+    before step ``i``, untimed."""
     steppers = [Stepper(plain, False)] + [Stepper(m, True) for m in models]
     out = []
     for i in range(count):
+        if before is not None:
+            before(i)
         x, y = batches()
         times = [0.0] * len(steppers)
         for j in range(len(steppers)):
@@ -269,16 +274,12 @@ def warmup_cost(data: tuple[Tensor, Tensor], count: int, lam: float) -> None:
     copy_weights(plain, model)
     warm = copy.deepcopy(model)
     warmup = RateWarmup(REFERENCE, lam, 0.5)
-    models = [rate_aware(model, lam), warm]
-    batches, steppers = Batches(data), [Stepper(plain, False)] + [Stepper(m, True) for m in models]
-    totals = [0.0] * len(steppers)
-    for i in range(count):
+    def level(i: int) -> None:  # as the trainer calls it before step i
         warmup.on_train_batch_start(SimpleNamespace(global_step=i, estimated_stepping_batches=count),
                                     SimpleNamespace(model=warm), None, i)
-        x, y = batches()
-        for j in range(len(steppers)):
-            k = (i + j) % len(steppers)
-            totals[k] += steppers[k](x, y)
+
+    rows = steps(plain, [rate_aware(model, lam), warm], Batches(data), count, level)
+    totals = [sum(r[0] for r in rows)] + [sum(r[1][j] for r in rows) for j in range(2)]
     print(f"\n(4) a whole task of {count} steps from the source network (off its entries), lam {lam:g}: total time "
           "against plain training\n| NWS | total | / plain |\n|---|---|---|")
     print(f"| plain | {totals[0]:.1f} s | 1 |")

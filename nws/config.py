@@ -89,8 +89,8 @@ class ModelConfig:
     neighbouring entries; docs/rate.md); 0: the nearest entry, as in the paper"""
     rate_warmup: HalfOpenUnit = 0.0
     """fraction of a task's optimizer steps over which the rate's lambda rises from 0 to model.rate, in 16
-    equal steps: kernels first move as at lambda 0 (near their reference entries), then go back to it unless
-    their move pays; fewer bytes at the same accuracy (docs/rate.md). 0: lambda from the first step"""
+    equal steps: kernels first move as at lambda 0, then go back to their reference unless their move pays;
+    fewer kernels end off it, fewer bytes at the same accuracy (docs/rate.md). 0: lambda from the first step"""
     bn_stats: NonNegativeInt = 0
     """training images (of the task, seeded random) over which every BatchNorm layer's running statistics are
     computed afresh at the end of a task, with its final weights, before it is folded, evaluated and stored;

@@ -51,12 +51,11 @@ class PoolEMA(L.Callback):
 
 class RateWarmup(L.Callback):
     """The rate's lambda rising from 0 to ``lam`` over the first ``fraction`` of a task's optimizer steps, in
-    :attr:`LEVELS` equal steps, then held. Kernels first move as at lambda 0, staying near their reference
-    entries; as the price rises each goes back to its reference unless its move pays. Started from lambda
-    itself, a kernel's weight must travel past several entries before its first move pays, and lands far from
-    its reference (docs/rate.md). The first level is a new penalty (a full search), the others the same at a
-    higher price (:func:`nws.rate.reprice`: the search keeps its bounds). Set from the step count, so a
-    resumed task takes up the level where it stopped."""
+    :attr:`LEVELS` equal steps, then held. Kernels first move as at lambda 0; as the price rises each goes back
+    to its reference unless its move pays; far fewer end off their reference than at ``lam`` from the first
+    step, at the same accuracy (docs/rate.md). The first level is a new penalty (a full search), the others the
+    same at a higher price (:func:`nws.rate.reprice`: the search keeps its bounds). Set from the step count, so
+    a resumed task takes up the level where it stopped."""
 
     LEVELS = 16
 
